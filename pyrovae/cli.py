@@ -1,0 +1,316 @@
+"""The ``pyrovae`` command line: train, evaluate, sample, reconstruct, interpolate.
+
+The ``train`` flags are generated from :class:`~pyrovae.config.TrainConfig`, so a default
+lives in one place. Bad input ends in one line on stderr and exit code 2 (``--debug``
+shows the traceback); a diverged run exits 1; Ctrl-C exits 130 with the last epoch saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+__all__ = ["main"]
+
+#: settings that may change when a run is resumed
+RESUMABLE = ("epochs", "patience", "device")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    text = text.strip()
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 400 or 500,500, got {text!r}")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig, setting_fields
+    from .model import MODEL_KINDS
+    from .priors import PRIORS
+
+    defaults = TrainConfig()
+    choices_from_registry = {"prior": tuple(PRIORS), "model": tuple(MODEL_KINDS)}
+    for f, tp in setting_fields():
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        if tp is bool:
+            p.add_argument(flag, action="store_true", help=help_text)
+            continue
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is tuple:
+            kind = _int_list
+        elif typing.get_origin(tp) is typing.Union:  # Optional[X]
+            kind = next(a for a in args if a is not type(None))
+        else:
+            kind = tp
+        choices = choices_from_registry.get(f.name, f.metadata.get("choices"))
+        p.add_argument(flag, type=kind, choices=choices, help=help_text, metavar=f.name.upper() if not choices else None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    root = _Parser(prog="pyrovae", description="The VAE of the design notes as a Pyro program: train, "
+                   "estimate log p(x), look at samples.")
+    sub = root.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model; writes runs/<name>/",
+                       description="Train by SVI. Writes config.json, metrics.jsonl, last.pt, best.pt, elbo.png "
+                                   "and summary.json into --out/--name, then prints the run directory and the "
+                                   "test-split ELBO.", argument_default=argparse.SUPPRESS)
+    _add_config_flags(t)
+    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt (may change "
+                   f"{', '.join('--' + r for r in RESUMABLE)})")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    def run_command(name, help, description):
+        p = sub.add_parser(name, help=help, description=description)
+        p.add_argument("run", metavar="RUN", help="run directory (or a .pt checkpoint)")
+        p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+        p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+        return p
+
+    def data_flags(p, split_default="test"):
+        p.add_argument("--dataset", help="dataset to use instead of the run's own (same shape); "
+                       "a name or a .npy/.npz/.csv path")
+        p.add_argument("--data-dir", help="folder of IDX files (default: the run's)")
+        p.add_argument("--label-column", type=int, help="for a .csv dataset: the labels' column")
+        p.add_argument("--split", default=split_default, choices=("train", "val", "test", "all"),
+                       help=f"(default: {split_default})")
+
+    e = run_command("evaluate", "ELBO, IWAE bound, log p(x) with diagnostics, KL, reconstruction",
+                    "Score a run on a split: ELBO, the importance-weighted bound at K, log p(x) estimate with "
+                    "standard error, KL, reconstruction term and errors, Pareto k-hat of the importance "
+                    "weights, active units; component usage and cluster scores for mixture priors.")
+    data_flags(e)
+    e.add_argument("--num-samples", type=int, default=1000, help="importance samples K per example (default: 1000)")
+    e.add_argument("--chunk-size", type=int, default=32768,
+                   help="at most this many (sample, example) pairs decoded at once: bounds memory (default: 32768)")
+    e.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
+    e.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_evaluate)
+
+    s = run_command("sample", "PNG grid of images decoded from prior samples",
+                    "Decode codes drawn from the model's generative distribution (the prior; for ae/pca a Gaussian "
+                    "fitted to the training codes).")
+    s.add_argument("--num-images", type=int, default=64, help="(default: 64)")
+    s.add_argument("--by-component", action="store_true", help="one row per mixture component (heaviest first)")
+    s.add_argument("--components", type=int, default=10, help="with --by-component: rows (default: 10)")
+    s.add_argument("--output", help="PNG path (default: RUN/samples.png or RUN/samples-by-component.png)")
+    s.set_defaults(func=_sample)
+
+    r = run_command("reconstruct", "PNG: originals above their reconstructions", "Originals (top row) above "
+                    "decode(encode(x)) (bottom row).")
+    data_flags(r)
+    r.add_argument("--num-images", type=int, default=16, help="(default: 16)")
+    r.add_argument("--output", help="PNG path (default: RUN/reconstructions.png)")
+    r.set_defaults(func=_reconstruct)
+
+    i = run_command("interpolate", "PNG: decoded along the line between the codes of two images",
+                    "The notes' full moon and half moon: decode the straight line between the codes of images "
+                    "I and J of the split, originals at both ends.")
+    data_flags(i)
+    i.add_argument("--pair", type=int, nargs=2, metavar=("I", "J"), required=True, help="indices into the split")
+    i.add_argument("--steps", type=int, default=10, help="images along the line (default: 10)")
+    i.add_argument("--output", help="PNG path (default: RUN/interpolate-I-J.png)")
+    i.set_defaults(func=_interpolate)
+
+    for p in (t, e, s, r, i):
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return root
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+def _train(args) -> int:
+    from .config import TrainConfig, setting_fields
+    from .training import train
+
+    given = {f.name: getattr(args, f.name) for f, _ in setting_fields() if hasattr(args, f.name)}
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        run_dir = Path(resume)
+        stored = TrainConfig.load(run_dir / "config.json")
+        fixed = sorted(k for k in given if k not in RESUMABLE and given[k] != getattr(stored, k))
+        if fixed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+            raise ValueError(f"{flags} cannot change when resuming {run_dir} (only "
+                             f"{', '.join('--' + r for r in RESUMABLE)} can); start a new run instead")
+        config = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
+    else:
+        config = TrainConfig(**given)
+    result = train(config, resume=resume, progress=not getattr(args, "quiet", False))
+    if result.run_dir is None:  # not the main process of a data-parallel run
+        return 0
+    print(f"run: {result.run_dir}")
+    print(f"epochs: {result.epochs_done} (best {result.best_epoch}{', stopped early' if result.stopped_early else ''}), "
+          f"{result.seconds:.1f} s")
+    if result.test is not None and result.test.get("elbo") is not None:
+        t = result.test
+        what = "ELBO" if config.model in ("vae",) else "score (the bound it optimises)"
+        print(f"test {what}: {t['elbo']:.2f} nats per example ({t['num_examples']} examples, "
+              f"{t['num_samples']} samples each)")
+    return 0
+
+
+# --- commands on a trained run -----------------------------------------------------------
+
+
+def _load(args):
+    import torch
+
+    from .runs import load_run
+    from .training import resolve_device
+
+    torch.manual_seed(args.seed)
+    return load_run(args.run, which=args.checkpoint, device=resolve_device(args.device))
+
+
+def _split(args, run):
+    from .training import prepare_data
+
+    config = run.config
+    overrides = {k: getattr(args, k) for k in ("dataset", "data_dir", "label_column") if getattr(args, k, None) is not None}
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    ds = prepare_data(config, args.split, run.device)
+    if ds.data_dim != run.data_dim:
+        raise ValueError(f"{config.dataset} has {ds.data_dim} values per example but the run was trained on "
+                         f"{run.data_dim} ({run.config.dataset}): evaluate it on data of that shape")
+    return ds
+
+
+def _evaluate(args) -> int:
+    from .metrics import evaluate, format_report
+    from .plots import plot_latent_2d
+
+    run = _load(args)
+    ds = _split(args, run)
+    report = evaluate(run.model, ds.images, ds.labels, num_samples=args.num_samples, chunk_size=args.chunk_size,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "dataset": ds.name, "split": ds.split, **report}
+    print(format_report(report))
+    pk = report.get("pareto_k")
+    if pk and pk["num_above_0.7"]:
+        print(f"warning: {pk['num_above_0.7']} examples ({100 * pk['frac_above_0.7']:.1f}%) have Pareto k-hat > 0.7: "
+              "their log p(x) estimates are unreliable (raise --num-samples, or read them as lower bounds)",
+              file=sys.stderr)
+    if getattr(run.model, "latent_dim", 0) == 2 and run.model.kind != "mixture":
+        import torch
+
+        with torch.no_grad():
+            codes = run.model.encode(ds.images)
+        prior = getattr(run.model, "prior", None)
+        png = plot_latent_2d(codes, ds.labels, run.dir / f"latent-{ds.split}.png",
+                             mixture=prior.mixture() if prior is not None else None,
+                             title=f"{run.config.model}, {ds.name} {ds.split}")
+        report["latent_png"] = str(png)
+        print(f"latent map: {png}")
+    if args.json:
+        text = json.dumps(report, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _sample(args) -> int:
+    from .pictures import sample_images, samples_by_component
+    from .plots import save_image_grid
+
+    run = _load(args)
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1 (got {args.num_images})")
+    if args.by_component:
+        per = max(1, args.num_images // max(1, args.components))
+        images, order = samples_by_component(run.model, per_component=per, max_components=args.components)
+        out = Path(args.output or run.dir / "samples-by-component.png")
+        save_image_grid(images, run.image_shape, out, nrow=per)
+        print(f"{out} (rows: components {order})")
+    else:
+        images = sample_images(run.model, args.num_images)
+        out = Path(args.output or run.dir / "samples.png")
+        save_image_grid(images, run.image_shape, out, nrow=int(round(args.num_images ** 0.5)) or 1)
+        print(out)
+    return 0
+
+
+def _reconstruct(args) -> int:
+    from .pictures import reconstructions
+    from .plots import save_image_grid
+
+    run = _load(args)
+    ds = _split(args, run)
+    n = min(args.num_images, len(ds))
+    if n < 1:
+        raise ValueError(f"--num-images must be at least 1 (got {args.num_images})")
+    out = Path(args.output or run.dir / "reconstructions.png")
+    save_image_grid(reconstructions(run.model, ds.images[:n]), run.image_shape, out, nrow=n)
+    print(out)
+    return 0
+
+
+def _interpolate(args) -> int:
+    import torch
+
+    from .pictures import interpolation
+    from .plots import save_image_grid
+
+    run = _load(args)
+    ds = _split(args, run)
+    i, j = args.pair
+    for k in (i, j):
+        if not 0 <= k < len(ds):
+            raise ValueError(f"--pair index {k} is outside the {ds.split} split (0..{len(ds) - 1})")
+    line, _ = interpolation(run.model, ds.images[i], ds.images[j], steps=args.steps)
+    images = torch.cat([ds.images[i : i + 1], line, ds.images[j : j + 1]])
+    out = Path(args.output or run.dir / f"interpolate-{i}-{j}.png")
+    save_image_grid(images, run.image_shape, out, nrow=images.shape[0])
+    print(out)
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    prog = f"pyrovae {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; completed epochs are saved in last.pt: continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .training import TrainingDiverged
+
+        if getattr(args, "debug", False):
+            raise
+        if isinstance(e, TrainingDiverged):
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)):
+            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

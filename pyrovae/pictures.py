@@ -1,0 +1,67 @@
+r"""What the decoder makes of codes: samples, reconstructions, interpolations.
+
+Every function returns pixel means, ``(N, D)`` in [0, 1]; :func:`~pyrovae.plots.save_image_grid`
+turns them into a PNG. They work on every model kind (VAE, autoencoder, PCA; the finite
+mixture has no continuous code to interpolate).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .marginal import isolated_params
+
+__all__ = ["sample_images", "samples_by_component", "reconstructions", "interpolation"]
+
+
+@torch.no_grad()
+def sample_images(model, n: int) -> torch.Tensor:
+    """Decode n codes from the model's generative distribution over codes."""
+    with isolated_params():
+        return model.decode(model.sample_codes(n))
+
+
+@torch.no_grad()
+def samples_by_component(model, per_component: int = 8, max_components: int = 10) -> tuple[torch.Tensor, list[int]]:
+    r"""Rows of samples, one row per mixture component (the heaviest ``max_components``):
+    codes :math:`z \sim \mathcal{N}(\mu_k, \mathrm{diag}\,\sigma_k^2)` decoded, or, for the finite
+    mixture, draws of each component's pixel distribution. Returns the images and the
+    component indices."""
+    with isolated_params():
+        if model.kind == "mixture":
+            order = model.logits.argsort(descending=True)[:max_components]
+            comp = model.likelihood(model.params[order])
+            return comp.sample((per_component,)).transpose(0, 1).reshape(-1, model.params.shape[1]), order.tolist()
+        prior = getattr(model, "prior", None)
+        if prior is None:
+            raise ValueError(f"a {model.kind} model has no prior with components; drop --by-component")
+        logits, loc, scale = prior.mixture()
+        order = logits.argsort(descending=True)[:max_components]
+        eps = torch.randn(len(order), per_component, loc.shape[1], device=loc.device)
+        z = loc[order, None, :] + scale[order, None, :] * eps  # (k, per, D)
+        return model.decode(z.reshape(-1, loc.shape[1])), order.tolist()
+
+
+@torch.no_grad()
+def reconstructions(model, images: torch.Tensor) -> torch.Tensor:
+    """Originals above their reconstructions decode(encode(x)): ``(2N, D)``."""
+    with isolated_params():
+        return torch.cat([images, model.decode(model.encode(images))])
+
+
+@torch.no_grad()
+def interpolation(model, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Decode the straight line :math:`z_t = (1-t)\,m(x_a) + t\,m(x_b)`, :math:`t \in [0, 1]`,
+    between the codes of two images (the notes' full moon and half moon).
+
+    Returns ``(images, codes)``: ``steps`` decoded images and their codes.
+    """
+    if model.kind == "mixture":
+        raise ValueError("a finite mixture has a discrete code: there is no straight line to interpolate along")
+    if steps < 2:
+        raise ValueError(f"--steps must be at least 2 (got {steps})")
+    with isolated_params():
+        za, zb = model.encode(torch.stack([x_from, x_to]))
+        t = torch.linspace(0, 1, steps, device=za.device).unsqueeze(-1)
+        z = (1 - t) * za + t * zb
+        return model.decode(z), z

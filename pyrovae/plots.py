@@ -1,0 +1,90 @@
+"""Pictures: image grids (torchvision) and curves and maps (matplotlib, no GUI backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["save_image_grid", "plot_training_curves", "plot_latent_2d"]
+
+
+def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: str | Path, nrow: int = 8) -> Path:
+    """Save ``images`` ``(N, H*W)`` in [0, 1] as one PNG grid, ``nrow`` images per row."""
+    from torchvision.utils import save_image
+
+    h, w = image_shape
+    grid = images.detach().float().clamp(0, 1).reshape(-1, 1, h, w).cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, str(path), nrow=nrow, padding=2, pad_value=0.5)
+    return path
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
+    """ELBO (train and validation) and KL per epoch, from ``metrics.jsonl`` rows."""
+    fig = _figure(9, 3.5)
+    ax1, ax2 = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows]
+    for key, label in (("train_elbo", "train"), ("val_elbo", "validation")):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            ax1.plot(epochs, ys, label=label)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("ELBO (nats per example)")
+    ax1.legend()
+    finite = [r.get("val_elbo") for r in rows if r.get("val_elbo") is not None]
+    if len(finite) > 5:  # zoom past the first epochs
+        lo = sorted(finite)[len(finite) // 10]
+        ax1.set_ylim(bottom=lo - 0.5 * (max(finite) - lo + 1e-9))
+    for key, label in (("train_kl", "train KL"), ("val_kl", "validation KL")):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            ax2.plot(epochs, ys, label=label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("KL (nats per example)")
+    if ax2.lines:
+        ax2.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def plot_latent_2d(codes: torch.Tensor, labels: torch.Tensor | None, path: str | Path, *,
+                   mixture: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, title: str = "") -> Path:
+    """Scatter of 2-D codes coloured by label, with each mixture component's 2-sigma ellipse
+    (line width proportional to its weight)."""
+    from matplotlib.patches import Ellipse
+
+    codes = codes.detach().cpu()
+    fig = _figure(5.5, 5)
+    ax = fig.subplots()
+    c = None if labels is None else labels.cpu().numpy()
+    sc = ax.scatter(codes[:, 0], codes[:, 1], c=c, cmap="tab10", s=4, alpha=0.7)
+    if labels is not None:
+        fig.colorbar(sc, ax=ax, label="label")
+    if mixture is not None:
+        logits, loc, scale = (t.detach().cpu() for t in mixture)
+        weights = logits.softmax(-1)
+        for w, m, s in zip(weights, loc, scale):
+            ax.add_patch(Ellipse((float(m[0]), float(m[1])), 4 * float(s[0]), 4 * float(s[1]), fill=False,
+                                 color="black", lw=0.5 + 3 * float(w) * len(weights) ** 0.5))
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,207 @@
+r"""Priors p(z): every prior here is a mixture of diagonal Gaussians.
+
+.. math::
+
+    p(z) = \sum_{k=1}^{K} \pi_k \, \mathcal{N}(z; \mu_k, \mathrm{diag}\,\sigma_k^2)
+
+- :class:`StandardNormalPrior`: :math:`K = 1`, :math:`\mu = 0`, :math:`\sigma = 1`.
+- :class:`MixtureOfGaussiansPrior`: :math:`\pi`, :math:`\mu_k`, :math:`\sigma_k` all learned
+  (the notes' mixture-of-Gaussians view, up to hundreds of components).
+- :class:`VampPrior`: :math:`\pi_k = 1/K` and :math:`(\mu_k, \sigma_k)` are the encoder's
+  output at learned pseudo-inputs :math:`u_k` (Tomczak & Welling 2018).
+
+The interface a model uses is small: :meth:`Prior.dist` returns a ``pyro.distributions``
+object over z (batch shape ``()``, event shape ``(D,)``; ``pyro.plate`` broadcasts it), and
+:meth:`Prior.mixture` returns the components, which the exact linear-Gaussian marginal and the
+component-usage metrics read. To add a prior, subclass :class:`Prior` here and add it to
+:data:`PRIORS`; the command line and the model pick it up from there.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Prior", "StandardNormalPrior", "MixtureOfGaussiansPrior", "VampPrior", "PRIORS", "build_prior"]
+
+
+class Prior(nn.Module):
+    """Base class. Subclasses set ``inits`` (first = default) and implement :meth:`mixture`."""
+
+    #: accepted values of ``--prior-init``; the first is the default
+    inits: tuple[str, ...] = ("random",)
+
+    @property
+    def num_components(self) -> int:
+        return self.mixture()[0].shape[-1]
+
+    def mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits (K,), loc (K, D), scale (K, D))`` of the mixture."""
+        raise NotImplementedError
+
+    def dist(self) -> dist.TorchDistribution:
+        """p(z) as a distribution with event shape ``(D,)``; the component is summed out."""
+        logits, loc, scale = self.mixture()
+        if logits.shape[-1] == 1:
+            return dist.Normal(loc[0], scale[0]).to_event(1)
+        components = dist.Normal(loc, scale).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+
+    def log_responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(k | z)` for every component, shape ``(..., K)``."""
+        logits, loc, scale = self.mixture()
+        log_joint = dist.Normal(loc, scale).to_event(1).log_prob(z.unsqueeze(-2)) + logits.log_softmax(-1)
+        return log_joint - log_joint.logsumexp(-1, keepdim=True)
+
+    def before_epoch(self, epochs_done: int, encode_train: Callable[[], torch.Tensor]) -> None:
+        """Hook called by the trainer before every epoch; ``encode_train()`` returns the
+        encoder means of the training data. Default: nothing."""
+
+    @classmethod
+    def from_config(cls, config, *, latent_dim: int, encoder: nn.Module, train_images: torch.Tensor | None) -> "Prior":
+        """Build from a :class:`~pyrovae.config.TrainConfig`. ``train_images=None`` builds the
+        shapes only (values then come from a checkpoint)."""
+        raise NotImplementedError
+
+
+class StandardNormalPrior(Prior):
+    r""":math:`p(z) = \mathcal{N}(0, I)`."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(1, latent_dim))
+        self.register_buffer("scale", torch.ones(1, latent_dim))
+        self.register_buffer("logits", torch.zeros(1))
+
+    def mixture(self):
+        return self.logits, self.loc, self.scale
+
+    @classmethod
+    def from_config(cls, config, *, latent_dim, encoder, train_images):
+        return cls(latent_dim)
+
+
+class MixtureOfGaussiansPrior(Prior):
+    r"""Learnable mixture of :math:`K` diagonal Gaussians, built with ``MixtureSameFamily``.
+
+    The component is summed out inside :math:`\log p(z)`, so z stays a reparameterised
+    continuous site of the guide and no discrete site is needed.
+
+    ``init="random"``: means :math:`\mu_k \sim \mathcal{N}(0, I)`, unit scales, equal weights.
+    ``init="kmeans"``: the prior is :math:`\mathcal{N}(0, I)` for the first ``init_epochs``
+    epochs; then the means, scales and weights are set from k-means (scikit-learn) on the
+    encoder means of the training data, and training continues under the mixture.
+    """
+
+    inits = ("random", "kmeans")
+
+    def __init__(self, latent_dim: int, num_components: int, init: str = "random", init_epochs: int = 10, seed: int = 0):
+        super().__init__()
+        if num_components < 1:
+            raise ValueError(f"--prior-components must be at least 1 (got {num_components})")
+        if init not in self.inits:
+            raise ValueError(f"--prior-init for --prior mog must be random or kmeans (got {init!r})")
+        gen = torch.Generator().manual_seed(seed)
+        self.logits = nn.Parameter(torch.zeros(num_components))
+        self.loc = nn.Parameter(torch.randn(num_components, latent_dim, generator=gen))
+        self.log_scale = nn.Parameter(torch.zeros(num_components, latent_dim))
+        self.init, self.init_epochs, self.seed = init, init_epochs, seed
+        # whether the mixture is in use; False only while waiting for k-means
+        self.register_buffer("fitted", torch.tensor(init != "kmeans"))
+        self.register_buffer("_std_loc", torch.zeros(1, latent_dim))
+
+    def mixture(self):
+        if not bool(self.fitted):
+            return self._std_loc[:, 0], self._std_loc, torch.ones_like(self._std_loc)
+        return self.logits, self.loc, self.log_scale.exp()
+
+    def before_epoch(self, epochs_done, encode_train):
+        if bool(self.fitted) or epochs_done < self.init_epochs:
+            return
+        from sklearn.cluster import KMeans
+
+        codes = encode_train().detach().double().cpu()  # (N, D)
+        k = self.logits.shape[0]
+        if codes.shape[0] < k:
+            raise ValueError(f"--prior-init kmeans needs at least {k} training examples for {k} components, got {codes.shape[0]}")
+        km = KMeans(n_clusters=k, n_init=3, random_state=self.seed).fit(codes.numpy())
+        assign = torch.from_numpy(km.labels_).long()
+        counts = torch.bincount(assign, minlength=k).double()
+        centers = torch.from_numpy(km.cluster_centers_)
+        sq = torch.zeros_like(centers).index_add_(0, assign, (codes - centers[assign]) ** 2)
+        var = torch.where(counts[:, None] > 1, sq / counts.clamp_min(1)[:, None], codes.var(0))
+        with torch.no_grad():
+            self.loc.copy_(centers)
+            self.log_scale.copy_(0.5 * var.clamp_min(1e-4).log())
+            self.logits.copy_((counts + 1).log())
+            self.fitted.fill_(True)
+
+    @classmethod
+    def from_config(cls, config, *, latent_dim, encoder, train_images):
+        k = config.prior_components
+        if config.prior_init == "kmeans" and train_images is not None and train_images.shape[0] < k:
+            raise ValueError(
+                f"--prior-init kmeans with --prior-components {k} needs at least {k} training examples, "
+                f"the training split has {train_images.shape[0]}: use fewer components or --prior-init random"
+            )
+        return cls(latent_dim, k, config.prior_init, config.prior_init_epochs, config.seed)
+
+
+class VampPrior(Prior):
+    r"""Variational mixture of posteriors (Tomczak & Welling 2018).
+
+    .. math:: p(z) = \frac{1}{K} \sum_{k=1}^{K} q(z \mid u_k)
+
+    with learned pseudo-inputs :math:`u_k` in data space (kept in [0, 1] by a hard tanh).
+    ``init="data"`` starts them at K distinct random training images, ``init="noise"`` at
+    uniform noise. The encoder is shared with the guide, not owned: it is not a submodule.
+    """
+
+    inits = ("data", "noise")
+
+    def __init__(self, encoder: nn.Module, pseudo_inputs: torch.Tensor):
+        super().__init__()
+        self.__dict__["_encoder"] = encoder  # shared, not registered twice
+        self.pseudo_inputs = nn.Parameter(pseudo_inputs.clone())
+
+    def mixture(self):
+        u = F.hardtanh(self.pseudo_inputs, 0.0, 1.0)
+        loc, log_scale = self._encoder(u)  # (K, D) each
+        return torch.zeros_like(loc[:, 0]), loc, log_scale.exp()
+
+    @classmethod
+    def from_config(cls, config, *, latent_dim, encoder, train_images):
+        k = config.prior_components
+        data_dim = encoder.linear_maps[0].in_features
+        gen = torch.Generator().manual_seed(config.seed)
+        if train_images is None:
+            u = torch.zeros(k, data_dim)
+        elif config.prior_init == "data":
+            n = train_images.shape[0]
+            if n < k:
+                raise ValueError(
+                    f"--prior vamp with --prior-components {k} initialised from data needs {k} distinct "
+                    f"training images, the training split has {n}: use --prior-components {n} or fewer, "
+                    "or --prior-init noise"
+                )
+            u = train_images[torch.randperm(n, generator=gen)[:k].to(train_images.device)].float().cpu()
+        else:
+            u = torch.rand(k, data_dim, generator=gen)
+        return cls(encoder, u)
+
+
+#: name -> class; the source of ``--prior`` choices
+PRIORS: dict[str, type[Prior]] = {
+    "standard": StandardNormalPrior,
+    "mog": MixtureOfGaussiansPrior,
+    "vamp": VampPrior,
+}
+
+
+def build_prior(config, *, latent_dim: int, encoder: nn.Module, train_images: torch.Tensor | None) -> Prior:
+    """The prior named by ``config.prior``."""
+    return PRIORS[config.prior].from_config(config, latent_dim=latent_dim, encoder=encoder, train_images=train_images)

@@ -1,0 +1,451 @@
+r"""Training by stochastic variational inference: ``pyro.infer.SVI`` over the run's data.
+
+One call of :func:`train` builds the data, the model and the objective from a
+:class:`~pyrovae.config.TrainConfig`, trains with early stopping on the validation ELBO,
+and leaves a run directory::
+
+    runs/<name>/config.json     every setting
+    runs/<name>/metrics.jsonl   one line per epoch: train/val ELBO, KL, reconstruction, seconds
+    runs/<name>/last.pt         the latest epoch (model, optimiser, epoch, RNG states)
+    runs/<name>/best.pt         the epoch with the best validation ELBO
+    runs/<name>/elbo.png        the curves
+    runs/<name>/summary.json    best epoch, test-split ELBO, wall time
+
+Randomness: data order and dynamic binarisation come from generators seeded by
+``(seed, epoch)``; the guide's noise from torch's global generator, whose state every
+checkpoint keeps. A resumed run therefore continues exactly as the uninterrupted run would.
+
+Data-parallel: under ``torchrun`` every process takes a ``DistributedSampler`` shard of each
+global batch, gradients are summed over processes before each step (gloo on CPU, nccl on
+GPU), metrics are summed over processes, and only rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pyro
+import torch
+import torch.distributed as tdist
+from pyro.infer import SVI
+
+from .config import TrainConfig
+from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
+from .marginal import isolated_params
+from .metrics import split_scores
+from .model import build_model
+from .nets import set_autocast
+from .objectives import Optimizer, build_elbo
+from .runs import CHECKPOINT_FORMAT, link_checkpoint, load_checkpoint, load_state, read_metrics, save_checkpoint
+
+__all__ = ["train", "TrainResult", "TrainingDiverged", "resolve_device", "prepare_data"]
+
+#: importance samples per example for the test-split ELBO printed at the end of training
+TEST_NUM_SAMPLES = 10
+#: seed of the validation ELBO's noise: every epoch is scored with the same draws
+VAL_SEED = 97
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path | None
+    epochs_done: int
+    best_epoch: int
+    best_val_elbo: float
+    test: dict | None
+    seconds: float
+    stopped_early: bool
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is visible; use --device cpu or auto")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"--device must be auto, cpu or cuda (got {name!r})")
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (stable across runs and machines)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+@dataclass
+class _Data:
+    train_grey: torch.Tensor  # (N, D), on device; binarised per epoch when dynamic
+    train_fixed: torch.Tensor  # the training images as scored (static-binarised or grey)
+    val: torch.Tensor
+    image_shape: tuple[int, int]
+    train_labels: torch.Tensor | None
+
+
+def prepare_data(config: TrainConfig, split: str, device) -> Dataset:
+    """Load ``split`` of the run's dataset, binarised the way the run scores data
+    (static for a binarised run, grey otherwise), checked against the likelihood, on ``device``."""
+    ds = load_dataset(config.dataset, split, data_dir=config.data_dir, label_column=config.label_column,
+                      download=config.download)
+    ds = ds.to(device)
+    if config.binarize != "none":
+        ds = static_binarized(ds)
+    check_likelihood(ds, config.likelihood, "static" if config.binarize != "none" else "none")
+    return ds
+
+
+class _Dist:
+    """This process's place in a data-parallel run (world size 1 without torchrun)."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(device_name, self.local_rank)
+        self.owns_group = False
+        if self.world > 1 and not tdist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            tdist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def close(self):
+        if self.owns_group and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _run_dir(config: TrainConfig) -> Path:
+    name = config.name or f"{Path(config.dataset).stem}-{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(config.out) / name
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progress: bool = True,
+          write: bool = True) -> TrainResult:
+    """Train the model of ``config`` (or continue the run in ``resume``) and return a summary.
+
+    ``progress`` shows a tqdm bar over epochs; ``write=False`` keeps everything in memory
+    (no run directory), for experiments that only need the numbers.
+    """
+    t_start = time.perf_counter()
+    resume_state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        resume_state = load_checkpoint(run_dir / "last.pt")
+        stored = TrainConfig.load(run_dir / "config.json")
+        config = TrainConfig.from_dict({**stored.to_dict(), "epochs": config.epochs, "patience": config.patience,
+                                        "device": config.device})
+    config = config.resolved()
+    env = _Dist(config.device)
+    try:
+        return _Trainer(config, env, resume_state, Path(resume) if resume else None, progress, write).run(t_start)
+    finally:
+        env.close()
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig, env: _Dist, resume_state, resume_dir, progress: bool, write: bool):
+        self.config, self.env, self.progress = config, env, progress and env.main
+        self.device = env.device
+        self.write = write and env.main
+        if config.batch_size % env.world:
+            raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {env.world} processes")
+        torch.manual_seed(config.seed)
+        self.data = self._load_data()
+        self.model = build_model(config, data_dim=self.data.train_grey.shape[1],
+                                 train_images=self.data.train_fixed).to(self.device)
+        if config.amp == "bf16":
+            set_autocast(self.model, torch.bfloat16)
+        self.run_dir = resume_dir or _run_dir(config)
+        self.start_epoch, self.global_step = 0, 0
+        self.best_val, self.best_epoch, self.since_best = -math.inf, 0, 0
+        self.resume_state = resume_state
+        if resume_state is not None:
+            load_state(self.model, resume_state["model"], self.run_dir / "last.pt")
+            self.start_epoch = int(resume_state["epoch"])
+            self.global_step = int(resume_state["global_step"])
+            self.best_val = float(resume_state["best_val_elbo"])
+            self.best_epoch = int(resume_state["best_epoch"])
+            self.since_best = int(resume_state["epochs_since_best"])
+            ranks = resume_state["rng"]
+            if len(ranks) == env.world:
+                _set_rng_state(ranks[env.rank], self.device)
+            else:  # another world size: continue deterministically, if not identically
+                torch.manual_seed(_seed(config.seed, self.start_epoch, env.rank))
+        elif env.world > 1:
+            torch.manual_seed(_seed(config.seed, 0, env.rank))
+        if self.write:
+            self._prepare_run_dir()
+
+    # --- set-up ----------------------------------------------------------------------
+    def _load_data(self) -> _Data:
+        c = self.config
+        train = load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column,
+                             download=c.download and self.env.main)
+        if len(train) == 0:
+            raise ValueError(f"{c.dataset}: the training split is empty")
+        train = train.to(self.device)
+        if c.binarize == "none":
+            check_likelihood(train, c.likelihood, "none")
+        val = prepare_data(c, "val", self.device)
+        fixed = static_binarized(train).images if c.binarize != "none" else train.images
+        return _Data(train.images, fixed, val.images, train.image_shape, train.labels)
+
+    def _prepare_run_dir(self) -> None:
+        d = self.run_dir
+        if self.resume_state is None:
+            if d.exists() and any(d.iterdir()):
+                raise ValueError(f"{d} already exists: continue it with --resume {d}, or choose another --name")
+            d.mkdir(parents=True, exist_ok=True)
+            self.config.save(d / "config.json")
+            (d / "metrics.jsonl").write_text("")
+        else:
+            # drop metric lines of an epoch that was not checkpointed (killed in between)
+            rows = [r for r in read_metrics(d / "metrics.jsonl") if r["epoch"] <= self.start_epoch]
+            tmp = d / ".metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, d / "metrics.jsonl")
+
+    def _batches(self, epoch: int) -> list[torch.Tensor]:
+        from torch.utils.data import DistributedSampler
+
+        n = self.data.train_grey.shape[0]
+        sampler = DistributedSampler(range(n), num_replicas=self.env.world, rank=self.env.rank, shuffle=True,
+                                     seed=self.config.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+        idx = torch.tensor(list(iter(sampler)), dtype=torch.long, device=self.device)
+        return list(idx.split(self.config.batch_size // self.env.world))
+
+    def _train_images(self, epoch: int) -> torch.Tensor:
+        c = self.config
+        if c.binarize == "dynamic":
+            return binarize(self.data.train_grey, _seed(c.seed, epoch, 1))
+        return self.data.train_fixed
+
+    def _lr(self, epoch: int) -> float:
+        c = self.config
+        if c.lr_schedule == "constant":
+            return c.lr
+        return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * epoch / c.epochs))
+
+    def _kl_scale(self, steps_per_epoch: int) -> float:
+        w = self.config.warmup_epochs
+        if w == 0:
+            return 1.0
+        return min(1.0, (self.global_step + 1) / (w * steps_per_epoch))
+
+    # --- the loop ----------------------------------------------------------------------
+    def run(self, t_start: float) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        if c.model == "pca":
+            return self._fit_pca(t_start)
+        elbo = build_elbo(c)
+        optim = Optimizer(c.lr, c.clip_norm * c.batch_size)
+        svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
+        if self.resume_state is not None:
+            optim.set_state(self.resume_state["optimizer"])
+        bar = tqdm(total=c.epochs, initial=self.start_epoch, desc="train", unit="epoch", disable=not self.progress)
+        stopped_early, epoch = False, self.start_epoch
+        try:
+            with pyro.get_param_store().scope():
+                for epoch in range(self.start_epoch, c.epochs):
+                    row = self._epoch(epoch, svi, elbo, optim)
+                    bar.update(1)
+                    bar.set_postfix(val_elbo=f"{row['val_elbo']:.2f}", best=f"{self.best_val:.2f}")
+                    if c.patience and self.since_best >= c.patience:
+                        stopped_early = True
+                        break
+        except KeyboardInterrupt:
+            bar.close()
+            if self.write:
+                self._plot()
+            raise
+        bar.close()
+        epochs_done = epoch + 1 if c.epochs > self.start_epoch else self.start_epoch
+        return self._finish(t_start, epochs_done, stopped_early)
+
+    def _epoch(self, epoch: int, svi: SVI, elbo, optim) -> dict:
+        c, t0 = self.config, time.perf_counter()
+        model = self.model
+        if hasattr(model, "prior"):
+            model.prior.before_epoch(epoch, lambda: _encode(model, self.data.train_fixed))
+        x_epoch = self._train_images(epoch)
+        batches = self._batches(epoch)
+        optim.set_lr(self._lr(epoch))
+        if hasattr(elbo, "reset_terms"):
+            elbo.reset_terms()
+        loss_sum, seen = 0.0, 0
+        model.train()
+        with warnings.catch_warnings(), pyro.validation_enabled(False):
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+            for step, idx in enumerate(batches):
+                loss = svi.step(x_epoch[idx], self._kl_scale(len(batches)))
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
+                        f"{self.run_dir / 'last.pt'} (epoch {epoch}): lower --lr or add --warmup-epochs, then --resume"
+                    )
+                loss_sum += loss
+                seen += idx.numel()
+                self.global_step += 1
+        terms = elbo.pop_terms() if hasattr(elbo, "pop_terms") else {}
+        recon = float(terms["recon"]) if "recon" in terms else math.nan
+        kl = float(terms["kl"]) if "kl" in terms else math.nan
+        loss_sum, seen, recon, kl = self.env.sum([loss_sum, float(seen), recon, kl])
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen}
+        if c.model == "mixture":
+            row["train_elbo"] = -loss_sum / seen  # exact: the component is summed out
+        else:
+            row["train_recon"] = recon / seen
+            if not math.isnan(kl):
+                row["train_kl"] = kl / seen
+            row["train_elbo"] = (recon - kl) / seen if not math.isnan(kl) else recon / seen
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(VAL_SEED)
+            val = split_scores(model, self.data.val, num_samples=1)
+        row.update({f"val_{k}": v for k, v in val.items() if v is not None})
+        improved = row["val_elbo"] > self.best_val
+        if improved:
+            self.best_val, self.best_epoch, self.since_best = row["val_elbo"], epoch + 1, 0
+        else:
+            self.since_best += 1
+        rng = self.env.gather(_rng_state(self.device))
+        if self.write:
+            if hasattr(model, "fit_code_distribution"):
+                model.fit_code_distribution(self.data.train_fixed)
+            state = self._state(epoch + 1, optim, rng)
+            row["epoch_seconds"] = time.perf_counter() - t0
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_checkpoint(state, self.run_dir / "last.pt")
+            if improved:
+                link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
+        else:
+            row["epoch_seconds"] = time.perf_counter() - t0
+            if improved:
+                self._best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.last_row = row
+        return row
+
+    def _state(self, epochs_done: int, optim, rng: list) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "kind": self.model.kind,
+            "data_dim": int(self.data.train_grey.shape[1]),
+            "image_shape": list(self.data.image_shape),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": optim.get_state() if optim is not None else {},
+            "epoch": epochs_done,
+            "global_step": self.global_step,
+            "best_val_elbo": self.best_val,
+            "best_epoch": self.best_epoch,
+            "epochs_since_best": self.since_best,
+            "rng": rng,
+        }
+
+    # --- PCA: one fit, same run directory ------------------------------------------------
+    def _fit_pca(self, t_start: float) -> TrainResult:
+        t0 = time.perf_counter()
+        val = split_scores(self.model, self.data.val, num_samples=1)
+        row = {"epoch": 1, **{f"val_{k}": v for k, v in val.items() if v is not None}}
+        self.best_val, self.best_epoch = row.get("val_elbo", math.nan), 1
+        if self.write:
+            row["epoch_seconds"] = time.perf_counter() - t0
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_checkpoint(self._state(1, None, self.env.gather(_rng_state(self.device))), self.run_dir / "last.pt")
+            link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
+        self.last_row = row
+        return self._finish(t_start, 1, False)
+
+    # --- the end ---------------------------------------------------------------------------
+    def _finish(self, t_start: float, epochs_done: int, stopped_early: bool) -> TrainResult:
+        test = None
+        if self.env.main:
+            if self.write:
+                best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
+                load_state(self.model, best["model"], self.run_dir / "best.pt")
+            elif getattr(self, "_best_in_memory", None) is not None:
+                self.model.load_state_dict(self._best_in_memory)
+            test = self._test_scores()
+        seconds = time.perf_counter() - t_start
+        result = TrainResult(self.run_dir if self.write else None, epochs_done, self.best_epoch, self.best_val, test,
+                             seconds, stopped_early)
+        if self.write:
+            self._plot()
+            summary = {"epochs_done": epochs_done, "best_epoch": self.best_epoch, "best_val_elbo": self.best_val,
+                       "stopped_early": stopped_early, "test": test, "seconds": seconds}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return result
+
+    def _test_scores(self) -> dict | None:
+        try:
+            test = prepare_data(self.config, "test", self.device)
+        except (FileNotFoundError, ValueError) as e:
+            warnings.warn(f"no test-split score: {e}")
+            return None
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(VAL_SEED)
+            scores = split_scores(self.model, test.images, num_samples=TEST_NUM_SAMPLES)
+        return {"num_examples": len(test), "num_samples": TEST_NUM_SAMPLES, **scores}
+
+    def _plot(self) -> None:
+        from .plots import plot_training_curves
+
+        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        if rows:
+            plot_training_curves(rows, self.run_dir / "elbo.png")
+
+
+@torch.no_grad()
+def _encode(model, images: torch.Tensor) -> torch.Tensor:
+    with isolated_params():
+        return torch.cat([model.encode(x) for x in images.split(4096)])

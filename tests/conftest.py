@@ -1,0 +1,70 @@
+"""Shared fixtures: fresh Pyro state, tiny configs, and IDX files written by the tests."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file's bytes for a uint8 array (images: 3-D, labels: 1-D)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = 0x0800 | array.ndim
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    data = idx_bytes(array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def fake_mnist(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n 28x28 uint8 images with structure (a bright square whose place depends on the label)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
+    for i, y in enumerate(labels):
+        r, c = 2 + 2 * (y % 5), 2 + 10 * (y // 5)
+        images[i, r : r + 10, c : c + 10] = 230
+    return images, labels
+
+
+@pytest.fixture
+def idx_dir(tmp_path) -> Path:
+    """A folder holding only the two t10k files of a small fake MNIST, gzipped."""
+    images, labels = fake_mnist(60)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    return tmp_path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
+    """Run ``python -m pyrovae ARGS`` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "pyrovae", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,190 @@
+"""Training: the bound improves, runs are reproducible and resumable, checkpoints are safe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pyrovae.training as training
+from pyrovae import TrainConfig, load_run, train
+from pyrovae.runs import load_checkpoint, read_metrics, save_checkpoint
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    settings = dict(dataset="digits", hidden_dims=(32,), latent_dim=4, epochs=3, batch_size=64,
+                    out=str(tmp_path), name="run", seed=1)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def test_few_epochs_on_mnist5k_raise_the_validation_elbo(tmp_path):
+    result = train(TrainConfig(epochs=3, out=str(tmp_path), name="m"), progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[2]["val_elbo"] > rows[0]["val_elbo"] + 10  # nats per example
+    for key in ("train_elbo", "val_elbo", "train_kl", "val_kl", "train_recon", "val_recon", "epoch_seconds"):
+        assert all(key in r for r in rows), key
+    # the reported ELBO is reconstruction minus KL
+    assert rows[2]["val_elbo"] == pytest.approx(rows[2]["val_recon"] - rows[2]["val_kl"], abs=1e-3)
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "elbo.png", "summary.json"):
+        assert (result.run_dir / name).is_file(), name
+    state = torch.load(result.run_dir / "last.pt", weights_only=True)
+    assert state["epoch"] == 3 and "optimizer" in state and "rng" in state
+    assert result.test["num_examples"] == 500 and result.test["elbo"] < 0
+
+
+def _params(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_same_seed_same_numbers(tmp_path):
+    a = train(tiny(tmp_path, name="a"), progress=False)
+    b = train(tiny(tmp_path, name="b"), progress=False)
+    c = train(tiny(tmp_path, name="c", seed=2), progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
+    ra, rb, rc = (strip(read_metrics(r.run_dir / "metrics.jsonl")) for r in (a, b, c))
+    assert ra == rb and ra != rc
+    pa, pb = _params(a.run_dir / "last.pt"), _params(b.run_dir / "last.pt")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = train(tiny(tmp_path, name="straight", epochs=4), progress=False)
+    original = training._Trainer._epoch
+
+    def interrupted(self, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt  # Ctrl-C as the third epoch starts
+        return original(self, epoch, *args)
+
+    monkeypatch.setattr(training._Trainer, "_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, name="split", epochs=4), progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 2
+    resumed = train(tiny(tmp_path, name="split", epochs=4), resume=tmp_path / "split", progress=False)
+    assert resumed.epochs_done == 4
+    p1, p2 = _params(straight.run_dir / "last.pt"), _params(resumed.run_dir / "last.pt")
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    o1 = load_checkpoint(straight.run_dir / "last.pt")["optimizer"]["adam"]["state"]
+    o2 = load_checkpoint(resumed.run_dir / "last.pt")["optimizer"]["adam"]["state"]
+    assert all(torch.equal(o1[i]["exp_avg_sq"], o2[i]["exp_avg_sq"]) for i in o1)
+    strip = lambda p: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in read_metrics(p)]  # noqa: E731
+    assert strip(straight.run_dir / "metrics.jsonl") == strip(resumed.run_dir / "metrics.jsonl")
+
+
+def test_kill_9_mid_training_loses_at_most_the_current_epoch(tmp_path):
+    cmd = [sys.executable, "-m", "pyrovae", "train", "--dataset", "digits", "--hidden-dims", "64", "--latent-dim",
+           "4", "--epochs", "500", "--batch-size", "16", "--out", str(tmp_path), "--name", "k", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "k" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(metrics)) < 3:
+        time.sleep(0.05)
+    time.sleep(0.13)  # somewhere inside an epoch, or a checkpoint write
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(tmp_path / "k" / "last.pt")  # never a broken file
+    done = state["epoch"]
+    assert done >= 3
+    r = subprocess.run(cmd[:cmd.index("--epochs")] + ["--epochs", str(done + 2), "--resume", str(tmp_path / "k"),
+                                                     "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = read_metrics(metrics)
+    assert [row["epoch"] for row in rows] == list(range(1, done + 3))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format": 1, "model": {"w": torch.ones(3)}}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"format": 1, "model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_checkpoints_cannot_run_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": _Payload()}, path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="not a readable pyrovae checkpoint"):
+            load_checkpoint(path)
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_architecture_mismatch_is_a_clear_error(tmp_path):
+    result = train(tiny(tmp_path, epochs=1), progress=False)
+    cfg = json.loads((result.run_dir / "config.json").read_text())
+    cfg["hidden_dims"] = [16]
+    (result.run_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not match the architecture in config.json"):
+        load_run(result.run_dir)
+
+
+def test_nan_stops_training_naming_epoch_step_and_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = training.SVI.step
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 30 else original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.SVI, "step", step)
+    with pytest.raises(training.TrainingDiverged) as e:
+        train(tiny(tmp_path, epochs=5), progress=False)
+    msg = str(e.value)
+    assert "epoch 2, step 7" in msg and "last.pt (epoch 1)" in msg  # 23 steps per epoch at batch 64
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
+    scores = iter([-50.0, -40.0, -45.0, -46.0, -47.0, -48.0])
+
+    def fake_scores(model, images, num_samples=1):
+        return {"elbo": next(scores, -99.0), "recon": -1.0, "kl": 1.0}
+
+    monkeypatch.setattr(training, "split_scores", fake_scores)
+    result = train(tiny(tmp_path, epochs=20, patience=2), progress=False)
+    assert result.stopped_early and result.epochs_done == 4 and result.best_epoch == 2
+    assert load_checkpoint(result.run_dir / "best.pt")["epoch"] == 2
+    assert load_checkpoint(result.run_dir / "last.pt")["epoch"] == 4
+
+
+def test_warmup_reports_the_unscaled_elbo(tmp_path):
+    result = train(tiny(tmp_path, epochs=3, warmup_epochs=2), progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    # during warm-up the optimised loss weights the KL by less than 1 ...
+    assert rows[0]["train_loss"] < -rows[0]["train_elbo"] - 0.1
+    # ... and after it the loss is the negative ELBO
+    assert rows[2]["train_loss"] == pytest.approx(-rows[2]["train_elbo"], rel=1e-4)
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    result = train(tiny(tmp_path, epochs=1), progress=False)
+    before = (result.run_dir / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match="already exists: continue it with --resume"):
+        train(tiny(tmp_path, epochs=1), progress=False)
+    assert (result.run_dir / "last.pt").read_bytes() == before

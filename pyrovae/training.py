@@ -245,6 +245,10 @@ class _Trainer:
             self.config.save(d / "config.json")
             (d / "metrics.jsonl").write_text("")
         else:
+            if TrainConfig.load(d / "config.json") != self.config:  # e.g. more --epochs
+                tmp = d / ".config.json.tmp"
+                self.config.save(tmp)
+                os.replace(tmp, d / "config.json")
             # drop metric lines of an epoch that was not checkpointed (killed in between)
             rows = [r for r in read_metrics(d / "metrics.jsonl") if r["epoch"] <= self.start_epoch]
             tmp = d / ".metrics.jsonl.tmp"

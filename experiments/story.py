@@ -71,6 +71,10 @@ from pyrovae.plots import save_image_grid
 KINDS = ("pca", "ae", "vae")
 LABEL = {"pca": "PCA", "ae": "AE", "vae": "VAE"}
 COLOR = {"pca": "tab:gray", "ae": "tab:red", "vae": "tab:blue"}
+#: (key, axis label, +1 where higher is better, -1 where lower is)
+YARDSTICKS = (("confidence", "classifier confidence", 1), ("judge_elbo", "judge ELBO (nats)", 1),
+              ("nearest", "RMS distance to the\nnearest training image", -1))
+SHORT = {"confidence": "confidence", "judge_elbo": "judge ELBO", "nearest": "nearest", "greyness": "greyness"}
 
 
 @dataclass(frozen=True)
@@ -211,34 +215,62 @@ def choose_pairs(labels: torch.Tensor, num_pairs: int, seed: int) -> list[tuple[
     return pairs
 
 
+def _scores(images: torch.Tensor, judge: Judge) -> dict[str, torch.Tensor]:
+    r"""Every yardstick of every image, ``(N,)`` each, the classifier's label, and the image's
+    greyness :math:`\frac1D \sum_d \min(x_d, 1 - x_d)` (0 for a binary image; blur raises it), which
+    is no verdict but explains some."""
+    probs = judge.probabilities(images)
+    return {"confidence": probs.max(1).values, "judge_elbo": judge.elbo(images), "nearest": judge.nearest(images),
+            "label": probs.argmax(1), "greyness": torch.minimum(images, 1 - images).double().mean(1)}
+
+
 def measure_interpolations(models: dict, test_binary, pairs, steps: int, judge: Judge, progress: bool) -> dict:
-    """Per model: decoded lines ``(P, steps, D)``, classifier confidence and nearest-training
-    distance at every step ``(P, steps)``."""
+    """Per model: decoded lines ``(P, steps, D)`` and every yardstick at every step ``(P, steps)``."""
     from tqdm import tqdm
 
     out = {}
     for name, run in tqdm(models.items(), desc="between two codes", unit="model", disable=not progress):
         x = test_binary.images
         lines = torch.stack([interpolation(run.model, x[i], x[j], steps=steps)[0] for i, j in pairs])
-        flat = lines.reshape(-1, lines.shape[-1])
-        out[name] = {"images": lines, "confidence": judge.confidence(flat).reshape(len(pairs), steps),
-                     "nearest": judge.nearest(flat).reshape(len(pairs), steps)}
+        scores = _scores(lines.reshape(-1, lines.shape[-1]), judge)
+        out[name] = {"images": lines, **{k: v.reshape(len(pairs), steps) for k, v in scores.items()}}
     return out
 
 
 def measure_random_codes(models: dict, num_codes: int, judge: Judge, seed: int, progress: bool) -> dict:
-    """Per model: ``num_codes`` decoded random codes, their confidence, predicted class,
-    nearest-training distance and judge ELBO."""
+    """Per model: ``num_codes`` decoded random codes and every yardstick of each."""
     from tqdm import tqdm
 
     out = {}
     for name, run in tqdm(models.items(), desc="far from the codes", unit="model", disable=not progress):
         torch.manual_seed(seed)
         images = sample_images(run.model, num_codes)
-        probs = judge.probabilities(images)
-        out[name] = {"images": images, "confidence": probs.max(1).values, "label": probs.argmax(1),
-                     "nearest": judge.nearest(images), "elbo": judge.elbo(images)}
+        out[name] = {"images": images, **_scores(images, judge)}
     return out
+
+
+def calibration_images(test_grey, test_binary, pairs, seed: int) -> dict[str, torch.Tensor]:
+    r"""Images whose nature is known by construction, to read the yardsticks against.
+
+    Real digits (grey and binarised), real digits blurred by a 3x3 mean filter, the pixel
+    average :math:`\tfrac12(x_i + x_j)` of the test pairs of different classes (a compromise
+    of two digits, made without any model), the pixels of each test digit randomly permuted
+    (garbage with a digit's ink), and Bernoulli noise with the mean ink of the test digits.
+    """
+    import torch.nn.functional as F
+
+    x = test_grey.images
+    h, w = test_grey.image_shape
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "real test digits (grey)": x,
+        "real test digits (binarised)": test_binary.images,
+        "test digits blurred 3x3": F.avg_pool2d(x.reshape(-1, 1, h, w), 3, stride=1, padding=1,
+                                                count_include_pad=False).reshape(x.shape),
+        "pixel average of two test digits of different classes": torch.stack([0.5 * (x[i] + x[j]) for i, j in pairs]),
+        "test digits, pixels permuted": torch.stack([v[torch.randperm(v.numel(), generator=gen)] for v in x]),
+        "Bernoulli noise at the digits' mean ink": torch.bernoulli(x.mean().expand_as(x), generator=gen),
+    }
 
 
 def latent_grid(model, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,12 +314,12 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> None:
-    """Save as a PNG of at most 64 colours: a few tens of KB, small enough to commit."""
+    """Save as a PNG of at most 128 colours: a few tens of KB, small enough to commit."""
     from PIL import Image
 
     fig.savefig(path)
     with Image.open(path) as im:
-        small = im.convert("RGB").quantize(colors=64)
+        small = im.convert("RGB").quantize(colors=128, method=Image.Quantize.FASTOCTREE)
     small.save(path, optimize=True)
 
 
@@ -339,7 +371,7 @@ def figure_interpolation(s, interp, pairs, test_binary, image_shape, path: Path)
     shown = list(range(min(s.shown_pairs, len(pairs))))
     grid_height = 7.6 * 2 * len(shown) / (s.steps + 2) + 0.3  # inches: the rows at the width of the figure
     fig = _figure(9, grid_height + 2.6)
-    gs = fig.add_gridspec(2, 2, height_ratios=[grid_height, 2.6])
+    gs = fig.add_gridspec(2, 3, height_ratios=[grid_height, 2.6])
     ax = fig.add_subplot(gs[0, :])
     x = test_binary.images
     rows, labels, confs = [], [], []
@@ -362,15 +394,14 @@ def figure_interpolation(s, interp, pairs, test_binary, image_shape, path: Path)
     ax.set_title(f"decoded along the line between two test codes (d={s.main_size}); number: classifier confidence",
                  fontsize=9)
     t = np.linspace(0, 1, s.steps)
-    for col, (key, ylabel) in enumerate((("confidence", "classifier confidence"),
-                                         ("nearest", "RMS distance to nearest\ntraining image"))):
+    for col, (key, ylabel, _) in enumerate(YARDSTICKS):
         axc = fig.add_subplot(gs[1, col])
         for kind in KINDS:
             v = interp[f"{kind}-d{s.main_size}"][key].double()
             mean, se = v.mean(0).numpy(), (v.std(0) / math.sqrt(v.shape[0])).numpy()
             axc.plot(t, mean, "o-", ms=3, color=COLOR[kind], label=LABEL[kind])
             axc.fill_between(t, mean - se, mean + se, color=COLOR[kind], alpha=0.2)
-        axc.set_xlabel(f"t (mean ± s.e. over {len(pairs)} pairs)")
+        axc.set_xlabel(f"t (± s.e., {len(pairs)} pairs)", fontsize=8)
         axc.set_ylabel(ylabel, fontsize=8)
         axc.grid(alpha=0.3)
         if col == 0:
@@ -389,7 +420,7 @@ def figure_random_codes(s, rand, image_shape, path: Path) -> None:
         ax = fig.add_subplot(gs[0, col])
         _show_grid(ax, m["images"][: side * side], image_shape, nrow=side,
                    title=f"{LABEL[kind]} d={s.main_size}: confidence {float(m['confidence'].mean()):.2f}\n"
-                         f"judge ELBO {float(m['elbo'].mean()):.0f} nats")
+                         f"judge ELBO {float(m['judge_elbo'].mean()):.0f} nats")
     ax = fig.add_subplot(gs[1, :])
     width = 0.27
     for k, kind in enumerate(KINDS):
@@ -449,12 +480,19 @@ def _pm(mean: float, se: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
-def _verdict(diff: float, se: float, predicted_positive: bool = True) -> str:
-    """The sign of ``diff`` (VAE minus AE) against the prediction, with its size in standard errors."""
-    z = diff / se if se > 0 else math.inf * (1 if diff > 0 else -1)
-    if (diff > 0) == predicted_positive:
+def _verdict(diff: float, se: float, sign: int = 1) -> str:
+    """Whether ``diff`` (VAE minus AE) went the predicted way (the VAE better: ``sign * diff > 0``),
+    with its size in standard errors."""
+    z = diff / se if se > 0 else math.copysign(math.inf, diff)
+    if sign * diff > 0:
         return f"as predicted ({z:+.1f} s.e.)" if abs(z) >= 2 else f"as predicted, but within noise ({z:+.1f} s.e.)"
     return f"**not as predicted** ({z:+.1f} s.e.)"
+
+
+def _mark(diff: float, se: float, sign: int) -> str:
+    """A verdict cell: ✓ where the VAE did better by 2 s.e. or more, ✗ where worse by as much, ~ between."""
+    z = sign * diff / se if se > 0 else math.copysign(math.inf, sign * diff)
+    return f"{'✓' if z >= 2 else '✗' if z <= -2 else '~'} {z:+.1f}"
 
 
 def _git_commit() -> str:
@@ -468,10 +506,29 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _tags(s: StorySettings) -> list[tuple[str, str]]:
+    """(run-name suffix, row label) of every setting where AE and VAE are compared."""
+    deep = "784-" + "-".join(map(str, s.deep_dims)) + f"-{s.main_size}"
+    return [(f"d{d}", str(d)) for d in s.sizes] + [(f"deep-d{s.main_size}", f"{s.main_size} ({deep})")]
+
+
+def _finite(obj):
+    """``obj`` with NaN and infinities as ``None``, so that results.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def run_story(s: StorySettings, out: Path, *, retrain: bool = False, progress: bool = True,
               command: str = "") -> dict:
     """Train (or reuse) every model, measure, draw and write ``out/report.md``; returns the numbers."""
     from tqdm import tqdm
+
+    from pyrovae.marginal import active_units
 
     t_start = time.perf_counter()
     if 2 not in s.sizes or s.main_size not in s.sizes:
@@ -484,77 +541,77 @@ def run_story(s: StorySettings, out: Path, *, retrain: bool = False, progress: b
     judge_vae = models.pop("judge")
     train_grey = load_dataset(s.dataset, "train", data_dir=s.data_dir)
     test_grey = load_dataset(s.dataset, "test", data_dir=s.data_dir)
-    test_binary = static_binarized(test_grey)
-    if train_grey.labels is None:
+    if train_grey.labels is None or test_grey.labels is None:
         raise ValueError(f"{s.dataset} has no labels: the study scores images with a digit classifier")
+    test_binary = static_binarized(test_grey)
     image_shape = train_grey.image_shape
     judge = Judge(train_grey.images, train_grey.labels, judge_vae.model, elbo_samples=s.elbo_samples, seed=s.seed)
-    numbers: dict = {"settings": dataclasses.asdict(s), "command": command}
+    pairs = choose_pairs(test_binary.labels, s.num_pairs, s.seed)
+    numbers: dict = {"settings": dataclasses.asdict(s), "command": command, "pairs": pairs}
 
-    # reference: real test images
-    with torch.no_grad():
-        ref_conf_grey = judge.confidence(test_grey.images)
-        ref = {
-            "classifier_accuracy": float((judge.probabilities(test_grey.images).argmax(1) == test_grey.labels)
-                                         .double().mean()),
-            "confidence_grey": _mean_se(ref_conf_grey),
-            "confidence_binary": _mean_se(judge.confidence(test_binary.images)),
-            "nearest_grey": _mean_se(judge.nearest(test_grey.images)),
-            "judge_elbo_test": _mean_se(judge.elbo(test_binary.images)),  # binary already: binarising keeps them
-        }
-    numbers["reference"] = ref
+    # the yardsticks, read on images whose nature is known
+    accuracy = float((judge.probabilities(test_grey.images).argmax(1) == test_grey.labels).double().mean())
+    calibration = {}
+    for what, images in calibration_images(test_grey, test_binary, pairs, s.seed).items():
+        scores = _scores(images, judge)
+        calibration[what] = {k: _mean_se(scores[k]) for k in SHORT}
+    numbers["classifier_accuracy"] = accuracy
+    numbers["calibration"] = calibration
 
-    # 1-2. reconstruction against code size
-    recon = measure_reconstruction(models, test_binary)
-    numbers["reconstruction"] = recon
+    # 1. reconstruction against code size
+    numbers["reconstruction"] = {name: reconstruction_errors(run.model, test_binary.images)
+                                 for name, run in models.items()}
     numbers["vae_test_elbo"] = {name: json.loads((run.dir / "summary.json").read_text())["test"]["elbo"]
                                 for name, run in models.items() if run.config.model == "vae"}
+    numbers["vae_active_units"] = {name: active_units(run.model, test_binary.images)[0]
+                                   for name, run in models.items() if run.config.model == "vae"}
     first_of_class = torch.tensor([int(torch.nonzero(test_binary.labels == c)[0]) for c in range(10)
                                    if bool((test_binary.labels == c).any())])
-    figure_reconstruction(s, recon, test_binary.images[first_of_class], models, image_shape,
+    figure_reconstruction(s, numbers["reconstruction"], test_binary.images[first_of_class], models, image_shape,
                           out / "reconstruction.png")
 
-    # 3. between two codes
-    pairs = choose_pairs(test_binary.labels, s.num_pairs, s.seed)
+    # 2. between two codes
     interp = measure_interpolations(models, test_binary, pairs, s.steps, judge, progress)
     mid = s.steps // 2
-    numbers["pairs"] = pairs
-    numbers["interpolation"] = {
-        name: {"confidence": [_mean_se(m["confidence"][:, k]) for k in range(s.steps)],
-               "nearest": [_mean_se(m["nearest"][:, k]) for k in range(s.steps)],
-               "midpoint_confidence": _mean_se(m["confidence"][:, mid]),
-               "endpoint_confidence": _mean_se(m["confidence"][:, [0, -1]].mean(1)),
-               "dip": _mean_se(m["confidence"][:, [0, -1]].mean(1) - m["confidence"][:, mid]),
-               "midpoint_nearest": _mean_se(m["nearest"][:, mid])}
-        for name, m in interp.items()}
-    numbers["interpolation_vae_minus_ae"] = {}
-    for tag in [f"d{d}" for d in s.sizes] + [f"deep-d{s.main_size}"]:
-        diff = interp[f"vae-{tag}"]["confidence"][:, mid] - interp[f"ae-{tag}"]["confidence"][:, mid]
-        numbers["interpolation_vae_minus_ae"][tag] = _mean_se(diff)  # paired over the same pairs
+    numbers["interpolation"], numbers["interpolation_vae_minus_ae"] = {}, {}
+    for name, m in interp.items():
+        row = {}
+        for key, _, sign in YARDSTICKS:
+            v = m[key].double()
+            row[key] = [_mean_se(v[:, k]) for k in range(s.steps)]
+            row[f"{key}_mid"] = _mean_se(v[:, mid])
+            row[f"{key}_dip"] = _mean_se(sign * (v[:, [0, -1]].mean(1) - v[:, mid]))  # > 0: worse at t = 1/2
+        row["greyness_mid"] = _mean_se(m["greyness"][:, mid])
+        numbers["interpolation"][name] = row
+    for tag, _ in _tags(s):
+        ae, vae = interp[f"ae-{tag}"], interp[f"vae-{tag}"]
+        numbers["interpolation_vae_minus_ae"][tag] = {  # paired over the same pairs
+            key: _mean_se(vae[key][:, mid].double() - ae[key][:, mid].double()) for key, _, _ in YARDSTICKS}
     figure_interpolation(s, interp, pairs, test_binary, image_shape, out / "interpolation.png")
     save_image_grid(torch.cat([torch.cat([test_binary.images[i : i + 1], interp[f"{k}-d{s.main_size}"]["images"][p],
                                           test_binary.images[j : j + 1]])
                                for p, (i, j) in enumerate(pairs) for k in KINDS]),
                     image_shape, out / "interpolation_all_pairs.png", nrow=s.steps + 2)
 
-    # 4. far from the codes
+    # 3. far from the codes
     rand = measure_random_codes(models, s.num_codes, judge, s.seed, progress)
     numbers["random_codes"] = {
-        name: {"confidence": _mean_se(m["confidence"]),
-               "class_counts": torch.bincount(m["label"], minlength=10).tolist(),
-               "nearest": _mean_se(m["nearest"]),
-               "judge_elbo": _mean_se(m["elbo"])}
+        name: {**{key: _mean_se(m[key]) for key in SHORT},
+               "class_counts": torch.bincount(m["label"], minlength=10).tolist()}
         for name, m in rand.items()}
     numbers["random_codes_vae_minus_ae"] = {}
-    for tag in [f"d{d}" for d in s.sizes] + [f"deep-d{s.main_size}"]:
-        (a, sa), (v, sv) = _mean_se(rand[f"ae-{tag}"]["confidence"]), _mean_se(rand[f"vae-{tag}"]["confidence"])
-        numbers["random_codes_vae_minus_ae"][tag] = (v - a, math.hypot(sa, sv))  # independent draws
+    for tag, _ in _tags(s):
+        row = {}
+        for key, _, _ in YARDSTICKS:
+            (a, sa), (v, sv) = _mean_se(rand[f"ae-{tag}"][key]), _mean_se(rand[f"vae-{tag}"][key])
+            row[key] = (v - a, math.hypot(sa, sv))  # independent draws
+        numbers["random_codes_vae_minus_ae"][tag] = row
     figure_random_codes(s, rand, image_shape, out / "random_codes.png")
     for name, m in rand.items():
         if name.endswith(f"-d{s.main_size}"):
             save_image_grid(m["images"][:100], image_shape, out / f"random_codes_{name}.png", nrow=10)
 
-    # the map
+    # 4. the map
     train_binary = static_binarized(train_grey)
     maps = {}
     for kind in ("vae", "ae"):
@@ -563,23 +620,29 @@ def run_story(s: StorySettings, out: Path, *, retrain: bool = False, progress: b
         with torch.no_grad(), isolated_params():
             test_codes, train_codes = model.encode(test_binary.images), model.encode(train_binary.images)
         maps[kind] = {"grid": grid, "grid_codes": grid_codes, "grid_confidence": float(judge.confidence(grid).mean()),
+                      "grid_judge_elbo": float(judge.elbo(grid).mean()),
                       "test_codes": test_codes, "test_labels": test_binary.labels,
                       "knn_accuracy": knn_accuracy(train_codes, train_binary.labels, test_codes, test_binary.labels)}
         save_image_grid(grid, image_shape, out / f"map_grid_{kind}.png", nrow=s.grid_size)
-    numbers["map"] = {k: {"grid_confidence": m["grid_confidence"], "knn_accuracy": m["knn_accuracy"]}
+    numbers["map"] = {k: {key: m[key] for key in ("grid_confidence", "grid_judge_elbo", "knn_accuracy")}
                       for k, m in maps.items()}
     figure_map(s, maps, image_shape, out / "map.png")
 
     numbers["seconds"] = time.perf_counter() - t_start
     numbers["trained"] = {name: json.loads((run.dir / "summary.json").read_text()) for name, run in
                           {**models, "judge": judge_vae}.items()}
+    numbers = _finite(numbers)
     (out / "results.json").write_text(json.dumps(numbers, indent=1) + "\n")
-    (out / "report.md").write_text(write_report(s, numbers, out))
+    (out / "report.md").write_text(write_report(s, numbers))
     return numbers
 
 
-def write_report(s: StorySettings, n: dict, out: Path) -> str:
-    ref = n["reference"]
+def write_report(s: StorySettings, n: dict) -> str:
+    """The Markdown report of the numbers ``n`` of :func:`run_story`."""
+    cal = n["calibration"]
+    real, garbage = cal["real test digits (grey)"], cal["test digits, pixels permuted"]
+    noise, blend = cal["Bernoulli noise at the digits' mean ink"], cal["pixel average of two test digits of different classes"]
+    blur = cal["test digits blurred 3x3"]
     deep = "784-" + "-".join(map(str, s.deep_dims)) + f"-{s.main_size}"
     sweep = "784-" + "-".join(map(str, s.hidden_dims)) + "-d"
     trained = n["trained"]
@@ -587,9 +650,9 @@ def write_report(s: StorySettings, n: dict, out: Path) -> str:
     L = [
         "# The notes' argument, measured: PCA → deep autoencoder → VAE",
         "",
-        f"Made by `{n['command']}` (pyrovae commit {_git_commit()}); "
-        f"dataset {s.dataset}; {n['seconds']:.0f} s in all, of which training {seconds:.0f} s "
-        "(0 when every run was reused from `runs/`).",
+        f"Made by `{n['command']}` (pyrovae commit {_git_commit()}); dataset {s.dataset}; {n['seconds']:.0f} s in "
+        f"all, of which {seconds:.0f} s training (the runs' own times: reused runs count the time they took "
+        "when trained).",
         "",
         "## What was trained",
         "",
@@ -599,23 +662,33 @@ def write_report(s: StorySettings, n: dict, out: Path) -> str:
         + (" (Hinton & Salakhutdinov 2006's architecture, trained here like the others: no RBM pretraining, "
            "4,000 images)." if deep == "784-1000-500-250-30" else "."),
         f"- Budget: {s.epochs} epochs per AE/VAE (Adam, learning rate 2e-3 cosine-decayed to 1e-4, batch 128, "
-        "dynamic binarisation); the epoch with the best validation score is kept. Seed "
-        f"{s.seed}. Every model is a pyrovae run in `runs/` (`pyrovae evaluate runs/<name>` reproduces its "
-        "reconstruction numbers).",
-        f"- The judge: a VAE {sweep}{s.judge_size} trained with seed {s.judge_seed} (no model judges its own "
-        f"images). It gives real test images an ELBO of {_pm(*ref['judge_elbo_test'], 1)} nats.",
-        f"- The classifier: logistic regression (scikit-learn, C = 1) on the grey training images; test accuracy "
-        f"{ref['classifier_accuracy']:.3f}, mean confidence (max probability) {_pm(*ref['confidence_grey'])} on "
-        f"grey test images and {_pm(*ref['confidence_binary'])} on the binarised ones. Grey test images lie "
-        f"{_pm(*ref['nearest_grey'])} (RMS per pixel) from their nearest training image.",
+        "dynamic binarisation); the epoch with the best validation score is kept (table at the end). Seed "
+        f"{s.seed}. Every model is a pyrovae run in `runs/`: `pyrovae evaluate runs/<name>` gives its "
+        "reconstruction numbers below, `pyrovae sample|interpolate runs/<name>` its pictures.",
         "",
-        "Means are over examples, ± one standard error.",
+        "## The yardsticks, and what they give images of known nature",
+        "",
+        f"- **confidence**: max-probability of a logistic regression (scikit-learn, C = 1) fitted to the grey "
+        f"training images (test accuracy {n['classifier_accuracy']:.3f}); decoded pixel means are grey images too.",
+        f"- **judge ELBO**: the ELBO (nats, {s.elbo_samples} draws from q) of an independent VAE "
+        f"({sweep}{s.judge_size}, trained with seed {s.judge_seed}: no model judges its own images) of the "
+        "image binarised once with a fixed seed, the way test images are: a lower bound on the judge's log "
+        "p(x). It punishes blur, since binarising a grey pixel is a coin flip.",
+        "- **nearest**: RMS pixel distance to the nearest grey training image.",
+        "- not a yardstick, a description: **greyness**, the mean over pixels of min(x, 1 − x): 0 for a binary "
+        "image, higher for a blurrier one.",
+        "",
+        "Means over examples ± one standard error. Read every number below against this table:",
+        "",
+        _table(["images (500, or the 50 pairs)", "confidence", "judge ELBO", "nearest", "greyness"],
+               [[what, _pm(*v["confidence"]), _pm(*v["judge_elbo"], 1), _pm(*v["nearest"]), _pm(*v["greyness"])]
+                for what, v in cal.items()]),
         "",
         "## 1. Reconstruction against code size",
         "",
         "decode(encode(x)) on the 500 statically binarised test images (as `pyrovae evaluate` scores them): "
-        "mean squared error per pixel and binary cross-entropy in nats per image (lower is better). "
-        "The VAE's test ELBO (10 samples) is its bound on log p(x), for reference.",
+        "mean squared error per pixel and binary cross-entropy in nats per image (lower is better); the "
+        "VAE's test ELBO (10 samples; its bound on log p(x)) and its active units (Burda et al. 2015).",
         "",
     ]
     rec = n["reconstruction"]
@@ -623,16 +696,18 @@ def write_report(s: StorySettings, n: dict, out: Path) -> str:
     for d in s.sizes:
         tag = (f"**{d}** (784 → {d}{', H&S 2006' if d == 30 else ''})" if d == s.main_size else str(d))
         rows.append([tag] + [f"{rec[f'{k}-d{d}']['mse']:.4f}" for k in KINDS]
-                    + [f"{rec[f'{k}-d{d}']['bce']:.1f}" for k in KINDS] + [f"{n['vae_test_elbo'][f'vae-d{d}']:.1f}"])
-    rows.append([f"{s.main_size}, {deep} networks", "", f"{rec[f'ae-deep-d{s.main_size}']['mse']:.4f}",
-                 f"{rec[f'vae-deep-d{s.main_size}']['mse']:.4f}", "",
-                 f"{rec[f'ae-deep-d{s.main_size}']['bce']:.1f}", f"{rec[f'vae-deep-d{s.main_size}']['bce']:.1f}",
-                 f"{n['vae_test_elbo'][f'vae-deep-d{s.main_size}']:.1f}"])
-    L += [_table(["code size", "PCA MSE", "AE MSE", "VAE MSE", "PCA BCE", "AE BCE", "VAE BCE", "VAE ELBO"], rows),
-          "", "![reconstruction](reconstruction.png)", ""]
+                    + [f"{rec[f'{k}-d{d}']['bce']:.1f}" for k in KINDS]
+                    + [f"{n['vae_test_elbo'][f'vae-d{d}']:.1f}", n["vae_active_units"][f"vae-d{d}"]])
+    name = f"-deep-d{s.main_size}"
+    rows.append([f"{s.main_size}, {deep} networks", "", f"{rec['ae' + name]['mse']:.4f}",
+                 f"{rec['vae' + name]['mse']:.4f}", "", f"{rec['ae' + name]['bce']:.1f}",
+                 f"{rec['vae' + name]['bce']:.1f}", f"{n['vae_test_elbo']['vae' + name]:.1f}",
+                 n["vae_active_units"]["vae" + name]])
+    L += [_table(["code size", "PCA MSE", "AE MSE", "VAE MSE", "PCA BCE", "AE BCE", "VAE BCE", "VAE ELBO",
+                  "VAE active units"], rows), "", "![reconstruction](reconstruction.png)", ""]
 
-    # between two codes
     ip = n["interpolation"]
+    t = np.linspace(0, 1, s.steps)
     L += [
         "## 2. Between two codes",
         "",
@@ -641,87 +716,121 @@ def write_report(s: StorySettings, n: dict, out: Path) -> str:
         f"The figure shows the first {s.shown_pairs} pairs of the draw, not chosen ones; "
         "`interpolation_all_pairs.png` shows every pair (rows PCA, AE, VAE).",
         "",
-        f"Classifier confidence along the line, code size {s.main_size}:",
+        f"Along the line, code size {s.main_size}:",
+        "",
+        _table(["t"] + [f"{LABEL[k]} {SHORT[y]}" for y, _, _ in YARDSTICKS for k in KINDS],
+               [[f"{t[k]:.1f}"] + [_pm(*ip[f"{kind}-d{s.main_size}"][y][k], 1 if y == "judge_elbo" else 3)
+                                   for y, _, _ in YARDSTICKS for kind in KINDS] for k in range(s.steps)]),
+        "",
+        "At the midpoint t = 1/2, every code size. *Dip*: how much worse the midpoint is than the mean of the two "
+        "ends on that yardstick (positive = worse in the middle). The notes predict the VAE's midpoints "
+        "better than the AE's; the verdicts are at the end.",
         "",
     ]
-    t = np.linspace(0, 1, s.steps)
-    L.append(_table(["t"] + [f"{LABEL[k]} confidence" for k in KINDS] + [f"{LABEL[k]} nearest" for k in KINDS],
-                    [[f"{t[k]:.1f}"] + [_pm(*ip[f"{kind}-d{s.main_size}"]["confidence"][k]) for kind in KINDS]
-                     + [_pm(*ip[f"{kind}-d{s.main_size}"]["nearest"][k]) for kind in KINDS]
-                     for k in range(s.steps)]))
-    L += ["", "Midpoint (t = 1/2) at every code size; *dip* = mean endpoint confidence minus midpoint "
-          "confidence; the verdict tests the notes' prediction that the VAE's midpoint confidence is higher "
-          "(difference paired over the same pairs):", ""]
     rows = []
-    for tag, label in [(f"d{d}", str(d)) for d in s.sizes] + [(f"deep-d{s.main_size}", f"{s.main_size} ({deep})")]:
-        pca = ip.get(f"pca-{tag}")
-        diff = n["interpolation_vae_minus_ae"][tag]
-        rows.append([label, _pm(*pca["midpoint_confidence"]) if pca else "",
-                     _pm(*ip[f"ae-{tag}"]["midpoint_confidence"]), _pm(*ip[f"vae-{tag}"]["midpoint_confidence"]),
-                     _pm(*ip[f"ae-{tag}"]["dip"]), _pm(*ip[f"vae-{tag}"]["dip"]),
-                     _pm(*ip[f"ae-{tag}"]["midpoint_nearest"]), _pm(*ip[f"vae-{tag}"]["midpoint_nearest"]),
-                     _pm(*diff), _verdict(*diff)])
-    L.append(_table(["code size", "PCA mid", "AE mid", "VAE mid", "AE dip", "VAE dip", "AE mid nearest",
-                     "VAE mid nearest", "VAE − AE", "verdict"], rows))
-    L += ["", "![interpolation](interpolation.png)", ""]
+    for tag, label in _tags(s):
+        for y, _, _ in YARDSTICKS:
+            d = 1 if y == "judge_elbo" else 3
+            pca = ip.get(f"pca-{tag}")
+            rows.append([label, SHORT[y], _pm(*pca[f"{y}_mid"], d) if pca else "",
+                         _pm(*ip[f"ae-{tag}"][f"{y}_mid"], d), _pm(*ip[f"vae-{tag}"][f"{y}_mid"], d),
+                         _pm(*ip[f"ae-{tag}"][f"{y}_dip"], d), _pm(*ip[f"vae-{tag}"][f"{y}_dip"], d)])
+        rows.append([label, "greyness"] + [_pm(*ip[f"{k}-{tag}"]["greyness_mid"]) if f"{k}-{tag}" in ip else ""
+                                           for k in KINDS] + ["", ""])
+    L += [_table(["code size", "yardstick", "PCA mid", "AE mid", "VAE mid", "AE dip", "VAE dip"], rows), "",
+          "![interpolation](interpolation.png)", ""]
 
-    # far from the codes
     rc = n["random_codes"]
     L += [
         "## 3. Far from the codes",
         "",
         f"{s.num_codes} codes per model from its generative distribution (VAE: the prior N(0, I); AE: the "
         "Gaussian fitted to its training codes; PCA: N(0, diag of explained variances)), decoded to pixel "
-        "means. Confidence of the classifier; judge ELBO of the decoded image binarised once; RMS distance "
-        "to the nearest training image. The verdict tests the notes' prediction that the VAE's samples get "
-        "the higher confidence.",
+        "means.",
         "",
     ]
     rows = []
-    for tag, label in [(f"d{d}", str(d)) for d in s.sizes] + [(f"deep-d{s.main_size}", f"{s.main_size} ({deep})")]:
+    for tag, label in _tags(s):
         names = [f"{k}-{tag}" for k in KINDS]
-        diff = n["random_codes_vae_minus_ae"][tag]
-        rows.append([label] + [_pm(*rc[x]["confidence"]) if x in rc else "" for x in names]
-                    + [_pm(*rc[x]["judge_elbo"], 1) if x in rc else "" for x in names]
-                    + [_pm(*rc[x]["nearest"]) if x in rc else "" for x in names] + [_verdict(*diff)])
-    L.append(_table(["code size", "PCA conf.", "AE conf.", "VAE conf.", "PCA judge ELBO", "AE judge ELBO",
-                     "VAE judge ELBO", "PCA nearest", "AE nearest", "VAE nearest", "verdict"], rows))
-    L += ["", f"Real test images for comparison: confidence {_pm(*ref['confidence_grey'])}, judge ELBO "
-          f"{_pm(*ref['judge_elbo_test'], 1)}, nearest {_pm(*ref['nearest_grey'])}.", "",
+        rows.append([label] + [_pm(*rc[x][y], 1 if y == "judge_elbo" else 3) if x in rc else ""
+                               for y in SHORT for x in names])
+    L += [_table(["code size"] + [f"{LABEL[k]} {SHORT[y]}" for y in SHORT for k in KINDS], rows), "",
           f"Classes the classifier gives the decoded random codes, code size {s.main_size} (counts of "
-          f"{s.num_codes}; a digit-like generator of this data set gives about {s.num_codes // 10} each):", ""]
-    L.append(_table(["model"] + [str(c) for c in range(10)],
-                    [[LABEL[k]] + rc[f"{k}-d{s.main_size}"]["class_counts"] for k in KINDS]))
-    L += ["", "![random codes](random_codes.png)", ""]
+          f"{s.num_codes}; the test split has about {s.num_codes // 10} of each per {s.num_codes}):", "",
+          _table(["model"] + [str(c) for c in range(10)],
+                 [[LABEL[k]] + rc[f"{k}-d{s.main_size}"]["class_counts"] for k in KINDS]),
+          "", "![random codes](random_codes.png)", ""]
 
-    # the map
     mp = n["map"]
     L += [
         "## 4. The map",
         "",
-        f"Top: the 2-D VAE's code space decoded on a {s.grid_size} × {s.grid_size} grid, equally spaced in "
+        f"Top: the 2-D VAE's code space decoded on a {s.grid_size} × {s.grid_size} grid equally spaced in "
         "probability (codes Φ⁻¹((i + ½)/n), Kingma & Welling 2013 Fig. 4), and the same grid through the 2-D "
-        "AE's fitted Gaussian. Bottom: the test codes of the 2-D VAE and AE coloured by label.",
+        "AE's fitted Gaussian. Bottom: the test codes of the 2-D VAE and AE coloured by label, with the grid's "
+        "outline.",
         "",
-        _table(["2-D model", "grid confidence", "5-NN accuracy of test codes"],
-               [[LABEL[k], f"{mp[k]['grid_confidence']:.3f}", f"{mp[k]['knn_accuracy']:.3f}"] for k in ("vae", "ae")]),
+        _table(["2-D model", "grid confidence", "grid judge ELBO", "5-NN accuracy of test codes"],
+               [[LABEL[k], f"{mp[k]['grid_confidence']:.3f}", f"{mp[k]['grid_judge_elbo']:.1f}",
+                 f"{mp[k]['knn_accuracy']:.3f}"] for k in ("vae", "ae")]),
         "",
         "![map](map.png)",
         "",
         "## Verdicts",
         "",
+        "The notes predict that the VAE's random-code samples, and its interpolation midpoints, are better than "
+        "the AE's. Each cell: ✓ the VAE better by at least 2 standard errors, ✗ worse by at least 2, ~ in "
+        "between; the number is the VAE's advantage in standard errors (random codes: independent draws; "
+        "midpoints: paired over the same pairs).",
+        "",
     ]
-    for what, key, d in (("random-code samples: VAE confidence above AE's", "random_codes_vae_minus_ae", None),
-                         ("interpolation midpoints: VAE confidence above AE's", "interpolation_vae_minus_ae", None)):
-        tags = list(n[key])
-        held = [tg for tg in tags if n[key][tg][0] > 0]
-        L.append(f"- {what}: holds at {len(held)} of {len(tags)} settings "
-                 f"({', '.join(f'{tg}: {_pm(*n[key][tg])}' for tg in tags)}).")
-    L += ["", "Training runs (epochs done, best epoch, seconds):", ""]
-    L.append(_table(["run", "epochs", "best epoch", "seconds", "test score"],
-                    [[name, v["epochs_done"], v["best_epoch"], f"{v['seconds']:.0f}",
-                      f"{v['test']['elbo']:.1f}" if v.get("test") and v["test"].get("elbo") is not None else ""]
-                     for name, v in trained.items()]))
+    rows = []
+    for tag, label in _tags(s):
+        r, m = n["random_codes_vae_minus_ae"][tag], n["interpolation_vae_minus_ae"][tag]
+        rows.append([label] + [_mark(*r[y], sign) for y, _, sign in YARDSTICKS]
+                    + [_mark(*m[y], sign) for y, _, sign in YARDSTICKS])
+    L += [_table(["code size"] + [f"random codes: {SHORT[y]}" for y, _, _ in YARDSTICKS]
+                 + [f"midpoints: {SHORT[y]}" for y, _, _ in YARDSTICKS], rows), ""]
+    L += ["The notes' two predictions as the issue states them, on the classifier's confidence:", ""]
+    for what, key in (("VAE random-code samples more confident than the AE's", "random_codes_vae_minus_ae"),
+                      ("AE interpolation midpoints less confident than the VAE's", "interpolation_vae_minus_ae")):
+        cells = [(label, n[key][tag]["confidence"]) for tag, label in _tags(s)]
+        L.append(f"- {what}: " + "; ".join(f"d={label}: {_verdict(*v)}" for label, v in cells) + ".")
+    L += ["", "Where the confidence verdict does not hold, the other two yardsticks say:", ""]
+    for what, key in (("random codes", "random_codes_vae_minus_ae"), ("midpoints", "interpolation_vae_minus_ae")):
+        cells = []
+        for tag, label in _tags(s):
+            r = n[key][tag]
+            if not _mark(*r["confidence"], 1).startswith("✓"):
+                cells.append(f"d={label}: " + ", ".join(f"{SHORT[y]} {_mark(*r[y], sign)}"
+                                                        for y, _, sign in YARDSTICKS[1:]))
+        L.append(f"- {what}: " + ("; ".join(cells) if cells else "(it holds everywhere)") + ".")
+    L += ["", "What the calibration table says about reading them: the classifier gives real digits "
+          f"{real['confidence'][0]:.2f}, digits with their pixels permuted {garbage['confidence'][0]:.2f}, "
+          f"noise {noise['confidence'][0]:.2f}, and the pixel average of two different digits (a compromise, "
+          f"by construction) {blend['confidence'][0]:.2f}. Its confidence separates digits from garbage only "
+          f"within {garbage['confidence'][0]:.2f}–{real['confidence'][0]:.2f}, and it puts a compromise of two "
+          "digits, which is what the notes want from a VAE midpoint, "
+          + ("nearer to garbage than to real digits." if abs(blend["confidence"][0] - garbage["confidence"][0])
+             < abs(blend["confidence"][0] - real["confidence"][0]) else "nearer to real digits than to garbage.")
+          + f" The judge ELBO spreads the same images over {garbage['judge_elbo'][0]:.0f} to "
+          f"{real['judge_elbo'][0]:.0f} nats, the distance to the nearest training image over "
+          f"{real['nearest'][0]:.3f}–{garbage['nearest'][0]:.3f}. The two have opposite biases about blur: a 3x3 "
+          f"blur costs real digits {real['judge_elbo'][0] - blur['judge_elbo'][0]:.0f} nats of judge ELBO but "
+          f"brings them nearer to the training images ({blur['nearest'][0]:.3f} against "
+          f"{real['nearest'][0]:.3f}). Where both favour the VAE, blur does not explain the verdict: "
+          + "; ".join(f"{what}: " + (", ".join(f"d={label}" for tag, label in _tags(s)
+                                               if all(_mark(*n[key][tag][y], sign).startswith("✓")
+                                                      for y, _, sign in YARDSTICKS[1:])) or "nowhere")
+                      for what, key in (("random codes", "random_codes_vae_minus_ae"),
+                                        ("midpoints", "interpolation_vae_minus_ae"))) + ".", ""]
+
+    L += ["## Training runs", "",
+          _table(["run", "epochs", "best epoch", "seconds", "test score"],
+                 [[name, v["epochs_done"], v["best_epoch"], f"{v['seconds']:.0f}",
+                   f"{v['test']['elbo']:.1f}" if v.get("test") and v["test"].get("elbo") is not None else ""]
+                  for name, v in trained.items()]),
+          "", "Test score: the VAE's ELBO, the AE's log p(x | m(x)) (minus its BCE); PCA on binary data has none."]
     return "\n".join(L) + "\n"
 
 

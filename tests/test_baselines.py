@@ -27,10 +27,10 @@ def cli(capsys, *args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A 2-D autoencoder (2 epochs) and 2- and 10-component PCAs on mnist5k, trained by the CLI."""
+    """A 2-D autoencoder (4 epochs) and 2- and 10-component PCAs on mnist5k, trained by the CLI."""
     out = tmp_path_factory.mktemp("runs")
     for name, args in {
-        "ae": ["--model", "ae", "--latent-dim", "2", "--hidden-dims", "32", "--epochs", "2"],
+        "ae": ["--model", "ae", "--latent-dim", "2", "--hidden-dims", "32", "--epochs", "4"],
         "pca2": ["--model", "pca", "--latent-dim", "2"],
         "pca10": ["--model", "pca", "--latent-dim", "10"],
     }.items():

@@ -650,9 +650,9 @@ def write_report(s: StorySettings, n: dict) -> str:
     L = [
         "# The notes' argument, measured: PCA → deep autoencoder → VAE",
         "",
-        f"Made by `{n['command']}` (pyrovae commit {_git_commit()}); dataset {s.dataset}; {n['seconds']:.0f} s in "
-        f"all, of which {seconds:.0f} s training (the runs' own times: reused runs count the time they took "
-        "when trained).",
+        f"Made by `{n['command']}` (pyrovae commit {_git_commit()}) on {s.dataset}. This call took "
+        f"{n['seconds']:.0f} s; training its {len(trained)} runs took {seconds:.0f} s when they were trained "
+        "(a rerun reuses them from `runs/`).",
         "",
         "## What was trained",
         "",

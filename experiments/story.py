@@ -75,6 +75,7 @@ COLOR = {"pca": "tab:gray", "ae": "tab:red", "vae": "tab:blue"}
 YARDSTICKS = (("confidence", "classifier confidence", 1), ("judge_elbo", "judge ELBO (nats)", 1),
               ("nearest", "RMS distance to the\nnearest training image", -1))
 SHORT = {"confidence": "confidence", "judge_elbo": "judge ELBO", "nearest": "nearest", "greyness": "greyness"}
+PAIR_MASS = "pair mass (post hoc)"
 
 
 @dataclass(frozen=True)
@@ -225,15 +226,24 @@ def _scores(images: torch.Tensor, judge: Judge) -> dict[str, torch.Tensor]:
 
 
 def measure_interpolations(models: dict, test_binary, pairs, steps: int, judge: Judge, progress: bool) -> dict:
-    """Per model: decoded lines ``(P, steps, D)`` and every yardstick at every step ``(P, steps)``."""
+    r"""Per model: decoded lines ``(P, steps, D)`` and every yardstick at every step ``(P, steps)``,
+    plus the *pair mass* :math:`p(y = a \mid \hat x) + p(y = b \mid \hat x)`, the classifier's
+    probability that the image is one of the two digits at the ends of its line (added after
+    the first full run, to measure the notes' "compromise of both images" directly)."""
     from tqdm import tqdm
 
+    a, b = (test_binary.labels[[p[k] for p in pairs]] for k in (0, 1))  # (P,) labels of the ends
     out = {}
     for name, run in tqdm(models.items(), desc="between two codes", unit="model", disable=not progress):
         x = test_binary.images
         lines = torch.stack([interpolation(run.model, x[i], x[j], steps=steps)[0] for i, j in pairs])
-        scores = _scores(lines.reshape(-1, lines.shape[-1]), judge)
-        out[name] = {"images": lines, **{k: v.reshape(len(pairs), steps) for k, v in scores.items()}}
+        flat = lines.reshape(-1, lines.shape[-1])
+        scores = _scores(flat, judge)
+        probs = judge.probabilities(flat).reshape(len(pairs), steps, -1)  # (P, steps, classes)
+        pair_mass = probs.gather(2, a[:, None, None].expand(-1, steps, 1))[..., 0] + \
+            probs.gather(2, b[:, None, None].expand(-1, steps, 1))[..., 0]
+        out[name] = {"images": lines, "pair_mass": pair_mass,
+                     **{k: v.reshape(len(pairs), steps) for k, v in scores.items()}}
     return out
 
 
@@ -582,11 +592,13 @@ def run_story(s: StorySettings, out: Path, *, retrain: bool = False, progress: b
             row[f"{key}_mid"] = _mean_se(v[:, mid])
             row[f"{key}_dip"] = _mean_se(sign * (v[:, [0, -1]].mean(1) - v[:, mid]))  # > 0: worse at t = 1/2
         row["greyness_mid"] = _mean_se(m["greyness"][:, mid])
+        row["pair_mass_mid"] = _mean_se(m["pair_mass"][:, mid])
         numbers["interpolation"][name] = row
     for tag, _ in _tags(s):
         ae, vae = interp[f"ae-{tag}"], interp[f"vae-{tag}"]
         numbers["interpolation_vae_minus_ae"][tag] = {  # paired over the same pairs
-            key: _mean_se(vae[key][:, mid].double() - ae[key][:, mid].double()) for key, _, _ in YARDSTICKS}
+            key: _mean_se(vae[key][:, mid].double() - ae[key][:, mid].double())
+            for key in [y for y, _, _ in YARDSTICKS] + ["pair_mass"]}
     figure_interpolation(s, interp, pairs, test_binary, image_shape, out / "interpolation.png")
     save_image_grid(torch.cat([torch.cat([test_binary.images[i : i + 1], interp[f"{k}-d{s.main_size}"]["images"][p],
                                           test_binary.images[j : j + 1]])
@@ -724,7 +736,9 @@ def write_report(s: StorySettings, n: dict) -> str:
         "",
         "At the midpoint t = 1/2, every code size. *Dip*: how much worse the midpoint is than the mean of the two "
         "ends on that yardstick (positive = worse in the middle). The notes predict the VAE's midpoints "
-        "better than the AE's; the verdicts are at the end.",
+        "better than the AE's; the verdicts are at the end. *Pair mass*, added after the first full run "
+        "(post hoc): the classifier's probability that the midpoint is one of the two digits at the ends of "
+        "its line, the notes' \"compromise of both images\" measured directly.",
         "",
     ]
     rows = []
@@ -735,8 +749,9 @@ def write_report(s: StorySettings, n: dict) -> str:
             rows.append([label, SHORT[y], _pm(*pca[f"{y}_mid"], d) if pca else "",
                          _pm(*ip[f"ae-{tag}"][f"{y}_mid"], d), _pm(*ip[f"vae-{tag}"][f"{y}_mid"], d),
                          _pm(*ip[f"ae-{tag}"][f"{y}_dip"], d), _pm(*ip[f"vae-{tag}"][f"{y}_dip"], d)])
-        rows.append([label, "greyness"] + [_pm(*ip[f"{k}-{tag}"]["greyness_mid"]) if f"{k}-{tag}" in ip else ""
-                                           for k in KINDS] + ["", ""])
+        for key in ("pair_mass", "greyness"):
+            rows.append([label, PAIR_MASS if key == "pair_mass" else SHORT[key]] + [_pm(*ip[f"{k}-{tag}"][f"{key}_mid"]) if f"{k}-{tag}" in ip else ""
+                                               for k in KINDS] + ["", ""])
     L += [_table(["code size", "yardstick", "PCA mid", "AE mid", "VAE mid", "AE dip", "VAE dip"], rows), "",
           "![interpolation](interpolation.png)", ""]
 
@@ -788,9 +803,9 @@ def write_report(s: StorySettings, n: dict) -> str:
     for tag, label in _tags(s):
         r, m = n["random_codes_vae_minus_ae"][tag], n["interpolation_vae_minus_ae"][tag]
         rows.append([label] + [_mark(*r[y], sign) for y, _, sign in YARDSTICKS]
-                    + [_mark(*m[y], sign) for y, _, sign in YARDSTICKS])
+                    + [_mark(*m[y], sign) for y, _, sign in YARDSTICKS] + [_mark(*m["pair_mass"], 1)])
     L += [_table(["code size"] + [f"random codes: {SHORT[y]}" for y, _, _ in YARDSTICKS]
-                 + [f"midpoints: {SHORT[y]}" for y, _, _ in YARDSTICKS], rows), ""]
+                 + [f"midpoints: {SHORT[y]}" for y, _, _ in YARDSTICKS] + [f"midpoints: {PAIR_MASS}"], rows), ""]
     L += ["The notes' two predictions as the issue states them, on the classifier's confidence:", ""]
     for what, key in (("VAE random-code samples more confident than the AE's", "random_codes_vae_minus_ae"),
                       ("AE interpolation midpoints less confident than the VAE's", "interpolation_vae_minus_ae")):

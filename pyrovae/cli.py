@@ -216,7 +216,8 @@ def _evaluate(args) -> int:
 
         with torch.no_grad():
             codes = run.model.encode(ds.images)
-        prior = getattr(run.model, "prior", None)
+        # the autoencoder's prior is masked out of its objective: drawing it would mislead
+        prior = getattr(run.model, "prior", None) if run.model.has_posterior else None
         png = plot_latent_2d(codes, ds.labels, run.dir / f"latent-{ds.split}.png",
                              mixture=prior.mixture() if prior is not None else None,
                              title=f"{run.config.model}, {ds.name} {ds.split}")

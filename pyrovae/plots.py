@@ -41,7 +41,8 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
             ax1.plot(epochs, ys, label=label)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("ELBO (nats per example)")
-    ax1.legend()
+    if ax1.lines:  # PCA on binary data has no ELBO to draw
+        ax1.legend()
     finite = [r.get("val_elbo") for r in rows if r.get("val_elbo") is not None]
     if len(finite) > 5:  # zoom past the first epochs
         lo = sorted(finite)[len(finite) // 10]

@@ -181,6 +181,10 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
         config = TrainConfig.from_dict({**stored.to_dict(), "epochs": config.epochs, "patience": config.patience,
                                         "device": config.device})
     config = config.resolved()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world:  # before joining the process group, so that no process waits for the others
+        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world} processes "
+                         f"(torchrun --nproc-per-node x --nnodes): use a multiple of {world}")
     env = _Dist(config.device)
     try:
         return _Trainer(config, env, resume_state, Path(resume) if resume else None, progress, write).run(t_start)
@@ -219,8 +223,18 @@ class _Trainer:
                 torch.manual_seed(_seed(config.seed, self.start_epoch, env.rank))
         elif env.world > 1:
             torch.manual_seed(_seed(config.seed, 0, env.rank))
+        error = None
         if self.write:
-            self._prepare_run_dir()
+            try:
+                self._prepare_run_dir()
+            except ValueError as e:
+                error = str(e)
+        # every process learns of rank 0's error, or the others would wait for it forever
+        errors = [e for e in env.gather(error) if e]
+        if errors:
+            raise ValueError(errors[0])
+        #: seconds of the last epoch's phases (steps, validation, checkpoint), for benchmarks
+        self.phase_seconds: dict[str, float] = {}
 
     # --- set-up ----------------------------------------------------------------------
     def _load_data(self) -> _Data:
@@ -286,11 +300,7 @@ class _Trainer:
         c = self.config
         if c.model == "pca":
             return self._fit_pca(t_start)
-        elbo = build_elbo(c)
-        optim = Optimizer(c.lr, c.clip_norm * c.batch_size)
-        svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
-        if self.resume_state is not None:
-            optim.set_state(self.resume_state["optimizer"])
+        svi, elbo, optim = self._objective()
         bar = tqdm(total=c.epochs, initial=self.start_epoch, desc="train", unit="epoch", disable=not self.progress)
         stopped_early, epoch = False, self.start_epoch
         try:
@@ -311,6 +321,15 @@ class _Trainer:
         epochs_done = epoch + 1 if c.epochs > self.start_epoch else self.start_epoch
         return self._finish(t_start, epochs_done, stopped_early)
 
+    def _objective(self) -> tuple[SVI, object, Optimizer]:
+        c = self.config
+        elbo = build_elbo(c)
+        optim = Optimizer(c.lr, c.clip_norm * c.batch_size)
+        svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
+        if self.resume_state is not None:
+            optim.set_state(self.resume_state["optimizer"])
+        return svi, elbo, optim
+
     def _epoch(self, epoch: int, svi: SVI, elbo, optim) -> dict:
         c, t0 = self.config, time.perf_counter()
         model = self.model
@@ -323,6 +342,7 @@ class _Trainer:
             elbo.reset_terms()
         loss_sum, seen = 0.0, 0
         model.train()
+        t_steps = time.perf_counter()
         with warnings.catch_warnings(), pyro.validation_enabled(False):
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             for step, idx in enumerate(batches):
@@ -335,6 +355,7 @@ class _Trainer:
                 loss_sum += loss
                 seen += idx.numel()
                 self.global_step += 1
+        t_val = time.perf_counter()  # the loss of each step is a float already: the device is in step
         terms = elbo.pop_terms() if hasattr(elbo, "pop_terms") else {}
         recon = float(terms["recon"]) if "recon" in terms else math.nan
         kl = float(terms["kl"]) if "kl" in terms else math.nan
@@ -356,6 +377,7 @@ class _Trainer:
             self.best_val, self.best_epoch, self.since_best = row["val_elbo"], epoch + 1, 0
         else:
             self.since_best += 1
+        t_save = time.perf_counter()
         rng = self.env.gather(_rng_state(self.device))
         if self.write:
             if hasattr(model, "fit_code_distribution"):
@@ -371,6 +393,9 @@ class _Trainer:
             row["epoch_seconds"] = time.perf_counter() - t0
             if improved:
                 self._best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        t_end = time.perf_counter()
+        self.phase_seconds = {"data": t_steps - t0, "steps": t_val - t_steps, "validation": t_save - t_val,
+                              "checkpoint": t_end - t_save, "epoch": t_end - t0}
         self.last_row = row
         return row
 

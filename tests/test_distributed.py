@@ -287,8 +287,9 @@ def test_torchrun_cli_trains_and_resumes(tmp_path):
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("run: ") == 1  # rank 0 alone reports
-    r = subprocess.run([*base, "--master-port", str(_free_port()), *train_args[:-4], "--epochs", "3", "--resume",
-                        str(tmp_path / "r"), "--quiet"], capture_output=True, text=True, timeout=300, env=env)
+    resume_args = ["-m", "pyrovae", "train", "--resume", str(tmp_path / "r"), "--epochs", "3", "--quiet"]
+    r = subprocess.run([*base, "--master-port", str(_free_port()), *resume_args], capture_output=True, text=True,
+                       timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [row["epoch"] for row in read_metrics(tmp_path / "r" / "metrics.jsonl")] == [1, 2, 3]
     assert len(load_checkpoint(tmp_path / "r" / "last.pt")["rng"]) == 2

@@ -368,9 +368,7 @@ class _Trainer:
             if not math.isnan(kl):
                 row["train_kl"] = kl / seen
             row["train_elbo"] = (recon - kl) / seen if not math.isnan(kl) else recon / seen
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(VAL_SEED)
-            val = split_scores(model, self.data.val, num_samples=1)
+        val = self._val_scores()
         row.update({f"val_{k}": v for k, v in val.items() if v is not None})
         improved = row["val_elbo"] > self.best_val
         if improved:
@@ -398,6 +396,22 @@ class _Trainer:
                               "checkpoint": t_end - t_save, "epoch": t_end - t0}
         self.last_row = row
         return row
+
+    def _val_scores(self) -> dict:
+        """Mean validation scores, with fixed noise; in a data-parallel run every process
+        scores its share of the split and the means are combined, so no process repeats
+        another's work."""
+        env, val = self.env, self.data.val
+        shard = val[env.rank :: env.world] if val.shape[0] >= env.world else val
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(VAL_SEED + env.rank)
+            scores = split_scores(self.model, shard, num_samples=1)
+        if env.world == 1 or shard is val:
+            return scores
+        keys = sorted(k for k, v in scores.items() if v is not None)
+        n = float(shard.shape[0])
+        sums = env.sum([scores[k] * n for k in keys] + [n])
+        return {k: total / sums[-1] for k, total in zip(keys, sums)}
 
     def _state(self, epochs_done: int, optim, rng: list) -> dict:
         return {

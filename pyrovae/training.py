@@ -27,6 +27,7 @@ import math
 import os
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -239,8 +240,20 @@ class _Trainer:
     # --- set-up ----------------------------------------------------------------------
     def _load_data(self) -> _Data:
         c = self.config
+        if c.download and self.env.world > 1:
+            # rank 0 fetches the files while the others wait (a download each would race)
+            error = None
+            if self.env.main:
+                try:
+                    load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column, download=True)
+                except (ValueError, FileNotFoundError) as e:
+                    error = str(e)
+            errors = [e for e in self.env.gather(error) if e]
+            if errors:
+                raise ValueError(errors[0])
+            c = dataclasses.replace(c, download=False)
         train = load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column,
-                             download=c.download and self.env.main)
+                             download=c.download)
         if len(train) == 0:
             raise ValueError(f"{c.dataset}: the training split is empty")
         train = train.to(self.device)

@@ -88,6 +88,15 @@ def _worker(rank: int, world: int, jobs: list[dict], results: str) -> None:
         return finish(self, *args, **kwargs)
 
     tr._Trainer._finish = keep_params
+    load = tr.load_dataset
+
+    def load_counting_downloads(*args, **kwargs):
+        if kwargs.get("download"):
+            with open(Path(results) / f"downloads-rank{rank}", "a") as f:
+                f.write("x")
+        return load(*args, **kwargs)
+
+    tr.load_dataset = load_counting_downloads
     for job in jobs:
         if job.get("fixed_noise"):
             _fix_the_noise()
@@ -161,6 +170,7 @@ def two_process_runs(tmp_path_factory):
         {"id": "resumed-2", "config": c("resumed", epochs=2), "resume": str(tmp / "runs" / "resumed"),
          "port": _free_port()},
         {"id": "taken", "config": c("taken"), "port": _free_port()},
+        {"id": "download", "config": c("download", epochs=1, download=True), "port": _free_port()},
         # last: it patches the guide's sampling for the rest of the process
         {"id": "fixed-noise", "config": c("fixed-noise"), "fixed_noise": True, "port": _free_port()},
     ]
@@ -251,10 +261,17 @@ def test_an_error_on_rank_0_stops_every_rank(two_process_runs):
     assert all(o.startswith("ValueError:") and "already exists" in o for o in outcomes), outcomes
 
 
+def test_with_download_rank_0_fetches_while_the_others_wait(two_process_runs):
+    tmp, data, results = two_process_runs
+    assert _outcome(results, "download") == ["ok", "ok"]
+    assert (results / "downloads-rank0").exists()  # before training (and for the test split at the end)
+    assert not (results / "downloads-rank1").exists()
+
+
 def test_only_rank_0_writes(two_process_runs):
     tmp, data, results = two_process_runs
     names = {p.name for p in (tmp / "runs").iterdir()}
-    assert names == {"ae", "vae", "resumed", "taken", "fixed-noise"}
+    assert names == {"ae", "vae", "resumed", "taken", "download", "fixed-noise"}
     for name in ("ae", "vae", "fixed-noise"):
         assert [torch.load(results / f"{name}-rank{r}.pt", weights_only=True)["writes"] for r in range(WORLD)] == [
             True, False]

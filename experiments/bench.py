@@ -711,6 +711,9 @@ def markdown(res: dict) -> str:
         L.append("\nIts accuracy and cost against K are studied in `experiments/bench_marginal.py`.\n")
     if "distributed" in res:
         L.append("## Data-parallel training (CLI runs, CPU, gloo)\n")
+        L.append("Seconds per epoch are `metrics.jsonl`'s `epoch_seconds` (steps, validation and metrics; the "
+                 "checkpoint write comes after it), medians over the epochs after the first; same global batch, "
+                 "same seed, constant learning rate.\n")
         L.append("| run | s / epoch | speed-up vs 1 process × 2 threads | vs 1 process × 1 thread | val ELBO at the end |")
         L.append("|---|---|---|---|---|")
         for k, v in res["distributed"].items():

@@ -22,12 +22,12 @@ GPU), metrics are summed over processes, and only rank 0 writes the run director
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path

@@ -14,7 +14,9 @@ Tolerances, and why:
   by the gradient's running RMS, which amplifies rounding in near-zero gradients a little).
 - the VAE proper draws the guide's noise per rank (each rank seeds its own generator), so
   its noise is not the single process's: its parameters can only agree as well as two
-  single-process runs that differ in their noise alone, and that is what is checked.
+  single-process runs that differ in their noise alone, and that is what is checked
+  (Euclidean distance over all parameters under 2x that; when written, 0.230 against 0.232,
+  while training moved them 0.99 from the start).
 """
 
 from __future__ import annotations

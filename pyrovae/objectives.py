@@ -131,10 +131,14 @@ class Optimizer(PyroOptim):
             _all_reduce_grads(self._params)
         if self.clip_norm > 0:
             grads = [p.grad for p in self._params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            if norm > self.clip_norm:  # rescaling every step would cost a pass over all gradients
-                torch._foreach_mul_(grads, self.clip_norm / (float(norm) + 1e-6))
+            if grads:
+                _clip_grad_norm_(grads, self.clip_norm, sync=grads[0].device.type == "cpu")
         self._optim.step()
+        # SVI then "zeroes" gradients by allocating zero tensors that the next backward adds
+        # into; with no gradient at all it skips them and backward writes fresh ones: the same
+        # numbers, one allocation and one pass over all gradients fewer per step
+        for p in self._params:
+            p.grad = None
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr
@@ -163,6 +167,21 @@ class Optimizer(PyroOptim):
             )
         self._optim.load_state_dict(state["adam"])
         self.set_lr(self.lr)  # the schedule, not the checkpoint, sets the rate of this epoch
+
+
+def _clip_grad_norm_(grads: list[torch.Tensor], clip_norm: float, sync: bool) -> None:
+    r"""Scale ``grads`` in place so that their global 2-norm is at most ``clip_norm``.
+
+    ``sync=True`` reads the norm on the host and skips the pass over the gradients when
+    nothing is clipped (cheaper on the CPU); ``sync=False`` always multiplies by
+    :math:`\min(1, c / \lVert g \rVert)` on the device, so that an accelerator never waits
+    for the host.
+    """
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not sync:
+        torch._foreach_mul_(grads, (clip_norm / (norm + 1e-6)).clamp(max=1.0))
+    elif norm > clip_norm:
+        torch._foreach_mul_(grads, clip_norm / (float(norm) + 1e-6))
 
 
 def _all_reduce_grads(params) -> None:

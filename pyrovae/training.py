@@ -22,6 +22,7 @@ GPU), metrics are summed over processes, and only rank 0 writes the run director
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -181,6 +182,10 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
         config = TrainConfig.from_dict({**stored.to_dict(), "epochs": config.epochs, "patience": config.patience,
                                         "device": config.device})
     config = config.resolved()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world:  # before joining the process group, so that no process waits for the others
+        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world} processes "
+                         f"(torchrun --nproc-per-node x --nnodes): use a multiple of {world}")
     env = _Dist(config.device)
     try:
         return _Trainer(config, env, resume_state, Path(resume) if resume else None, progress, write).run(t_start)
@@ -219,14 +224,36 @@ class _Trainer:
                 torch.manual_seed(_seed(config.seed, self.start_epoch, env.rank))
         elif env.world > 1:
             torch.manual_seed(_seed(config.seed, 0, env.rank))
+        error = None
         if self.write:
-            self._prepare_run_dir()
+            try:
+                self._prepare_run_dir()
+            except ValueError as e:
+                error = str(e)
+        # every process learns of rank 0's error, or the others would wait for it forever
+        errors = [e for e in env.gather(error) if e]
+        if errors:
+            raise ValueError(errors[0])
+        #: seconds of the last epoch's phases (steps, validation, checkpoint), for benchmarks
+        self.phase_seconds: dict[str, float] = {}
 
     # --- set-up ----------------------------------------------------------------------
     def _load_data(self) -> _Data:
         c = self.config
+        if c.download and self.env.world > 1:
+            # rank 0 fetches the files while the others wait (a download each would race)
+            error = None
+            if self.env.main:
+                try:
+                    load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column, download=True)
+                except (ValueError, FileNotFoundError) as e:
+                    error = str(e)
+            errors = [e for e in self.env.gather(error) if e]
+            if errors:
+                raise ValueError(errors[0])
+            c = dataclasses.replace(c, download=False)
         train = load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column,
-                             download=c.download and self.env.main)
+                             download=c.download)
         if len(train) == 0:
             raise ValueError(f"{c.dataset}: the training split is empty")
         train = train.to(self.device)
@@ -290,11 +317,7 @@ class _Trainer:
         c = self.config
         if c.model == "pca":
             return self._fit_pca(t_start)
-        elbo = build_elbo(c)
-        optim = Optimizer(c.lr, c.clip_norm * c.batch_size)
-        svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
-        if self.resume_state is not None:
-            optim.set_state(self.resume_state["optimizer"])
+        svi, elbo, optim = self._objective()
         bar = tqdm(total=c.epochs, initial=self.start_epoch, desc="train", unit="epoch", disable=not self.progress)
         stopped_early, epoch = False, self.start_epoch
         try:
@@ -315,6 +338,15 @@ class _Trainer:
         epochs_done = epoch + 1 if c.epochs > self.start_epoch else self.start_epoch
         return self._finish(t_start, epochs_done, stopped_early)
 
+    def _objective(self) -> tuple[SVI, object, Optimizer]:
+        c = self.config
+        elbo = build_elbo(c)
+        optim = Optimizer(c.lr, c.clip_norm * c.batch_size)
+        svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
+        if self.resume_state is not None:
+            optim.set_state(self.resume_state["optimizer"])
+        return svi, elbo, optim
+
     def _epoch(self, epoch: int, svi: SVI, elbo, optim) -> dict:
         c, t0 = self.config, time.perf_counter()
         model = self.model
@@ -327,6 +359,7 @@ class _Trainer:
             elbo.reset_terms()
         loss_sum, seen = 0.0, 0
         model.train()
+        t_steps = time.perf_counter()
         with warnings.catch_warnings(), pyro.validation_enabled(False):
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             for step, idx in enumerate(batches):
@@ -339,6 +372,7 @@ class _Trainer:
                 loss_sum += loss
                 seen += idx.numel()
                 self.global_step += 1
+        t_val = time.perf_counter()  # the loss of each step is a float already: the device is in step
         terms = elbo.pop_terms() if hasattr(elbo, "pop_terms") else {}
         recon = float(terms["recon"]) if "recon" in terms else math.nan
         kl = float(terms["kl"]) if "kl" in terms else math.nan
@@ -351,15 +385,14 @@ class _Trainer:
             if not math.isnan(kl):
                 row["train_kl"] = kl / seen
             row["train_elbo"] = (recon - kl) / seen if not math.isnan(kl) else recon / seen
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(VAL_SEED)
-            val = split_scores(model, self.data.val, num_samples=1)
+        val = self._val_scores()
         row.update({f"val_{k}": v for k, v in val.items() if v is not None})
         improved = row["val_elbo"] > self.best_val
         if improved:
             self.best_val, self.best_epoch, self.since_best = row["val_elbo"], epoch + 1, 0
         else:
             self.since_best += 1
+        t_save = time.perf_counter()
         rng = self.env.gather(_rng_state(self.device))
         if self.write:
             if hasattr(model, "fit_code_distribution"):
@@ -375,8 +408,27 @@ class _Trainer:
             row["epoch_seconds"] = time.perf_counter() - t0
             if improved:
                 self._best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        t_end = time.perf_counter()
+        self.phase_seconds = {"data": t_steps - t0, "steps": t_val - t_steps, "validation": t_save - t_val,
+                              "checkpoint": t_end - t_save, "epoch": t_end - t0}
         self.last_row = row
         return row
+
+    def _val_scores(self) -> dict:
+        """Mean validation scores, with fixed noise; in a data-parallel run every process
+        scores its share of the split and the means are combined, so no process repeats
+        another's work."""
+        env, val = self.env, self.data.val
+        shard = val[env.rank :: env.world] if val.shape[0] >= env.world else val
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(VAL_SEED + env.rank)
+            scores = split_scores(self.model, shard, num_samples=1)
+        if env.world == 1 or shard is val:
+            return scores
+        keys = sorted(k for k, v in scores.items() if v is not None)
+        n = float(shard.shape[0])
+        sums = env.sum([scores[k] * n for k in keys] + [n])
+        return {k: total / sums[-1] for k, total in zip(keys, sums)}
 
     def _state(self, epochs_done: int, optim, rng: list) -> dict:
         return {

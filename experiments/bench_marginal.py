@@ -218,15 +218,17 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__.split("\n\n")[0] + " Measures wall time, peak memory and effective GFLOP/s of "
         "pyrovae's estimator against this machine's matmul rate on the decoder's shapes and against a "
         "straightforward reference estimator, in one run. Run it on a quiet machine.",
+        epilog="Full size, on a quiet machine: python experiments/bench_marginal.py --data-dir DIR "
+        "(DIR holding MNIST's t10k files).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", help="a trained run directory (784-pixel Bernoulli VAE, standard prior); "
-                   "default: train a short one (see --train-epochs)")
+                   "None: train a short one (see --train-epochs)")
     p.add_argument("--data-dir", default="data", help="folder with MNIST's t10k files; without them mnist5k "
                    "digits are repeated to --num-images")
     p.add_argument("--num-images", type=int, default=10_000)
     p.add_argument("--num-samples", type=int, default=5000, help="K, importance samples per image")
-    p.add_argument("--chunk-size", type=int, default=None, help="(sample, image) pairs per pass "
-                   "(default: the estimator's own default for the device)")
+    p.add_argument("--chunk-size", type=int, default=None, help="(sample, image) pairs per pass; "
+                   "None: the estimator's own default for the device")
     p.add_argument("--batch-size", type=int, default=100, help="images per batch of the estimator")
     p.add_argument("--reference-images", type=int, default=1000, help="images the reference estimator "
                    "runs on (its rate is per image; the full-size time is extrapolated and said so)")

@@ -156,7 +156,8 @@ def test_exact_posterior_as_proposal_has_zero_variance():
 # --- exactly K samples, memory bounded by chunk_size ---------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_size, batch_size", [(1, 100), (5, 3), (7, 3), (12, 100), (100, 3), (None, 100)])
+@pytest.mark.parametrize("chunk_size, batch_size", [(1, 100), (5, 3), (7, 3), (10, 3), (30, 7), (12, 100), (100, 3),
+                                                     (None, 100)])
 def test_exactly_k_samples_whatever_the_chunk(monkeypatch, chunk_size, batch_size):
     vae = ppca_vae()
     x = data_from(vae, 7)
@@ -171,6 +172,21 @@ def test_exactly_k_samples_whatever_the_chunk(monkeypatch, chunk_size, batch_siz
     assert sum(encoded) <= 7 * 2  # the encoder runs once per batch (twice where K is not a multiple of a pass)
     # -log K with the K draws actually summed: with the exact posterior every estimate is exact
     assert torch.allclose(est.log_px, exact_log_px(vae, x), atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_estimate_on_cuda_matches_the_closed_form():
+    vae = ppca_vae().cuda()
+    set_proposal(vae, loc_shift=0.3, scale_factor=1.5)
+    x = data_from(vae, 2000)
+    pyro.set_rng_seed(0)
+    est = estimate_log_px(vae, x, 300)
+    assert est.log_px.device.type == "cpu" and est.log_px.shape == (2000,)
+    mean, se = mean_se(est.log_px - exact_log_px(vae, x).cpu())
+    assert abs(mean) < 3 * se and se < 0.01
+    set_proposal(vae)  # exact posterior: every draw gives log p(x)
+    assert torch.allclose(estimate_log_px(vae, x, 50).log_px, exact_log_px(vae, x).cpu(), atol=1e-3)
 
 
 @pytest.mark.parametrize("n, K, chunk, batch", [(10_000, 5000, 4096, 100), (3, 10**7, 4096, 100), (50, 1, 4096, 100),

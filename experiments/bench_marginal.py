@@ -55,7 +55,7 @@ from pyrovae.marginal import default_chunk_size, isolated_params  # noqa: E402
 #: the reference estimator's layout (the issue's "straightforward" one)
 REFERENCE_CHUNK, REFERENCE_BATCH = 250, 100
 #: --quick's sizes
-QUICK = {"num_images": 200, "num_samples": 100, "reference_images": 100, "sweep_chunks": "1024,4096"}
+QUICK = {"num_images": 200, "num_samples": 100, "reference_images": 100, "sweep_chunks": "1024,2048"}
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -122,6 +122,22 @@ def matmul_rate(decoder, rows: int, seconds: float = 1.0) -> float:
     return flops / best / 1e9
 
 
+def op_profile(model, images, num_samples, chunk_size, batch_size, top: int = 8) -> list[dict]:
+    """Where the estimator's time goes: torch.profiler's self CPU time of the ``top`` ops, as
+    fractions of all op time (the rest of the wall time is Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        estimate_log_px(model, images, num_samples, chunk_size=chunk_size, batch_size=batch_size)
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "fraction_of_op_time": e.self_cpu_time_total / total, "calls": e.count} for e in rows] + [
+        {"op": "(all ops / wall time)", "fraction_of_op_time": total / 1e6 / wall, "calls": None}]
+
+
 # --- the reference estimator --------------------------------------------------------------------
 
 
@@ -169,7 +185,7 @@ def load_images(data_dir: str, n: int) -> tuple[torch.Tensor, str]:
 
 def load_model(args, out: Path):
     """The VAE to benchmark and a sentence saying where it comes from."""
-    from pyrovae import load_run, train
+    from pyrovae import load_run
     from pyrovae.model import build_model
 
     if args.run:
@@ -186,7 +202,14 @@ def load_model(args, out: Path):
                 import shutil
 
                 shutil.rmtree(run_dir)  # an interrupted training: start it again
-            train(TrainConfig(epochs=args.train_epochs, out=str(out), name="run"), progress=True)
+            # in a child process, so that training's memory is not counted in the benchmark's
+            import subprocess
+
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            cmd = [sys.executable, "-m", "pyrovae", "train", "--epochs", str(args.train_epochs), "--out", str(out),
+                   "--name", "run"] + (["--quiet"] if args.quiet else [])
+            if subprocess.run(cmd, env=env).returncode != 0:
+                raise ValueError(f"training the short run failed ({' '.join(cmd)}); give a trained run with --run")
         run = load_run(run_dir)
         source = (f"a short run trained by this script: the default 784-400-50 Bernoulli VAE, "
                   f"{run.epoch} epochs on mnist5k ({run_dir})")
@@ -232,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=100, help="images per batch of the estimator")
     p.add_argument("--reference-images", type=int, default=1000, help="images the reference estimator "
                    "runs on (its rate is per image; the full-size time is extrapolated and said so)")
-    p.add_argument("--sweep-chunks", default="1024,2048,4096,8192,32768",
+    p.add_argument("--sweep-chunks", default="1024,2048,3072,4096,8192,32768",
                    help="chunk sizes of the layout sweep, comma separated ('' = no sweep)")
     p.add_argument("--train-epochs", type=int, default=10, help="epochs of the short run trained without --run")
     p.add_argument("--out", default="results/bench_marginal", help="folder for bench.json, bench.md (and the "
@@ -266,21 +289,15 @@ def main(argv: list[str] | None = None) -> dict:
     rows = sorted({chunk, REFERENCE_CHUNK * REFERENCE_BATCH})
     mm_seconds = 0.2 if args.quick else 2.0
     mm_before = {r: matmul_rate(model.decoder, r, mm_seconds) for r in rows}
-    # a warm-up, then the layout sweep (small) and the K-independence of memory
-    with isolated_params():
+    with isolated_params():  # a warm-up
         estimate_log_px(model, images[:10], 20)
-    sweep_rows = []
-    sweep_n, sweep_k = (50, 100) if args.quick else (200, 500)
-    for c in sweep:
-        est, wall, peak = run_estimator(model, images[:sweep_n], sweep_k, c, args.batch_size, False)
-        sweep_rows.append({"chunk_size": c, "images": sweep_n, "num_samples": sweep_k, "wall_s": wall,
-                           "gflops": gflops(sweep_n, sweep_k, wall), "peak_rss_mb": peak})
-    big_k = 4 * chunk if args.quick else 100 * chunk
-    _, wall_big, peak_big = run_estimator(model, images[:1], big_k, chunk, args.batch_size, False)
 
-    # the estimator on everything
+    # the estimator on everything first, so that its peak memory is its own; then one image at a
+    # K a hundred chunks deep, with the same chunk: memory must not grow with K
     est, wall, peak = run_estimator(model, images, K, args.chunk_size, args.batch_size, progress)
     summary = est.summary()
+    big_k = 4 * chunk if args.quick else 100 * chunk
+    _, wall_big, peak_big = run_estimator(model, images[:1], big_k, chunk, args.batch_size, False)
     mm_after = {r: matmul_rate(model.decoder, r, mm_seconds) for r in rows}
     mm_best = max(max(mm_before.values()), max(mm_after.values()))
 
@@ -293,6 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
         ref_wall = time.perf_counter() - t
     diff = est.log_px[:r] - ref
     diff_se = float(diff.std() / math.sqrt(r)) if r > 1 else math.nan
+
+    # the layout sweep (small, smallest chunk first) and where the time goes
+    sweep_rows = []
+    sweep_n, sweep_k = (50, 100) if args.quick else (200, 500)
+    for c in sorted(sweep):
+        _, sweep_wall, sweep_peak = run_estimator(model, images[:sweep_n], sweep_k, c, args.batch_size, False)
+        sweep_rows.append({"chunk_size": c, "images": sweep_n, "num_samples": sweep_k, "wall_s": sweep_wall,
+                           "gflops": gflops(sweep_n, sweep_k, sweep_wall), "peak_rss_mb": sweep_peak})
+    profile_rows = op_profile(model, images[:sweep_n], sweep_k, args.chunk_size, args.batch_size)
 
     rate = gflops(n, K, wall)
     result = {
@@ -316,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "estimator_minus_reference": float(diff.mean()), "difference_se": diff_se},
         "memory_at_large_k": {"num_samples": big_k, "images": 1, "wall_s": wall_big, "peak_rss_mb": peak_big},
         "sweep": sweep_rows,
+        "op_profile": profile_rows,
         "process_peak_rss_mb": _max_rss_mb(),
         "targets": {"fraction_of_matmul_at_least_0.5": rate / mm_best >= 0.5,
                     "wall_under_600_s": wall < 600 if n * K >= 10_000 * 5000 else None,
@@ -368,7 +395,13 @@ def markdown(r: dict) -> str:
         lines += [f"| {s['chunk_size']} | {s['gflops']:.1f} | {s['wall_s']:.2f} | {s['peak_rss_mb']:.0f} |"
                   for s in r["sweep"]]
         s0 = r["sweep"][0]
-        lines += ["", f"(layout sweep: {s0['images']} images, K = {s0['num_samples']})", ""]
+        lines += ["", f"(layout sweep: {s0['images']} images, K = {s0['num_samples']}, run last; its peak RSS "
+                  "includes what earlier phases left allocated)", ""]
+    if r.get("op_profile"):
+        lines += ["| op (torch.profiler, self CPU time) | share | calls |", "|---|---:|---:|"]
+        lines += [f"| {o['op']} | {100 * o['fraction_of_op_time']:.1f}% | {o['calls'] if o['calls'] is not None else ''} |"
+                  for o in r["op_profile"]]
+        lines += ["", "(the last row: time inside torch ops over wall time; the rest is Python and Pyro)", ""]
     t = r["targets"]
     lines.append("targets: " + "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'n/a (not full size)'}"
                                          for k, v in t.items()))

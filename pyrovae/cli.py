@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", type=int, default=1000, help="importance samples K per example (default: 1000)")
     e.add_argument("--chunk-size", type=int, default=None,
                    help="at most this many (sample, example) pairs decoded at once: bounds memory "
-                        "(default: 2048 on CPU, where larger chunks fall out of cache and run slower; 65536 on CUDA)")
+                        "(default: 2048 per CPU thread, as larger chunks fall out of cache; 65536 on CUDA)")
     e.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
     e.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

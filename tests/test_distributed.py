@@ -141,6 +141,19 @@ def _assert_close(a: dict, b: dict, rtol=1e-4, atol=1e-6):
             torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def _assert_same_run(single_dir: Path, ddp_dir: Path, keys) -> None:
+    """Parameters, Adam's moments and the metrics ``keys`` of every epoch agree."""
+    (m1, o1), (m2, o2) = _state(single_dir), _state(ddp_dir)
+    _assert_close(m2, m1)
+    for i in o1:
+        _assert_close(o2[i], o1[i])
+    rows1, rows2 = read_metrics(single_dir / "metrics.jsonl"), read_metrics(ddp_dir / "metrics.jsonl")
+    assert len(rows1) == len(rows2)
+    for a, b in zip(rows1, rows2):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
 def _distance(a: dict, b: dict) -> float:
     return math.sqrt(sum(float((a[k] - b[k]).double().square().sum()) for k in a if a[k].is_floating_point()))
 
@@ -188,19 +201,13 @@ def test_two_processes_train_the_autoencoder_exactly_like_one(two_process_runs, 
     tmp, data, results = two_process_runs
     assert _outcome(results, "ae") == ["ok", "ok"]
     single = _single(tmp_path, _config(tmp_path, data, "ae", model="ae"))
-    (m1, o1), (m2, o2) = _state(single.run_dir), _state(tmp / "runs" / "ae")
-    _assert_close(m2, m1)
-    for i in o1:  # Adam's moments too: a mean instead of a sum of gradients would show here
-        _assert_close(o2[i], o1[i])
+    # parameters and Adam's moments (a mean instead of a sum of gradients would show in them)
+    _assert_same_run(single.run_dir, tmp / "runs" / "ae", ("train_loss", "train_elbo", "val_elbo"))
     # every rank holds the same parameters, bit for bit (the all-reduce gives them one gradient)
     r0, r1 = (torch.load(results / f"ae-rank{r}.pt", weights_only=True)["params"] for r in range(WORLD))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     # the metrics are global: summed over the ranks, they are the single process's
-    rows1, rows2 = read_metrics(single.run_dir / "metrics.jsonl"), read_metrics(tmp / "runs" / "ae" / "metrics.jsonl")
-    assert [r["epoch"] for r in rows2] == [1, 2]
-    for a, b in zip(rows1, rows2):
-        for key in ("train_loss", "train_elbo", "val_elbo"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert [r["epoch"] for r in read_metrics(tmp / "runs" / "ae" / "metrics.jsonl")] == [1, 2]
 
 
 def test_two_processes_train_a_vae_with_fixed_noise_exactly_like_one(two_process_runs, tmp_path, monkeypatch):
@@ -210,15 +217,7 @@ def test_two_processes_train_a_vae_with_fixed_noise_exactly_like_one(two_process
 
     monkeypatch.setattr(dist.Normal, "rsample", _fixed_noise_rsample)
     single = _single(tmp_path, _config(tmp_path, data, "fixed-noise"))
-    (m1, o1), (m2, o2) = _state(single.run_dir), _state(tmp / "runs" / "fixed-noise")
-    _assert_close(m2, m1)
-    for i in o1:
-        _assert_close(o2[i], o1[i])
-    rows1 = read_metrics(single.run_dir / "metrics.jsonl")
-    rows2 = read_metrics(tmp / "runs" / "fixed-noise" / "metrics.jsonl")
-    for a, b in zip(rows1, rows2):
-        for key in ("train_elbo", "train_kl", "val_elbo"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    _assert_same_run(single.run_dir, tmp / "runs" / "fixed-noise", ("train_elbo", "train_kl", "val_elbo"))
 
 
 def test_two_processes_train_the_vae_as_closely_as_its_noise_allows(two_process_runs, tmp_path, monkeypatch):

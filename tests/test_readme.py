@@ -21,3 +21,22 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci, "the test command in .ci/run must be the README's, as written"
     assert "rm -rf .venv" in (ROOT / ".ci" / "run").read_text()  # a fresh environment every time
+
+
+def test_python_api_example_runs_and_its_two_estimates_agree(tmp_path, monkeypatch):
+    """The README's Python example, at 1 epoch and K = 10, in a scratch folder: it trains,
+    and evaluate's log p(x) and estimate_log_px's are the same estimator on the same images."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
+    code = code.replace("epochs=50", "epochs=1").replace("num_samples=1000", "num_samples=10")
+    assert "epochs=1" in code and code.count("num_samples=10") == 2
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    report, est = scope["report"], scope["est"]
+    assert report["num_examples"] == est.log_px.numel() == 500
+    assert report["components"]["num_components"] == 10
+    # two independent draws of the same K = 10 estimate over 500 images: within 5 standard errors
+    se = float(est.log_px.std()) / 500**0.5
+    assert abs(report["log_px"] - float(est.log_px.mean())) < 5 * se + 0.5

@@ -80,3 +80,15 @@ def cli(capsys, *args: str):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def load_experiment(name: str):
+    """Import ``experiments/<name>.py`` as a module (registered in ``sys.modules``, where
+    dataclasses look their module up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

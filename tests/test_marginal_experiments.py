@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 
-from conftest import ROOT
-
-
-def load_experiment(name: str):
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_experiment
 
 
 def test_bench_marginal_quick(tmp_path, idx_dir, capsys):

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 from PIL import Image
 
-from conftest import ROOT
-
-
-def _load_experiment():
-    spec = importlib.util.spec_from_file_location("experiments_priors", ROOT / "experiments" / "priors.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_experiment
 
 
 def test_priors_experiment_quick_mode(tmp_path, capsys):
-    experiment = _load_experiment()
+    experiment = load_experiment("priors")
     out = tmp_path / "priors"
     assert experiment.main(["--quick", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -10,19 +9,16 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import load_experiment
 from pyrovae import TrainConfig
 from pyrovae.model import build_model
 
 
 @pytest.fixture(scope="module")
 def story():
-    spec = importlib.util.spec_from_file_location("story", ROOT / "experiments" / "story.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["story"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
+    module = load_experiment("story")
     yield module
-    sys.modules.pop("story", None)
+    sys.modules.pop(module.__name__, None)
 
 
 def test_pairs_have_different_labels_and_are_reproducible(story):

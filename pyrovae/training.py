@@ -143,6 +143,13 @@ class _Dist:
         tdist.all_gather_object(out, obj)
         return out
 
+    def raise_any(self, error: str | None) -> None:
+        """Raise ``ValueError`` on every process if any process passes an error message
+        (a collective: all processes must call it)."""
+        errors = [e for e in self.gather(error) if e]
+        if errors:
+            raise ValueError(errors[0])
+
     def close(self, finished: bool = True):
         """Leave the process group. After a finished run every rank first waits for the others:
         a rank that tears gloo down while rank 0 is still evaluating the test split could
@@ -239,10 +246,7 @@ class _Trainer:
                 self._prepare_run_dir()
             except ValueError as e:
                 error = str(e)
-        # every process learns of rank 0's error, or the others would wait for it forever
-        errors = [e for e in env.gather(error) if e]
-        if errors:
-            raise ValueError(errors[0])
+        env.raise_any(error)  # every process learns of rank 0's error, or the others would wait forever
         #: seconds of the last epoch's phases (steps, validation, checkpoint), for benchmarks
         self.phase_seconds: dict[str, float] = {}
 
@@ -257,9 +261,7 @@ class _Trainer:
                     load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column, download=True)
                 except (ValueError, FileNotFoundError) as e:
                     error = str(e)
-            errors = [e for e in self.env.gather(error) if e]
-            if errors:
-                raise ValueError(errors[0])
+            self.env.raise_any(error)
             c = dataclasses.replace(c, download=False)
         train = load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column,
                              download=c.download)
@@ -282,9 +284,7 @@ class _Trainer:
             (d / "metrics.jsonl").write_text("")
         else:
             if TrainConfig.load(d / "config.json") != self.config:  # e.g. more --epochs
-                tmp = d / ".config.json.tmp"
-                self.config.save(tmp)
-                os.replace(tmp, d / "config.json")
+                self.config.save(d / "config.json")
             # drop metric lines of an epoch that was not checkpointed (killed in between)
             rows = [r for r in read_metrics(d / "metrics.jsonl") if r["epoch"] <= self.start_epoch]
             tmp = d / ".metrics.jsonl.tmp"

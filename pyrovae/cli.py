@@ -199,6 +199,7 @@ def _split(args, run):
 
 def _evaluate(args) -> int:
     from .metrics import evaluate, format_report
+    from .pictures import code_prior
     from .plots import plot_latent_2d
 
     run = _load(args)
@@ -217,8 +218,7 @@ def _evaluate(args) -> int:
 
         with torch.no_grad():
             codes = run.model.encode(ds.images)
-        # the autoencoder's prior is masked out of its objective: drawing it would mislead
-        prior = getattr(run.model, "prior", None) if run.model.has_posterior else None
+        prior = code_prior(run.model)  # drawing the autoencoder's unused prior would mislead
         png = plot_latent_2d(codes, ds.labels, run.dir / f"latent-{ds.split}.png",
                              mixture=prior.mixture() if prior is not None else None,
                              title=f"{run.config.model}, {ds.name} {ds.split}")

@@ -11,7 +11,14 @@ import torch
 
 from .marginal import isolated_params
 
-__all__ = ["sample_images", "samples_by_component", "reconstructions", "interpolation"]
+__all__ = ["sample_images", "samples_by_component", "reconstructions", "interpolation", "code_prior"]
+
+
+def code_prior(model):
+    """The prior p(z) the model's codes were trained against, or ``None``: the autoencoder
+    keeps the VAE's prior module, but its objective masks it out, so its codes never saw it
+    (and PCA and the finite mixture have none)."""
+    return getattr(model, "prior", None) if getattr(model, "has_posterior", False) else None
 
 
 @torch.no_grad()
@@ -32,8 +39,7 @@ def samples_by_component(model, per_component: int = 8, max_components: int = 10
             order = model.logits.argsort(descending=True)[:max_components]
             comp = model.likelihood(model.params[order])
             return comp.sample((per_component,)).transpose(0, 1).reshape(-1, model.params.shape[1]), order.tolist()
-        # the autoencoder keeps the VAE's prior module, but its codes never saw it
-        prior = getattr(model, "prior", None) if model.has_posterior else None
+        prior = code_prior(model)
         if prior is None:
             raise ValueError(f"a {model.kind} model has no prior with components; drop --by-component")
         logits, loc, scale = prior.mixture()

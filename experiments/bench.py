@@ -723,10 +723,10 @@ def markdown(res: dict) -> str:
                  "so the speed-up against 1 process × 2 threads compares data parallelism with intra-op "
                  "threading on fixed hardware, not the gain from adding machines; the speed-up against 1 "
                  "process × 1 thread is the gain of a second core used by a second process (ideal 2.0). "
-                 "Each process also computes the validation ELBO on the whole validation split, and the "
-                 "gradients cross process boundaries every step, so with this small network the all-reduce "
-                 "and duplicated validation cut into the gain; with more cores or machines per process the "
-                 "same command spreads further.\n")
+                 "Validation is split between the processes, but the gradients cross process boundaries "
+                 "every step and Pyro's fixed per-step cost does not shrink with the per-process batch, so "
+                 "with this small network the all-reduce and that fixed cost eat the gain; with more cores "
+                 "or machines per process the same command spreads further.\n")
     return "\n".join(L)
 
 

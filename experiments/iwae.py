@@ -49,8 +49,8 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
 
 import torch  # noqa: E402
 
-from pyrovae import TrainConfig, estimate_log_px, evaluate, load_run, train  # noqa: E402
-from pyrovae.training import prepare_data  # noqa: E402
+from pyrovae import TrainConfig, estimate_log_px, evaluate, load_run  # noqa: E402
+from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
 
 #: Burda et al. 2015, Table 1, one stochastic layer, full MNIST: test NLL in nats (log p(x) = -NLL)
 BURDA_NLL = {("vae", 1): 86.76, ("iwae", 1): 86.76, ("iwae", 5): 85.54, ("iwae", 50): 84.78}
@@ -64,22 +64,6 @@ QUICK = {"epochs": 1, "hidden_dims": "32", "latent_dim": 8, "num_samples": 100, 
 def _run_name(objective: str, k: int, config: TrainConfig) -> str:
     hidden = "-".join(map(str, config.hidden_dims)) or "linear"
     return f"{Path(config.dataset).stem}-{objective}-k{k}-h{hidden}-z{config.latent_dim}-e{config.epochs}-s{config.seed}"
-
-
-def train_or_reuse(config: TrainConfig, out: Path, progress: bool) -> tuple[Path, str]:
-    """Train the run of ``config`` under ``out``, or reuse/resume one left there."""
-    run_dir = Path(config.out) / config.name
-    if (run_dir / "summary.json").is_file():
-        return run_dir, "reused"
-    if (run_dir / "last.pt").is_file():
-        train(config, resume=run_dir, progress=progress)
-        return run_dir, "resumed"
-    if run_dir.exists():  # killed before its first epoch ended
-        import shutil
-
-        shutil.rmtree(run_dir)
-    train(config, progress=progress)
-    return run_dir, "trained"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         label = "VAE (ELBO)" if objective == "vae" else f"IWAE k={k}"
         print(f"== {label}: {config.name}", flush=True)
         t0 = time.perf_counter()
-        run_dir, how = train_or_reuse(config, out, progress)
+        run_dir, how = train_or_reuse(config, progress=progress)
         train_wall = time.perf_counter() - t0
         summary = json.loads((run_dir / "summary.json").read_text())
         run = load_run(run_dir)

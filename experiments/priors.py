@@ -51,13 +51,13 @@ from pathlib import Path
 
 import torch
 
-from pyrovae import TrainConfig, estimate_log_px, load_run, train
+from pyrovae import TrainConfig, estimate_log_px, load_run
 from pyrovae.marginal import isolated_params
 from pyrovae.metrics import evaluate
 from pyrovae.pictures import sample_images, samples_by_component
 from pyrovae.plots import plot_latent_2d, save_image_grid
 from pyrovae.runs import read_metrics
-from pyrovae.training import prepare_data
+from pyrovae.training import prepare_data, train_or_reuse
 
 #: published and reference numbers printed beside the table; none is on this data set
 ANCHORS = [
@@ -100,6 +100,8 @@ ROWS = [
           latent_map=False) for seed in (0, 1, 2)],
 ]
 
+#: how to get past a run directory trained with other settings
+_FIX = "rerun with --fresh, or choose another --out"
 #: the rows whose 2-D variant --quick draws
 QUICK_MAPS = ("standard", "mog-10")
 #: at most this many floats in one (sample x example x component x latent) block of log p(z)
@@ -144,26 +146,6 @@ def _settings(args) -> dict:
         s.update(epochs=1, hidden_dims=(32,), latent_dim=4, prior_init_epochs=0, batch_size=500)
     return s
 
-
-def _train(config: TrainConfig, runs: Path, progress: bool) -> Path:
-    """Train ``config`` into ``runs/<name>``, or reuse / resume what an earlier call left there."""
-    run_dir = runs / config.name
-    if (run_dir / "config.json").is_file():
-        stored = TrainConfig.load(run_dir / "config.json").to_dict()
-        wanted = config.resolved().to_dict()
-        changed = sorted(k for k in wanted if k not in ("out", "name") and stored.get(k) != wanted[k])
-        if changed:
-            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): "
-                             "rerun with --fresh, or choose another --out")
-    if (run_dir / "summary.json").is_file():
-        return run_dir
-    if (run_dir / "last.pt").is_file():
-        train(config, resume=run_dir, progress=progress)
-    else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # created but killed before its first checkpoint
-        train(config, progress=progress)
-    return run_dir
 
 
 def _chunk_size(model) -> int:
@@ -317,7 +299,7 @@ def _main(args, argv) -> int:
         if args.quick:  # one epoch: k-means must come first
             settings["prior_init_epochs"] = 0
         config = TrainConfig(**settings, out=str(runs), name=row.name)
-        run_dir = _train(config, runs, progress)
+        run_dir = train_or_reuse(config, progress=progress, fix=_FIX)[0]
         report = _evaluate(run_dir, test, num_samples, progress)
         entry = {"row": row.name, "what": row.what, "settings": row.settings, "report": report,
                  "samples_png": _pictures(run_dir, row, out)}
@@ -325,7 +307,8 @@ def _main(args, argv) -> int:
         if wants_map and (not args.quick or row.name in QUICK_MAPS):
             map_settings = {**settings, "latent_dim": 2,
                             "epochs": 1 if args.quick else args.map_epochs}
-            map_dir = _train(TrainConfig(**map_settings, out=str(runs), name=f"{row.name}-2d"), runs, progress)
+            map_dir = train_or_reuse(TrainConfig(**map_settings, out=str(runs), name=f"{row.name}-2d"),
+                                     progress=progress, fix=_FIX)[0]
             entry["latent_png"] = _latent_map(map_dir, row, test, out)
         results.append(entry)
 

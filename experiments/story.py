@@ -65,12 +65,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyrovae import TrainConfig, load_dataset, load_run, train
+from pyrovae import TrainConfig, load_dataset, load_run
 from pyrovae.data import static_binarized
 from pyrovae.marginal import estimate_log_px, isolated_params
 from pyrovae.metrics import reconstruction_errors
 from pyrovae.pictures import interpolation, sample_images
 from pyrovae.plots import save_image_grid
+from pyrovae.training import train_or_reuse
 
 KINDS = ("pca", "ae", "vae")
 LABEL = {"pca": "PCA", "ae": "AE", "vae": "VAE"}
@@ -130,27 +131,12 @@ def _run_configs(s: StorySettings, runs_dir: Path) -> dict[str, TrainConfig]:
 
 def _train_or_load(config: TrainConfig, retrain: bool, progress: bool):
     """The run of ``config``: reused when OUT/runs holds it finished with the same settings,
-    continued when it was interrupted, trained otherwise."""
+    continued when it was interrupted, trained otherwise (``--retrain``: trained again)."""
     run_dir = Path(config.out) / config.name
     if retrain and run_dir.exists():
         shutil.rmtree(run_dir)
-    wanted = config.resolved().to_dict()
-    if (run_dir / "config.json").is_file():
-        stored = TrainConfig.load(run_dir / "config.json").to_dict()
-        changed = sorted(k for k in wanted if k not in ("out", "name", "device") and stored.get(k) != wanted[k])
-        if changed:
-            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): "
-                             "rerun with --retrain, or choose another --out")
-    if (run_dir / "summary.json").is_file():
-        return load_run(run_dir)
-    if (run_dir / "last.pt").is_file():
-        train(config, resume=run_dir, progress=progress)
-    else:
-        if run_dir.exists():  # killed before the first checkpoint: only what train() writes first
-            if {p.name for p in run_dir.iterdir()} - {"config.json", "metrics.jsonl"}:
-                raise ValueError(f"{run_dir} holds files that are not a pyrovae run: remove it or choose another --out")
-            shutil.rmtree(run_dir)
-        train(config, progress=progress)
+    run_dir, _ = train_or_reuse(config, progress=progress, fix="rerun with --retrain, or choose another --out",
+                                ignore=("out", "name", "device"))
     return load_run(run_dir)
 
 

@@ -46,7 +46,7 @@ from .nets import set_autocast
 from .objectives import Optimizer, build_elbo
 from .runs import CHECKPOINT_FORMAT, link_checkpoint, load_checkpoint, load_state, read_metrics, save_checkpoint
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "resolve_device", "prepare_data"]
+__all__ = ["train", "train_or_reuse", "TrainResult", "TrainingDiverged", "resolve_device", "prepare_data"]
 
 #: importance samples per example for the test-split ELBO printed at the end of training
 TEST_NUM_SAMPLES = 10
@@ -208,6 +208,38 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
     finally:
         env.close(finished)
 
+
+
+def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "choose another --out",
+                   ignore: tuple[str, ...] = ("out", "name")) -> tuple[Path, str]:
+    """The run of ``config`` in ``config.out/config.name``, for studies that must survive an
+    interruption: ``"reused"`` when it finished there before, ``"resumed"`` when it was
+    interrupted (from ``last.pt``), ``"trained"`` otherwise. Returns ``(run_dir, how)``.
+
+    Refuses, with ``ValueError`` ending in ``fix``, a directory trained with other settings
+    (any resolved setting but those in ``ignore``), and one holding files that are not a
+    pyrovae run's; a run killed before its first checkpoint is started again.
+    """
+    run_dir = Path(config.out) / config.name
+    if (run_dir / "config.json").is_file():
+        stored = TrainConfig.load(run_dir / "config.json").to_dict()
+        wanted = config.resolved().to_dict()
+        changed = sorted(k for k in wanted if k not in ignore and stored.get(k) != wanted[k])
+        if changed:
+            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): {fix}")
+    if (run_dir / "summary.json").is_file():
+        return run_dir, "reused"
+    if (run_dir / "last.pt").is_file():
+        train(config, resume=run_dir, progress=progress)
+        return run_dir, "resumed"
+    if run_dir.exists():  # killed before the first checkpoint: only what train() writes first
+        if {p.name for p in run_dir.iterdir()} - {"config.json", "metrics.jsonl"}:
+            raise ValueError(f"{run_dir} holds files that are not a pyrovae run: remove it or {fix}")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    train(config, progress=progress)
+    return run_dir, "trained"
 
 class _Trainer:
     def __init__(self, config: TrainConfig, env: _Dist, resume_state, resume_dir, progress: bool, write: bool):

@@ -49,6 +49,7 @@ import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 
 from pyrovae import TrainConfig, estimate_log_px, load_dataset  # noqa: E402
+from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.data import static_binarized  # noqa: E402
 from pyrovae.marginal import default_chunk_size, isolated_params  # noqa: E402
 
@@ -409,8 +410,4 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"bench_marginal: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_code_of("bench_marginal", main))

@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
 import torch  # noqa: E402
 
 from pyrovae import TrainConfig, estimate_log_px, evaluate, load_run  # noqa: E402
+from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
 
 #: Burda et al. 2015, Table 1, one stochastic layer, full MNIST: test NLL in nats (log p(x) = -NLL)
@@ -255,8 +256,4 @@ def plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"iwae: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_code_of("iwae", main))

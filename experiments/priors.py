@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from pyrovae import TrainConfig, estimate_log_px, load_run
+from pyrovae.cli import exit_code_of
 from pyrovae.marginal import isolated_params
 from pyrovae.metrics import evaluate
 from pyrovae.pictures import sample_images, samples_by_component
@@ -261,11 +262,7 @@ def table(results: list[dict], num_samples: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _main(args, argv)
-    except ValueError as e:
-        print(f"experiments/priors.py: error: {e}", file=sys.stderr)
-        return 2
+    return exit_code_of("experiments/priors.py", _main, args, argv)
 
 
 def _main(args, argv) -> int:

@@ -14,7 +14,22 @@ import sys
 import typing
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "exit_code_of"]
+
+#: the exceptions that mean bad input (a file, an array, a flag, a checkpoint): exit code 2
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)
+
+
+def exit_code_of(prog: str, fn, *args) -> int:
+    """Call ``fn(*args)``: 0 when it returns (or its own exit code, when that is an int);
+    bad input (:data:`BAD_INPUT`) becomes one line ``PROG: error: ...`` on stderr and 2.
+    The experiment scripts end with ``sys.exit(exit_code_of(prog, main))``."""
+    try:
+        result = fn(*args)
+    except BAD_INPUT as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
 
 #: settings that may change when a run is resumed
 RESUMABLE = ("epochs", "patience", "device")
@@ -295,23 +310,19 @@ def _interpolate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     prog = f"pyrovae {args.command}"
+    from .training import TrainingDiverged
+
+    debug = getattr(args, "debug", False)
     try:
-        return args.func(args)
+        return args.func(args) if debug else exit_code_of(prog, args.func, args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; completed epochs are saved in last.pt: continue with --resume", file=sys.stderr)
         return 130
-    except Exception as e:
-        from .training import TrainingDiverged
-
-        if getattr(args, "debug", False):
+    except TrainingDiverged as e:
+        if debug:
             raise
-        if isinstance(e, TrainingDiverged):
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            return 1
-        if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)):
-            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-        raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

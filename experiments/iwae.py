@@ -64,7 +64,8 @@ QUICK = {"epochs": 1, "hidden_dims": "32", "latent_dim": 8, "num_samples": 100, 
 
 def _run_name(objective: str, k: int, config: TrainConfig) -> str:
     hidden = "-".join(map(str, config.hidden_dims)) or "linear"
-    return f"{Path(config.dataset).stem}-{objective}-k{k}-h{hidden}-z{config.latent_dim}-e{config.epochs}-s{config.seed}"
+    stem = Path(config.dataset).stem
+    return f"{stem}-{objective}-k{k}-h{hidden}-z{config.latent_dim}-e{config.epochs}-s{config.seed}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         hidden = tuple(int(h) for h in args.hidden_dims.split(",") if h.strip())
     except ValueError:
-        raise ValueError(f"--hidden-dims must be comma-separated sizes such as 200,200 (got {args.hidden_dims!r})") from None
+        raise ValueError(f"--hidden-dims must be comma-separated sizes such as 200,200 "
+                         f"(got {args.hidden_dims!r})") from None
     num_test = None
     if args.quick:  # small sizes, where not given explicitly
         for name, value in QUICK.items():

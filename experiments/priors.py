@@ -235,7 +235,8 @@ def table(results: list[dict], num_samples: int) -> str:
     base = next((r["report"]["log_px_per_example"] for r in results if r["row"] == "standard"), None)
     head = ["row", "model", f"test log p(x) (IS K={num_samples} / exact)", "Δ vs standard (paired)", "ELBO", "KL",
             "active units",
-            "components used (>1% mass)", "effective components", "cluster acc.", "NMI", "Pareto k̂>0.7", "train s", "eval s"]
+            "components used (>1% mass)", "effective components", "cluster acc.", "NMI", "Pareto k̂>0.7",
+            "train s", "eval s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         rep = r["report"]
@@ -326,7 +327,8 @@ def _main(args, argv) -> int:
         "either row's own ± ).",
         "Components used: components holding > 1% of the test responsibility mass p(k|x) (at the code m(x) "
         "for a prior); with K = 500 evenly used components each holds 0.2%, so for large K read the "
-        "effective number of components, exp(entropy of the mass), instead. Cluster accuracy maps components to digit classes (one-to-one when K <= 10, "
+        "effective number of components, exp(entropy of the mass), instead. Cluster accuracy maps components "
+        "to digit classes (one-to-one when K <= 10, "
         "majority many-to-one when K > 10, which favours large K).",
         "The finite mixture rows train at --lr 0.05, the library's default for --model mixture (Adam moves a "
         "pixel logit by about lr per step, and they must travel far); every VAE row at the shared settings below.",

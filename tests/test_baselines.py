@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import cli
 from PIL import Image
 
-from conftest import cli
 from pyrovae import load_dataset, load_run
 from pyrovae.cli import main
 from pyrovae.data import static_binarized

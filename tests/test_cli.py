@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import cli, run_cli
 from PIL import Image
 
-from conftest import cli, run_cli
 from pyrovae.cli import main
 
 

@@ -7,10 +7,9 @@ import gzip
 import numpy as np
 import pytest
 import torch
-
 from conftest import fake_mnist, idx_bytes, write_idx
-from pyrovae.data import DataError, binarize, check_likelihood, load_dataset, static_binarized
 
+from pyrovae.data import DataError, binarize, check_likelihood, load_dataset, static_binarized
 
 # --- bundled data -----------------------------------------------------------------------
 

@@ -223,7 +223,8 @@ def test_two_processes_train_a_vae_with_fixed_noise_exactly_like_one(two_process
 def test_two_processes_train_the_vae_as_closely_as_its_noise_allows(two_process_runs, tmp_path, monkeypatch):
     tmp, data, results = two_process_runs
     assert _outcome(results, "vae") == ["ok", "ok"]
-    init = _single(tmp_path, _config(tmp_path, data, "init", epochs=1, lr=1e-30, lr_min=0.0))  # ~ the initial parameters
+    # ~ the initial parameters
+    init = _single(tmp_path, _config(tmp_path, data, "init", epochs=1, lr=1e-30, lr_min=0.0))
     single = _single(tmp_path, _config(tmp_path, data, "vae"))
     # the same single-process run with only the guide's noise reseeded after the model is built
     build = training.build_model
@@ -251,6 +252,8 @@ def test_resume_under_two_processes_continues_exactly(two_process_runs):
     (m1, o1), (m2, o2) = _state(tmp / "runs" / "vae"), _state(tmp / "runs" / "resumed")
     # each rank's generator state was saved and restored: the same noise, the same numbers
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert o1.keys() == o2.keys()
+    assert all(torch.equal(o1[i][k], o2[i][k]) for i in o1 for k in o1[i])
     strip = lambda p: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in read_metrics(p)]  # noqa: E731
     assert strip(tmp / "runs" / "vae" / "metrics.jsonl") == strip(tmp / "runs" / "resumed" / "metrics.jsonl")
     assert len(load_checkpoint(tmp / "runs" / "resumed" / "last.pt")["rng"]) == WORLD

@@ -19,6 +19,7 @@ import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from test_model import closed_form_elbo, linear_gaussian_vae
 
 from pyrovae import TrainConfig
 from pyrovae.marginal import (
@@ -31,7 +32,6 @@ from pyrovae.marginal import (
 )
 from pyrovae.model import build_model
 from pyrovae.objectives import RecordedIWAE
-from test_model import closed_form_elbo, linear_gaussian_vae
 
 
 def ppca_vae(data_dim: int = 6, latent_dim: int = 2, sigma: float = 0.5, seed: int = 0):
@@ -238,7 +238,8 @@ def test_iwae_with_one_particle_is_the_elbo():
     x = torch.randn(8, 5)
     with isolated_params():
         pyro.set_rng_seed(4)
-        iwae = RecordedIWAE(num_particles=1, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x)
+        iwae = RecordedIWAE(num_particles=1, vectorize_particles=True, max_plate_nesting=1)
+        iwae = iwae.loss(vae.model, vae.guide, x)
         pyro.set_rng_seed(4)
         elbo = Trace_ELBO(max_plate_nesting=1).loss(vae.model, vae.guide, x)
     assert iwae == pytest.approx(elbo, rel=1e-6)

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-
 from conftest import load_experiment
 
 

@@ -58,7 +58,8 @@ def test_mixture_of_identical_standard_components_gives_the_standard_elbo(k):
     def loss(vae, seed):
         pyro.set_rng_seed(seed)
         with isolated_params():
-            return Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x)
+            elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+            return elbo.loss(vae.model, vae.guide, x)
 
     for seed in (0, 1):
         assert loss(mog, seed) == pytest.approx(loss(std, seed), rel=1e-6, abs=1e-4)

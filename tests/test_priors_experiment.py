@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from PIL import Image
-
 from conftest import load_experiment
+from PIL import Image
 
 
 def test_priors_experiment_quick_mode(tmp_path, capsys):

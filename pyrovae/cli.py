@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
                                    "and summary.json into --out/--name, then prints the run directory and the "
                                    "test-split ELBO.", argument_default=argparse.SUPPRESS)
     _add_config_flags(t)
+    from .config import presets
+
+    t.add_argument("--config", metavar="FILE", help="read settings from a .json or .toml file of TrainConfig keys "
+                   "(a run's config.json works; see docs/config-example.toml); flags given beside it override it")
+    t.add_argument("--preset", metavar="NAME", help="start from a shipped preset (flags and --config override it): "
+                   + "; ".join(f"{name}: {text}" for name, (_, text) in presets().items()))
     t.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt (may change "
                    f"{', '.join('--' + r for r in RESUMABLE)})")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -160,6 +166,10 @@ def _train(args) -> int:
 
     given = {f.name: getattr(args, f.name) for f, _ in setting_fields() if hasattr(args, f.name)}
     resume = getattr(args, "resume", None)
+    config_file, preset = getattr(args, "config", None), getattr(args, "preset", None)
+    if resume is not None and (config_file or preset):
+        raise ValueError(f"--resume continues {resume} with the settings in its config.json: "
+                         "drop --config/--preset")
     if resume is not None:
         run_dir = Path(resume)
         stored = TrainConfig.load(run_dir / "config.json")
@@ -170,7 +180,7 @@ def _train(args) -> int:
                              f"{', '.join('--' + r for r in RESUMABLE)} can); start a new run instead")
         config = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
     else:
-        config = TrainConfig(**given)
+        config = dataclasses.replace(_base_config(preset, config_file), **given)
     result = train(config, resume=resume, progress=not getattr(args, "quiet", False))
     if result.run_dir is None:  # not the main process of a data-parallel run
         return 0
@@ -183,6 +193,16 @@ def _train(args) -> int:
         print(f"test {what}: {t['elbo']:.2f} nats per example ({t['num_examples']} examples, "
               f"{t['num_samples']} samples each)")
     return 0
+
+
+def _base_config(preset: str | None, config_file: str | None):
+    """The settings flags start from: the defaults, then the preset, then the file."""
+    from .config import TrainConfig, preset_settings, read_settings_file
+
+    settings = preset_settings(preset) if preset else {}
+    if config_file:
+        settings.update(read_settings_file(config_file))
+    return TrainConfig.from_dict(settings, source=config_file or f"preset {preset}")
 
 
 # --- commands on a trained run -----------------------------------------------------------

@@ -8,6 +8,7 @@ the help strings below), the run directory stores it as ``config.json`` and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import typing
@@ -175,36 +176,166 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """Build from a mapping of settings (``config.json``, a ``--config`` file, a preset),
+        checking every key, type and choice: bad input raises ``ValueError`` naming the key
+        and ``source``. Missing keys take their defaults."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a table of settings (key = value), got {type(d).__name__}")
+        fields = dict((f.name, (f, tp)) for f, tp in setting_fields())
+        unknown = sorted(set(d) - set(fields))
         if unknown:
-            raise ValueError(
-                f"{source}: unknown settings {', '.join(unknown)}; it was written by another "
-                "pyrovae version: remove them or train a new run"
-            )
-        d = dict(d)
-        if "hidden_dims" in d:
-            d["hidden_dims"] = tuple(d["hidden_dims"])
-        return cls(**d)
+            close = [difflib.get_close_matches(k, fields, n=1) for k in unknown]
+            hint = "; ".join(f"{k!r} (did you mean {c[0]!r}?)" if c else repr(k) for k, c in zip(unknown, close))
+            raise ValueError(f"{source}: unknown setting {hint}: remove it (settings are listed by "
+                             "pyrovae train --help, with - for _)")
+        values = {}
+        for key, value in d.items():
+            f, tp = fields[key]
+            values[key] = _checked(key, value, tp, setting_choices(key), source)
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
+        """Settings from a JSON (``.json``) or TOML (``.toml``) file of ``TrainConfig`` keys,
+        such as a run's own ``config.json`` or a preset."""
+        return cls.from_dict(read_settings_file(path), source=str(path))
 
     def save(self, path: Path) -> None:
         """Write ``config.json`` atomically: a temporary file beside it, then a rename, so
         that an interrupted write (first run or resume) never leaves half a file."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        from .files import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
+        """A run's ``config.json``, every setting checked, resolved and validated."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {path.parent} a pyrovae run directory?")
+        config = cls.from_file(path)
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); restore it or train a new run") from None
-        return cls.from_dict(d, source=str(path))
+            config.resolved()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return config
+
+
+def read_settings_file(path: str | os.PathLike) -> dict:
+    """The mapping in a ``.json`` or ``.toml`` settings file, or one-line ``ValueError``/
+    ``FileNotFoundError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: settings file not found; give a .json or .toml file of TrainConfig keys")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".toml"):
+        raise ValueError(f"{path}: a settings file must end in .json or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; restore the file or write a new one") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        if suffix == ".json":
+            return json.loads(text, parse_constant=_refuse_constant)
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid {suffix[1:].upper()} ({' '.join(str(e).split())}); "
+                         "fix the file or train a new run") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        return "a list of whole numbers"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[tp]
+
+
+def _checked(key: str, value, tp, choices, source: str):
+    """``value`` as the setting ``key`` of type ``tp`` takes it, or ``ValueError``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad():
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return ValueError(f"{source}: setting {key!r} must be {_describe(tp)} (got {shown})")
+
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _checked(key, value, next(a for a in args if a is not type(None)), choices, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad()
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        if choices is not None and value not in choices:
+            raise ValueError(f"{source}: setting {key!r} must be one of {', '.join(choices)} (got {value!r})")
+        return value
+    raise bad()
+
+
+def setting_choices(name: str) -> tuple[str, ...] | None:
+    """The allowed values of a string setting (``None``: any string), from the field or,
+    for ``prior`` and ``model``, from their registries."""
+    if name == "prior":
+        from .priors import PRIORS
+
+        return tuple(PRIORS)
+    if name == "model":
+        return MODELS
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return f.metadata.get("choices")
+
+
+#: the folder of the presets shipped with pyrovae (``pyrovae train --preset NAME``)
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def presets() -> dict[str, tuple[Path, str]]:
+    """Preset name -> (its file, the one-line description on its first comment line)."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.toml")):
+        first = path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+        out[path.stem] = (path, first.lstrip("#").strip())
+    return out
+
+
+def preset_settings(name: str) -> dict:
+    """The settings of preset ``name``, checked."""
+    known = presets()
+    if name not in known:
+        raise ValueError(f"--preset {name!r} does not exist: use one of {', '.join(known)}")
+    path = known[name][0]
+    settings = read_settings_file(path)
+    TrainConfig.from_dict(settings, source=str(path))
+    return settings
 
 
 def setting_fields() -> list[tuple[dataclasses.Field, type]]:

@@ -61,13 +61,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+import pyrovae.training as _training  # noqa: E402
 from pyrovae import TrainConfig  # noqa: E402
 from pyrovae.data import binarize  # noqa: E402
 from pyrovae.marginal import estimate_log_px  # noqa: E402
 from pyrovae.objectives import Optimizer  # noqa: E402
 from pyrovae.training import _Dist, _seed, _Trainer  # noqa: E402
-
-import pyrovae.training as _training  # noqa: E402
 
 
 def _cache_datasets() -> None:
@@ -416,7 +415,8 @@ def section_profile(args, config, grey, device, out) -> dict:
     groups["Pyro tracing and bookkeeping (the rest of svi.step)"] = step_total - sum(groups.values())
     n = len(batches)
     prof_rows = {k: {"ms_per_step": 1e3 * v / n, "share": v / step_total} for k, v in groups.items()}
-    phase_ms = {k: _median([1e3 * p[k] for p in phases]) for k in ("data", "steps", "validation", "checkpoint", "epoch")}
+    phase_ms = {k: _median([1e3 * p[k] for p in phases])
+                for k in ("data", "steps", "validation", "checkpoint", "epoch")}
     _log(f"profile: {1e3 * step_total / n:.2f} ms/step under cProfile ({1e3 * total / n:.2f} wall)")
     return {"steps_profiled": n, "ms_per_step_profiled": 1e3 * step_total / n, "groups": prof_rows,
             "phases_ms": phase_ms}
@@ -476,8 +476,6 @@ def section_memory(args, config, grey, device, out) -> dict:
     over three SVI steps (activations and gradients), and over a whole epoch, which adds the
     epoch's binarised copy of the training split and the validation pass (500 images at once).
     """
-    from torch.profiler import ProfilerActivity, profile
-
     rows = []
     for b in args.batch_sizes:
         arm = PyrovaeArm(dataclasses.replace(config, batch_size=b), out / "runs", train_size=grey.shape[0])
@@ -485,28 +483,14 @@ def section_memory(args, config, grey, device, out) -> dict:
         x = binarize(arm.trainer.data.train_grey, 5)
         batches = list(torch.randperm(x.shape[0], device=device)[: 3 * b].split(b))
 
-        def steps():
+        def steps(arm=arm, x=x, batches=batches):
             with arm.scope():
                 for idx in batches:
                     arm.svi.step(x[idx])
 
         row = {"batch_size": b}
-        for what, run in (("steps", steps), ("epoch", lambda: arm.epoch(1))):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                run()
-                torch.cuda.synchronize(device)
-                peak = torch.cuda.max_memory_allocated(device) - base
-            else:
-                with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                    run()
-                current = peak = 0
-                for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-                    current += event.self_cpu_memory_usage
-                    peak = max(peak, current)
-            row[f"{what}_peak_mib"] = peak / 2**20
+        for what, run in (("steps", steps), ("epoch", lambda arm=arm: arm.epoch(1))):
+            row[f"{what}_peak_mib"] = _peak_tensor_memory(run, device) / 2**20
         rows.append(row)
         _log(f"memory: batch {b}: steps {row['steps_peak_mib']:.1f} MiB, epoch {row['epoch_peak_mib']:.1f} MiB")
     what = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
@@ -514,6 +498,66 @@ def section_memory(args, config, grey, device, out) -> dict:
         ", above what was allocated before (model, optimiser state, data)"
     return {"device": device.type, "measure": what, "train_size": int(grey.shape[0]),
             "binarised_split_mib": grey.numel() * grey.element_size() / 2**20, "rows": rows}
+
+
+def _peak_tensor_memory(run, device) -> int:
+    """Bytes of tensor memory that ``run()`` held at its peak, above what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+#: the mixture priors of the priors section: (name, TrainConfig settings)
+PRIOR_ARMS = [("standard", {}),
+              ("MoG K=10", {"prior": "mog", "prior_components": 10}),
+              ("MoG K=512", {"prior": "mog", "prior_components": 512}),
+              ("VampPrior K=50", {"prior": "vamp", "prior_components": 50}),
+              ("VampPrior K=500", {"prior": "vamp", "prior_components": 500})]
+
+
+def section_priors(args, config, grey, device, out) -> dict:
+    """pyrovae's epoch under each mixture prior against the standard prior, interleaved: SVI step,
+    whole epoch, and tensor memory at the peak of three steps, each as a ratio to the standard
+    prior in the same run (targets: MoG K=512 at most 1.3x per step, VampPrior K=500 at most 3x)."""
+    arms = []
+    for name, settings in PRIOR_ARMS:
+        arm = PyrovaeArm(dataclasses.replace(config, prior_init="auto", **settings), out / "runs",
+                         train_size=grey.shape[0])
+        arm.name = name
+        arms.append(arm)
+    rows = interleave(arms, args.rounds, device)
+    res = {"threads": torch.get_num_threads(), "rows": {}}
+    x = binarize(arms[0].trainer.data.train_grey, 5)
+    batches = list(torch.randperm(x.shape[0], device=device)[: 3 * config.batch_size].split(config.batch_size))
+    for arm in arms:
+        def steps(arm=arm):
+            with arm.scope():
+                for idx in batches:
+                    arm.svi.step(x[idx])
+
+        res["rows"][arm.name] = {**_summary(rows[arm.name], rows["standard"]),
+                                 "steps_peak_mib": _peak_tensor_memory(steps, device) / 2**20}
+        mix = arm.trainer.model.prior.dist()
+        res["rows"][arm.name]["mixture_products"] = (str(mix._factors[1].dtype).removeprefix("torch.")
+                                                     if hasattr(mix, "log_joint") else "—")
+    ref_mem = res["rows"]["standard"]["steps_peak_mib"]
+    for r in res["rows"].values():
+        r["memory_ratio"] = r["steps_peak_mib"] / ref_mem
+    _log("priors: " + ", ".join(f"{k} {v['step_ratio']:.2f}x/step" for k, v in res["rows"].items()))
+    return res
 
 
 @contextlib.contextmanager
@@ -633,7 +677,8 @@ def markdown(res: dict) -> str:
                  "gradient.\n")
     if "main" in res:
         L.append("## pyrovae against the plain loop\n")
-        L.append("| threads | loop | ms / step | × plain | ms / epoch | × plain | step target ≤1.05 | epoch target ≤1.10 |")
+        L.append("| threads | loop | ms / step | × plain | ms / epoch | × plain "
+                 "| step target ≤1.05 | epoch target ≤1.10 |")
         L.append("|---|---|---|---|---|---|---|---|")
         for t, r in res["main"].items():
             for arm in ("plain", "svi", "pyrovae"):
@@ -709,12 +754,27 @@ def markdown(res: dict) -> str:
             L.append(f"| {'Pareto k̂ (PSIS) and ESS' if k == 'with_psis' else 'none'} | {v['examples']} | "
                      f"{v['num_samples']} | {_f(v['ms_per_example'], 1)} | {v['samples_per_second']:.3g} |")
         L.append("\nIts accuracy and cost against K are studied in `experiments/bench_marginal.py`.\n")
+    if "priors" in res:
+        p = res["priors"]
+        L.append("## Mixture priors against the standard prior (pyrovae's epoch, interleaved)\n")
+        L.append(f"{p['threads']} threads; ratios are medians of the per-round ratios to the standard prior's epoch "
+                 "in the same round. Targets per SVI step: MoG K=512 at most 1.3×, VampPrior K=500 at most 3× (its "
+                 "pseudo-inputs pass through the encoder every step).\n")
+        L.append("| prior | ms / step | × standard | ms / epoch | × standard | peak MiB over 3 steps | × standard "
+                 "| mixture products |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for k, v in p["rows"].items():
+            L.append(f"| {k} | {_f(v['ms_per_step'])} | {_f(v.get('step_ratio'))} | {_f(v['ms_per_epoch'], 1)} | "
+                     f"{_f(v.get('epoch_ratio'))} | {_f(v['steps_peak_mib'], 1)} | {_f(v['memory_ratio'])} | "
+                     f"{v['mixture_products']} |")
+        L.append("")
     if "distributed" in res:
         L.append("## Data-parallel training (CLI runs, CPU, gloo)\n")
         L.append("Seconds per epoch are `metrics.jsonl`'s `epoch_seconds` (steps, validation and metrics; the "
                  "checkpoint write comes after it), medians over the epochs after the first; same global batch, "
                  "same seed, constant learning rate.\n")
-        L.append("| run | s / epoch | speed-up vs 1 process × 2 threads | vs 1 process × 1 thread | val ELBO at the end |")
+        L.append("| run | s / epoch | speed-up vs 1 process × 2 threads | vs 1 process × 1 thread "
+                 "| val ELBO at the end |")
         L.append("|---|---|---|---|---|")
         for k, v in res["distributed"].items():
             L.append(f"| {k} | {_f(v['s_per_epoch'], 3)} | {_f(v['speedup_vs_1p2t'])} | {_f(v['speedup_vs_1p1t'])} | "
@@ -764,7 +824,8 @@ def explain(res: dict) -> str:
             parts = sorted([("the extra step time", step_extra), ("validation", p["ms_validation"]),
                             ("the checkpoint", p["ms_checkpoint"])], key=lambda kv: -kv[1])
             line += (" **What stands in the way per epoch**: " + ", ".join(f"{k} {v:.1f} ms" for k, v in parts) +
-                     f" against a budget of {epoch_budget:.1f} ms. Validation scores {res['meta'].get('val_size', 500)} "
+                     f" against a budget of {epoch_budget:.1f} ms. "
+                     f"Validation scores {res['meta'].get('val_size', 500)} "
                      f"images every epoch (a forward pass ≈ a third of a training step per image), and the "
                      f"checkpoint is rewritten every epoch so that a kill loses at most one epoch; both are fixed "
                      f"costs per epoch, so their share falls as the training split grows (see the scaling table).")
@@ -777,14 +838,16 @@ def _log(msg: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few rounds: checks that everything runs")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"), help="folder for bench.json and bench.md")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per figure (default 15; quick 2)")
     ap.add_argument("--threads", default=None, help="thread counts to compare, e.g. 1,2 (default: 1,2 on CPU)")
-    ap.add_argument("--sections", default="main,profile,variants,scaling,memory,log_px,distributed",
-                    help="comma-separated subset of: main, profile, variants, scaling, memory, log_px, distributed")
+    ap.add_argument("--sections", default="main,profile,variants,scaling,memory,log_px,priors,distributed",
+                    help="comma-separated subset of: main, profile, variants, scaling, memory, log_px, priors, "
+                    "distributed")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to compile)")
     ap.add_argument("--data-dir", default="data", help="where MNIST IDX files may be, for the 55k-image point")
     args = ap.parse_args(argv)
@@ -841,6 +904,7 @@ def main(argv=None) -> int:
         "scaling": lambda tmp: section_scaling(args, config, grey, device, tmp),
         "memory": lambda tmp: section_memory(args, config, grey, device, tmp),
         "log_px": lambda tmp: section_log_px(args, config, grey, device, tmp),
+        "priors": lambda tmp: section_priors(args, config, grey, device, tmp),
         "distributed": lambda tmp: section_distributed(args, tmp),
     }
     unknown = sorted(set(sections) - set(runners))

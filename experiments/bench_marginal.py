@@ -56,7 +56,8 @@ from pyrovae.marginal import default_chunk_size, isolated_params  # noqa: E402
 #: the reference estimator's layout (the issue's "straightforward" one)
 REFERENCE_CHUNK, REFERENCE_BATCH = 250, 100
 #: --quick's sizes
-QUICK = {"num_images": 200, "num_samples": 100, "reference_images": 100, "sweep_chunks": "1024,2048"}
+QUICK = {"num_images": 200, "num_samples": 100, "reference_images": 100, "sweep_chunks": "1024,2048",
+         "prior_images": 50, "prior_samples": 50}
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -67,7 +68,8 @@ class PeakRSS:
     from /proc (where there is no /proc: the process-wide peak so far, from getrusage)."""
 
     def __enter__(self):
-        self.peak, self._stop = _rss_mb(), threading.Event()
+        self.start = self.peak = _rss_mb()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
@@ -197,23 +199,9 @@ def load_model(args, out: Path):
         model = build_model(TrainConfig().resolved(), data_dim=784)
         source = "untrained 784-400-50 network (--quick: a smoke test, its log p(x) means nothing)"
     else:
-        run_dir = out / "run"
-        if not (run_dir / "summary.json").is_file():
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)  # an interrupted training: start it again
-            # in a child process, so that training's memory is not counted in the benchmark's
-            import subprocess
-
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            cmd = [sys.executable, "-m", "pyrovae", "train", "--epochs", str(args.train_epochs), "--out", str(out),
-                   "--name", "run"] + (["--quiet"] if args.quiet else [])
-            if subprocess.run(cmd, env=env).returncode != 0:
-                raise ValueError(f"training the short run failed ({' '.join(cmd)}); give a trained run with --run")
-        run = load_run(run_dir)
+        run = load_run(_short_run(args, out, "run", []))
         source = (f"a short run trained by this script: the default 784-400-50 Bernoulli VAE, "
-                  f"{run.epoch} epochs on mnist5k ({run_dir})")
+                  f"{run.epoch} epochs on mnist5k ({run.dir})")
         model = run.model
     if (getattr(model, "kind", None) != "vae" or model.decoder.linear_maps[-1].out_features != 784
             or type(model.prior).__name__ != "StandardNormalPrior"
@@ -221,6 +209,77 @@ def load_model(args, out: Path):
         raise ValueError(f"{source}: the benchmark needs a 784-pixel Bernoulli VAE with the standard prior "
                          f"(its reference estimator is written for that model)")
     return model.eval(), source
+
+
+def _short_run(args, out: Path, name: str, flags: list[str]) -> Path:
+    """``out/name``: ``pyrovae train --epochs args.train_epochs FLAGS``, trained once (in a child
+    process, so that training's memory is not counted in the benchmark's) and reused."""
+    import subprocess
+
+    run_dir = out / name
+    if not (run_dir / "summary.json").is_file():
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)  # an interrupted training: start it again
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        cmd = [sys.executable, "-m", "pyrovae", "train", "--epochs", str(args.train_epochs), "--out", str(out),
+               "--name", name, *flags] + (["--quiet"] if args.quiet else [])
+        if subprocess.run(cmd, env=env).returncode != 0:
+            raise ValueError(f"training the short run failed ({' '.join(cmd)}); give a trained run with --run")
+    return run_dir
+
+
+#: the mixture priors compared with the standard prior: (row name, pyrovae train flags)
+PRIOR_ROWS = [("standard", []),
+              ("MoG K=10", ["--prior", "mog", "--prior-components", "10"]),
+              ("MoG K=512", ["--prior", "mog", "--prior-components", "512"]),
+              ("VampPrior K=50", ["--prior", "vamp", "--prior-components", "50"]),
+              ("VampPrior K=500", ["--prior", "vamp", "--prior-components", "500"])]
+
+
+def prior_rows(args, out: Path, images: torch.Tensor, progress: bool) -> list[dict]:
+    """The estimator under each prior of :data:`PRIOR_ROWS`, same network, images, K and layout:
+    wall time and peak memory, and their ratios to the standard prior's. The standard prior
+    runs first and last, and its mean is the reference, so that drift over the section cancels.
+    Models: short runs (``--train-epochs``), so that the mixtures' scales are trained ones
+    (they decide whether the mixture's products run in float32 or float64); untrained with ``--quick``."""
+    from pyrovae import load_run
+    from pyrovae.model import build_model
+
+    rows = []
+    order = PRIOR_ROWS + PRIOR_ROWS[:1]
+    for i, (name, flags) in enumerate(order):
+        if args.quick:
+            settings = dict(zip([f[2:].replace("-", "_") for f in flags[::2]], flags[1::2]))
+            if "prior_components" in settings:
+                settings["prior_components"] = int(settings["prior_components"])
+            model = build_model(TrainConfig(**settings).resolved(), data_dim=784, train_images=torch.rand(1000, 784))
+        else:
+            slug = "prior-" + name.lower().replace(" ", "").replace("=", "")
+            model = load_run(_short_run(args, out, slug, flags)).model
+        model.eval()
+        with PeakRSS() as rss:
+            est, wall, _ = run_estimator(model, images, args.prior_samples, args.chunk_size, args.batch_size,
+                                         progress and i < len(PRIOR_ROWS))
+        extra = rss.peak - rss.start
+        mix = model.prior.dist()
+        dtype = str(mix._factors[1].dtype).removeprefix("torch.") if hasattr(mix, "log_joint") else "—"
+        rows.append({"prior": name, "wall_s": wall, "extra_rss_mb": extra, "log_px": float(est.log_px.mean()),
+                     "mixture_products": dtype})
+        _log(f"priors: {name}: {wall:.1f} s")
+    ref_wall = (rows[0]["wall_s"] + rows[-1]["wall_s"]) / 2
+    ref_peak = max(rows[0]["extra_rss_mb"], rows[-1]["extra_rss_mb"], 1.0)
+    rows[0]["wall_s"] = ref_wall
+    rows = rows[:-1]
+    for row in rows:
+        row["wall_ratio"] = row["wall_s"] / ref_wall
+        row["extra_rss_ratio"] = row["extra_rss_mb"] / ref_peak
+    return rows
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_marginal] {msg}", file=sys.stderr, flush=True)
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -258,14 +317,19 @@ def main(argv: list[str] | None = None) -> dict:
                    "runs on (its rate is per image; the full-size time is extrapolated and said so)")
     p.add_argument("--sweep-chunks", default="1024,2048,3072,4096,8192,32768",
                    help="chunk sizes of the layout sweep, comma separated ('' = no sweep)")
-    p.add_argument("--train-epochs", type=int, default=10, help="epochs of the short run trained without --run")
+    p.add_argument("--train-epochs", type=int, default=10, help="epochs of the short runs trained here (the "
+                   "model without --run, and one per prior of the priors section)")
+    p.add_argument("--prior-images", type=int, default=1000, help="images of the priors section")
+    p.add_argument("--prior-samples", type=int, default=1000, help="K of the priors section")
+    p.add_argument("--no-priors", action="store_true", help="skip the priors section")
     p.add_argument("--out", default="results/bench_marginal", help="folder for bench.json, bench.md (and the "
                    "short run)")
     p.add_argument("--quick", action="store_true", help="small sizes and an untrained network: checks that "
                    "everything runs (seconds), measures nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for name in ("num_images", "num_samples", "reference_images", "batch_size", "train_epochs"):
+    for name in ("num_images", "num_samples", "reference_images", "batch_size", "train_epochs", "prior_images",
+                 "prior_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.quick:  # small sizes, where not given explicitly
@@ -320,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         sweep_rows.append({"chunk_size": c, "images": sweep_n, "num_samples": sweep_k, "wall_s": sweep_wall,
                            "gflops": gflops(sweep_n, sweep_k, sweep_wall), "peak_rss_mb": sweep_peak})
     profile_rows = op_profile(model, images[:sweep_n], sweep_k, args.chunk_size, args.batch_size)
+    priors = [] if args.no_priors else prior_rows(args, out, images[: args.prior_images], progress)
 
     rate = gflops(n, K, wall)
     result = {
@@ -344,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_at_large_k": {"num_samples": big_k, "images": 1, "wall_s": wall_big, "peak_rss_mb": peak_big},
         "sweep": sweep_rows,
         "op_profile": profile_rows,
+        "priors": {"images": min(args.prior_images, n), "num_samples": args.prior_samples, "rows": priors},
         "process_peak_rss_mb": _max_rss_mb(),
         "targets": {"fraction_of_matmul_at_least_0.5": rate / mm_best >= 0.5,
                     "wall_under_600_s": wall < 600 if n * K >= 10_000 * 5000 else None,
@@ -398,9 +464,20 @@ def markdown(r: dict) -> str:
         s0 = r["sweep"][0]
         lines += ["", f"(layout sweep: {s0['images']} images, K = {s0['num_samples']}, run last; its peak RSS "
                   "includes what earlier phases left allocated)", ""]
+    if r.get("priors", {}).get("rows"):
+        p = r["priors"]
+        lines += [f"Priors: the estimator at K = {p['num_samples']} on {p['images']} images, each prior's model "
+                  "trained as long as the standard one; ratios to the standard prior in the same run "
+                  "(target for MoG K=512 and VampPrior K=500: at most 1.5x):", "",
+                  "| prior | wall (s) | × standard | memory above the start (MB) | × standard | mixture products |",
+                  "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {x['prior']} | {x['wall_s']:.1f} | {x['wall_ratio']:.2f} | {x['extra_rss_mb']:.0f} | "
+                  f"{x['extra_rss_ratio']:.2f} | {x['mixture_products']} |" for x in p["rows"]]
+        lines += [""]
     if r.get("op_profile"):
         lines += ["| op (torch.profiler, self CPU time) | share | calls |", "|---|---:|---:|"]
-        lines += [f"| {o['op']} | {100 * o['fraction_of_op_time']:.1f}% | {o['calls'] if o['calls'] is not None else ''} |"
+        lines += [f"| {o['op']} | {100 * o['fraction_of_op_time']:.1f}% "
+                  f"| {o['calls'] if o['calls'] is not None else ''} |"
                   for o in r["op_profile"]]
         lines += ["", "(the last row: time inside torch ops over wall time; the rest is Python and Pyro)", ""]
     t = r["targets"]

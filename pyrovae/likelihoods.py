@@ -13,14 +13,18 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .distributions import BernoulliImages
+
 __all__ = ["BernoulliLikelihood", "GaussianLikelihood", "build_likelihood"]
 
 
 class BernoulliLikelihood(nn.Module):
-    r""":math:`p(x|z) = \prod_d \mathrm{Bernoulli}(x_d; \sigma(\ell_d(z)))` with logits :math:`\ell`."""
+    r""":math:`p(x|z) = \prod_d \mathrm{Bernoulli}(x_d; \sigma(\ell_d(z)))` with logits :math:`\ell`
+    (:class:`~pyrovae.distributions.BernoulliImages`, Pyro's ``Bernoulli(logits).to_event(1)``
+    computed as one contraction and one softplus pass)."""
 
     def forward(self, logits: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Bernoulli(logits=logits).to_event(1)
+        return BernoulliImages(logits)
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         """Pixel means in [0, 1], for pictures."""

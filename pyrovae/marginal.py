@@ -53,6 +53,13 @@ def isolated_params():
         yield
 
 
+def frozen_prior(model) -> contextlib.AbstractContextManager:
+    """The model's prior with its components computed once (:meth:`~pyrovae.priors.Prior.frozen`),
+    for evaluation; a model without a prior module is left as it is."""
+    prior = getattr(model, "prior", None)
+    return prior.frozen() if hasattr(prior, "frozen") else contextlib.nullcontext()
+
+
 def log_weight_terms(model, x: torch.Tensor, num_samples: int) -> dict[str, torch.Tensor]:
     r"""Draw ``num_samples`` codes per example from the guide and score them.
 
@@ -283,7 +290,7 @@ def estimate_log_px(
     was_training = model.training
     model.eval()
     try:
-        with isolated_params(), pyro.validation_enabled(False):
+        with isolated_params(), pyro.validation_enabled(False), frozen_prior(model):
             for x in images.split(batch):
                 b = x.shape[0]
                 proposal = _Proposal(model, x, min(per_pass, K))

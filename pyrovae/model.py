@@ -24,6 +24,7 @@ from pyro import poutine
 from pyro.infer import config_enumerate
 from torch import nn
 
+from .distributions import BernoulliImages
 from .likelihoods import GaussianLikelihood, build_likelihood
 from .nets import Decoder, Encoder
 from .priors import Prior, build_prior
@@ -232,40 +233,6 @@ class PCAModel(nn.Module):
         return model if train_images is None else model.fit(train_images, seed=config.seed)
 
 
-class _BernoulliImages(dist.TorchDistribution):
-    r"""Independent Bernoulli pixels with logits :math:`\ell`, event shape ``(D,)``:
-
-    .. math:: \log p(x) = \sum_d x_d \ell_d - \log(1 + e^{\ell_d}) = x^\top \ell - \sum_d \mathrm{softplus}(\ell_d),
-
-    the density of ``Bernoulli(logits=ℓ).to_event(1)`` (checked against it in the tests) with
-    the sum over pixels taken as one contraction. Scoring B images under K components then
-    costs a (B, D) x (D, K) matrix product and O(BK) memory; ``Bernoulli`` broadcasts to
-    (B, K, D) first, which at K = 512 made a training step about 300 times slower.
-    """
-
-    arg_constraints = {"logits": dist.constraints.real}
-    support = dist.constraints.independent(dist.constraints.boolean, 1)
-
-    def __init__(self, logits: torch.Tensor, validate_args=None):
-        self.logits = logits
-        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
-
-    def expand(self, batch_shape, _instance=None):
-        return dist.torch_distribution.ExpandedDistribution(self, batch_shape)  # lazy: no (B, K, D) copy
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return torch.sigmoid(self.logits)
-
-    def sample(self, sample_shape=torch.Size()):
-        with torch.no_grad():
-            return torch.bernoulli(self.mean.expand(self._extended_shape(sample_shape)))
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        # einsum contracts d by a batched matrix product, broadcasting the other dims unexpanded
-        return torch.einsum("...d,...d->...", self.logits, value) - torch.nn.functional.softplus(self.logits).sum(-1)
-
-
 class MixtureModel(nn.Module):
     r"""The finite mixture the notes start from (NOTES.md section 3):
 
@@ -312,7 +279,7 @@ class MixtureModel(nn.Module):
         params = self.params if params is None else params
         if isinstance(self.likelihood, GaussianLikelihood):
             return self.likelihood(params)
-        return _BernoulliImages(params)
+        return BernoulliImages(params)
 
     @config_enumerate
     def model(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:

@@ -9,10 +9,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributions import softplus
+
 __all__ = ["Encoder", "Decoder", "set_autocast"]
 
 
-ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU}
+class Softplus(nn.Module):
+    """``nn.Softplus`` computed by :func:`pyrovae.distributions.softplus` (same values, faster on a CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softplus(x)
+
+
+ACTIVATIONS = {"softplus": Softplus, "relu": nn.ReLU}
 
 
 def _mlp(sizes: list[int], activation: str) -> nn.Sequential:

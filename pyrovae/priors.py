@@ -19,36 +19,71 @@ component-usage metrics read. To add a prior, subclass :class:`Prior` here and a
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .distributions import DiagonalGaussianMixture
+
 __all__ = ["Prior", "StandardNormalPrior", "MixtureOfGaussiansPrior", "VampPrior", "PRIORS", "build_prior"]
 
 
 class Prior(nn.Module):
-    """Base class. Subclasses set ``inits`` (first = default) and implement :meth:`mixture`."""
+    """Base class. Subclasses set ``inits`` (first = default) and implement :meth:`_mixture`."""
 
     #: accepted values of ``--prior-init``; the first is the default
     inits: tuple[str, ...] = ("random",)
+
+    def __init__(self):
+        super().__init__()
+        self._frozen: tuple | None = None
 
     @property
     def num_components(self) -> int:
         return self.mixture()[0].shape[-1]
 
-    def mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(logits (K,), loc (K, D), scale (K, D))`` of the mixture."""
+    def _mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits (K,), loc (K, D), scale (K, D))`` of the mixture."""
+        return self._frozen[0] if self._frozen is not None else self._mixture()
+
     def dist(self) -> dist.TorchDistribution:
-        """p(z) as a distribution with event shape ``(D,)``; the component is summed out."""
-        logits, loc, scale = self.mixture()
+        """p(z) as a distribution with event shape ``(D,)``; the component is summed out
+        (:class:`~pyrovae.distributions.DiagonalGaussianMixture`, O(N K) memory)."""
+        if self._frozen is not None:
+            return self._frozen[1]
+        return self._dist(*self._mixture())
+
+    @staticmethod
+    def _dist(logits, loc, scale) -> dist.TorchDistribution:
         if logits.shape[-1] == 1:
             return dist.Normal(loc[0], scale[0]).to_event(1)
-        components = dist.Normal(loc, scale).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+        return DiagonalGaussianMixture(logits, loc, scale)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Within this block the prior's components are computed once and reused (no
+        gradients): for evaluation, where they do not change, so that the VampPrior's
+        encoder pass over its pseudo-inputs and the mixture's matmul factors are not
+        recomputed for every chunk of samples."""
+        if self._frozen is not None:  # nested: the outer block's components
+            yield self
+            return
+        with torch.no_grad():
+            mix = tuple(t.detach() for t in self._mixture())
+            d = self._dist(*mix)
+            if isinstance(d, DiagonalGaussianMixture):
+                d._factors  # noqa: B018 -- computed now, once
+        self._frozen = (mix, d)
+        try:
+            yield self
+        finally:
+            self._frozen = None
 
     def log_responsibilities(self, z: torch.Tensor) -> torch.Tensor:
         r"""Bayes' rule over the components, shape ``(..., K)``:
@@ -57,9 +92,8 @@ class Prior(nn.Module):
 
         (VaDE reads it as the cluster assignment of x, at z sampled from q(z|x); Jiang et al. 2017).
         """
-        logits, loc, scale = self.mixture()
-        log_joint = dist.Normal(loc, scale).to_event(1).log_prob(z.unsqueeze(-2)) + logits.log_softmax(-1)
-        return log_joint - log_joint.logsumexp(-1, keepdim=True)
+        log_joint = DiagonalGaussianMixture(*self.mixture()).log_joint(z)
+        return (log_joint - log_joint.logsumexp(-1, keepdim=True)).to(z.dtype)
 
     def before_epoch(self, epochs_done: int, encode_train: Callable[[], torch.Tensor]) -> None:
         """Hook called by the trainer before every epoch; ``encode_train()`` returns the
@@ -81,7 +115,7 @@ class StandardNormalPrior(Prior):
         self.register_buffer("scale", torch.ones(1, latent_dim))
         self.register_buffer("logits", torch.zeros(1))
 
-    def mixture(self):
+    def _mixture(self):
         return self.logits, self.loc, self.scale
 
     @classmethod
@@ -90,7 +124,7 @@ class StandardNormalPrior(Prior):
 
 
 class MixtureOfGaussiansPrior(Prior):
-    r"""Learnable mixture of :math:`K` diagonal Gaussians, built with ``MixtureSameFamily``:
+    r"""Learnable mixture of :math:`K` diagonal Gaussians:
 
     .. math::
 
@@ -129,7 +163,7 @@ class MixtureOfGaussiansPrior(Prior):
         self.register_buffer("fitted", torch.tensor(init != "kmeans"))
         self.register_buffer("_std_loc", torch.zeros(1, latent_dim))
 
-    def mixture(self):
+    def _mixture(self):
         if not bool(self.fitted):
             return self._std_loc[:, 0], self._std_loc, torch.ones_like(self._std_loc)
         return self.logits, self.loc, self.log_scale.exp()
@@ -197,7 +231,7 @@ class VampPrior(Prior):
         """The pseudo-inputs :math:`u_k` in data space, ``(K, data_dim)``."""
         return torch.sigmoid(self.pseudo_logits)
 
-    def mixture(self):
+    def _mixture(self):
         loc, log_scale = self._encoder(self.pseudo_inputs)  # (K, D) each
         return torch.zeros_like(loc[:, 0]), loc, log_scale.exp()
 

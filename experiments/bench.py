@@ -64,9 +64,9 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 import pyrovae.training as _training  # noqa: E402
 from pyrovae import TrainConfig  # noqa: E402
 from pyrovae.data import binarize  # noqa: E402
-from pyrovae.marginal import estimate_log_px  # noqa: E402
+from pyrovae.marginal import derive_seed, estimate_log_px  # noqa: E402
 from pyrovae.objectives import Optimizer  # noqa: E402
-from pyrovae.training import _Dist, _seed, _Trainer  # noqa: E402
+from pyrovae.training import _Dist, _Trainer  # noqa: E402
 
 
 def _cache_datasets() -> None:
@@ -132,7 +132,7 @@ def _epoch_batches(arm, epoch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     c = arm.config
     gen = torch.Generator().manual_seed(c.seed + epoch)
     idx = torch.randperm(arm.grey.shape[0], generator=gen).to(arm.device)
-    x_epoch = binarize(arm.grey, _seed(c.seed, epoch, 1))
+    x_epoch = binarize(arm.grey, derive_seed(c.seed, epoch, 1))
     batches = list(idx.split(c.batch_size))
     if arm.drop_last and batches[-1].numel() < c.batch_size:
         batches.pop()

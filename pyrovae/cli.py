@@ -47,7 +47,8 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 400 or 500,500, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 400 or 500,500, got {text!r}") \
+            from None
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -73,7 +74,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         else:
             kind = tp
         choices = choices_from_registry.get(f.name, f.metadata.get("choices"))
-        p.add_argument(flag, type=kind, choices=choices, help=help_text, metavar=f.name.upper() if not choices else None)
+        p.add_argument(flag, type=kind, choices=choices, help=help_text,
+                       metavar=f.name.upper() if not choices else None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,9 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     def run_command(name, help, description):
         p = sub.add_parser(name, help=help, description=description)
         p.add_argument("run", metavar="RUN", help="run directory (or a .pt checkpoint)")
-        p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+        p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                       help="which checkpoint (default: best)")
         p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0); evaluate draws "
+                       "each example's samples from a stream of its own, so its numbers do not depend on --chunk-size, "
+                       "--batch-size or the number of processes")
         return p
 
     def data_flags(p, split_default="test"):
@@ -185,8 +190,8 @@ def _train(args) -> int:
     if result.run_dir is None:  # not the main process of a data-parallel run
         return 0
     print(f"run: {result.run_dir}")
-    print(f"epochs: {result.epochs_done} (best {result.best_epoch}{', stopped early' if result.stopped_early else ''}), "
-          f"{result.seconds:.1f} s")
+    early = ", stopped early" if result.stopped_early else ""
+    print(f"epochs: {result.epochs_done} (best {result.best_epoch}{early}), {result.seconds:.1f} s")
     if result.test is not None and result.test.get("elbo") is not None:
         t = result.test
         what = "ELBO" if config.model in ("vae",) else "score (the bound it optimises)"
@@ -222,7 +227,8 @@ def _split(args, run):
     from .training import prepare_data
 
     config = run.config
-    overrides = {k: getattr(args, k) for k in ("dataset", "data_dir", "label_column") if getattr(args, k, None) is not None}
+    overrides = {k: getattr(args, k) for k in ("dataset", "data_dir", "label_column")
+                 if getattr(args, k, None) is not None}
     if overrides:
         config = dataclasses.replace(config, **overrides)
     ds = prepare_data(config, args.split, run.device)
@@ -240,7 +246,7 @@ def _evaluate(args) -> int:
     run = _load(args)
     ds = _split(args, run)
     report = evaluate(run.model, ds.images, ds.labels, num_samples=args.num_samples, chunk_size=args.chunk_size,
-                      batch_size=args.batch_size, progress=not args.quiet)
+                      batch_size=args.batch_size, progress=not args.quiet, seed=args.seed)
     report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "dataset": ds.name, "split": ds.split, **report}
     print(format_report(report))
     pk = report.get("pareto_k")

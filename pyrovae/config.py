@@ -25,6 +25,7 @@ def _setting(default, help: str, choices: tuple[str, ...] | None = None):
 MODELS = ("vae", "ae", "pca", "mixture")
 LIKELIHOODS = ("bernoulli", "gaussian")
 ELBOS = ("trace", "meanfield", "iwae")
+GUIDES = ("gaussian", "iaf")
 #: the learning rate when --lr is not given. Adam moves a parameter by about lr per step, so
 #: the finite mixture's pixel logits (which must reach about +-7 from about +-1) take 0.05:
 #: at 2e-3 its K=10 test log p(x) after 100 epochs on mnist5k is -188.1, at 0.03-0.3 about
@@ -81,6 +82,17 @@ class TrainConfig:
     )
     prior_init_epochs: int = _setting(10, "with --prior-init kmeans: epochs under N(0, I) before k-means")
     # --- inference ---
+    guide: str = _setting(
+        "gaussian",
+        "q(z|x): gaussian (diagonal Gaussian from the encoder), or iaf (that Gaussian pushed through "
+        "--flow-steps inverse autoregressive flow steps conditioned on the encoder, Kingma et al. 2016)",
+        GUIDES,
+    )
+    flow_steps: int = _setting(2, "with --guide iaf: number of autoregressive steps (order reversed between steps)")
+    flow_hidden_dims: typing.Tuple[int, ...] = _setting(
+        (256,), "with --guide iaf: hidden sizes of each step's MADE network, comma separated (each >= --latent-dim)"
+    )
+    flow_context_dim: int = _setting(50, "with --guide iaf: size of the context h(x) the encoder gives the flow")
     elbo: str = _setting(
         "trace",
         "trace (Trace_ELBO, sampled KL), meanfield (TraceMeanField_ELBO, closed-form KL where it exists), "
@@ -88,7 +100,8 @@ class TrainConfig:
         ELBOS,
     )
     num_particles: int = _setting(1, "samples of z per example in the objective")
-    epochs: int = _setting(450, "maximum number of passes over the training split (the default run: about 165 s on 2 CPU cores)")
+    epochs: int = _setting(
+        450, "maximum number of passes over the training split (the default run: about 165 s on 2 CPU cores)")
     batch_size: int = _setting(128, "examples per gradient step (global, over all processes)")
     lr: typing.Optional[float] = _setting(
         None,
@@ -117,6 +130,7 @@ class TrainConfig:
         """Return a copy with every ``auto`` replaced by what it means, and validated."""
         c = dataclasses.replace(self)
         c.hidden_dims = tuple(int(h) for h in c.hidden_dims)
+        c.flow_hidden_dims = tuple(int(h) for h in c.flow_hidden_dims)
         if c.binarize == "auto":
             c.binarize = "dynamic" if c.likelihood == "bernoulli" else "none"
         if c.lr is None:
@@ -161,6 +175,16 @@ class TrainConfig:
             self.binarize in ("dynamic", "static", "none"),
             f"--binarize must be dynamic, static, none or auto (got {self.binarize!r})",
         )
+        if self.guide != "gaussian":
+            need(self.model == "vae", f"--guide {self.guide} applies to --model vae only (got --model {self.model})")
+            need(self.elbo != "meanfield", f"--elbo meanfield needs the closed-form KL of a Gaussian q(z|x); "
+                 f"--guide {self.guide} has none: use --elbo trace or iwae")
+            need(self.flow_steps >= 1, f"--flow-steps must be at least 1 (got {self.flow_steps})")
+            need(self.flow_context_dim >= 0, f"--flow-context-dim must be 0 or more (got {self.flow_context_dim})")
+            need(self.latent_dim >= 2, f"--guide {self.guide} needs --latent-dim 2 or more (got {self.latent_dim})")
+            need(bool(self.flow_hidden_dims) and min(self.flow_hidden_dims) >= self.latent_dim,
+                 f"--flow-hidden-dims must be sizes of at least --latent-dim {self.latent_dim} "
+                 f"(got {','.join(map(str, self.flow_hidden_dims)) or 'none'})")
         if self.model in ("pca", "mixture"):
             need(
                 self.elbo == "trace" and self.prior == "standard",
@@ -171,7 +195,9 @@ class TrainConfig:
     # ------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["hidden_dims"] = list(self.hidden_dims)
+        for f, tp in setting_fields():
+            if typing.get_origin(tp) is tuple:
+                d[f.name] = list(d[f.name])
         return d
 
     @classmethod

@@ -213,7 +213,8 @@ def _load_array_file(path: Path, label_column: int | None) -> tuple[torch.Tensor
     except Exception as e:  # numpy raises many kinds for corrupt files
         raise DataError(f"{path}: cannot be read as {suffix[1:]} ({type(e).__name__}: {e}); check the file") from None
     if label_column is not None and suffix != ".csv":
-        raise DataError(f"--label-column applies to .csv files only; {path} is {suffix[1:]} (put labels in y= of an .npz)")
+        raise DataError(f"--label-column applies to .csv files only; {path} is {suffix[1:]} "
+                        "(put labels in y= of an .npz)")
     x = _validate_images(np.asarray(x), path)
     if y is not None:
         y = np.asarray(y)
@@ -325,7 +326,8 @@ def _download(name: str, data_dir: Path) -> None:
         for train in (True, False):
             cls(root=str(data_dir), train=train, download=True)
     except Exception as e:
-        raise DataError(f"--download of {name} into {data_dir}/ failed ({e}); copy the IDX files there by hand") from None
+        raise DataError(f"--download of {name} into {data_dir}/ failed ({e}); "
+                        "copy the IDX files there by hand") from None
 
 
 def read_idx(path: Path, kind: str) -> torch.Tensor:
@@ -361,7 +363,8 @@ def read_idx(path: Path, kind: str) -> torch.Tensor:
     header = 4 * (ndim + 1)
     held = (len(raw) - header) // per_item if per_item else 0
     if held < count:
-        raise DataError(f"{path}: expected {count} {kind} (from its header), the file holds {held} (truncated?); download it again")
+        raise DataError(f"{path}: expected {count} {kind} (from its header), the file holds {held} (truncated?); "
+                        "download it again")
     if count == 0:
         raise DataError(f"{path}: the file holds no {kind}; download it again")
     with tempfile.TemporaryDirectory() as tmp:

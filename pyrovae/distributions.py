@@ -73,7 +73,8 @@ class DiagonalGaussianMixture(dist.TorchDistribution):
     .. math::
 
         \log \pi_k \mathcal{N}(z; \mu_k, \sigma_k^2) =
-        \underbrace{\textstyle\sum_d u_d\, \nu_{kd} p_{kd} - \tfrac12 \sum_d u_d^2 p_{kd}}_{[u,\; u^2] \cdot [\nu p,\; -p/2]_k}
+        \underbrace{\textstyle\sum_d u_d\, \nu_{kd} p_{kd} - \tfrac12 \sum_d u_d^2 p_{kd}}_{
+            [u,\; u^2] \cdot [\nu p,\; -p/2]_k}
         \; \underbrace{- \tfrac12 \textstyle\sum_d \nu_{kd}^2 p_{kd} - \sum_d \log \sigma_{kd}
         - \tfrac{D}{2}\log 2\pi + \log \pi_k}_{\text{per component}},
 

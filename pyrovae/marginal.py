@@ -33,11 +33,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
-__all__ = ["log_weight_terms", "estimate_log_px", "Estimate", "active_units", "pareto_k", "default_chunk_size"]
+__all__ = ["log_weight_terms", "estimate_log_px", "Estimate", "active_units", "pareto_k", "default_chunk_size",
+           "ExampleNoise", "derive_seed", "log_joint", "latent_sites"]
 
 #: the PSIS threshold above which an importance-sampling estimate is unreliable
 PARETO_K_THRESHOLD = 0.7
@@ -70,9 +73,18 @@ def log_weight_terms(model, x: torch.Tensor, num_samples: int) -> dict[str, torc
     return _score(model, x, _trace_guide(model, x, num_samples), num_samples)
 
 
-def _trace_guide(model, x: torch.Tensor, num_samples: int):
-    """The guide's trace with ``num_samples`` draws per example (an outer plate at dim -2)."""
-    with pyro.plate("samples", num_samples, dim=-2):
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (FNV-1a; stable across runs and machines)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def _trace_guide(model, x: torch.Tensor, num_samples: int, noise: ExampleNoise | None = None):
+    """The guide's trace with ``num_samples`` draws per example (an outer plate at dim -2),
+    its noise from ``noise`` where given."""
+    with (noise or contextlib.nullcontext()), pyro.plate("samples", num_samples, dim=-2):
         return prune_subsample_sites(poutine.trace(model.guide).get_trace(x))
 
 
@@ -93,6 +105,103 @@ def _score(model, x: torch.Tensor, guide_trace, num_samples: int) -> dict[str, t
     return terms
 
 
+def log_joint(model, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    r""":math:`\log p(x, z)` of every example at given latent values, read from the model's own
+    Pyro trace (any prior, likelihood or number of latent sites): ``values`` maps each latent
+    site to a tensor ``(S, B, *event)``, and the result is ``(S, B)``. Differentiable in the
+    values (AIS takes its gradient); the shared scoring function of the estimators."""
+    num_samples = next(iter(values.values())).shape[0]
+    with pyro.plate("samples", num_samples, dim=-2):
+        trace = poutine.trace(poutine.condition(model.model, data=values)).get_trace(x)
+    trace = prune_subsample_sites(trace)
+    out = x.new_zeros((num_samples, x.shape[0]))
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            out = out + site["fn"].log_prob(site["value"])
+    return out
+
+
+def latent_sites(model, x: torch.Tensor) -> dict[str, torch.Size]:
+    """The model's latent sample sites and their event shapes (from one trace of the guide)."""
+    with isolated_params(), torch.no_grad():
+        trace = prune_subsample_sites(poutine.trace(model.guide).get_trace(x[:1]))
+    return {name: site["fn"].event_shape for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]}
+
+
+def reparameterized_draw(fn, eps: torch.Tensor) -> torch.Tensor | None:
+    r"""A draw of ``fn`` made from standard normal noise ``eps`` (its full sample shape):
+    :math:`\mu + \sigma \epsilon` for a Normal, then the transforms of a
+    ``TransformedDistribution`` applied in order (which fills their caches, so that the
+    draw's log density is then read, not inverted). ``None`` for any other distribution."""
+    if isinstance(fn, dist.TransformedDistribution):
+        z = reparameterized_draw(fn.base_dist, eps)
+        if z is not None:
+            for t in fn.transforms:
+                z = t(z)
+        return z
+    if isinstance(fn, dist.Independent):
+        return reparameterized_draw(fn.base_dist, eps)
+    if isinstance(fn, dist.Normal):
+        return fn.loc + fn.scale * eps
+    return None
+
+
+class ExampleNoise(Messenger):
+    """Noise for the guide's sample sites from one random stream per example, so that an
+    example's draws do not depend on how examples are batched, how draws are chunked, or
+    how examples are sharded over processes: with the same seed, ``--chunk-size``,
+    ``--batch-size`` and ``torchrun`` give the same estimate, example by example.
+
+    Example ``i`` (its index in the whole set) and site ``n`` (order of appearance) draw from
+    a generator seeded with ``derive_seed(seed, i, n)``, in blocks of :data:`NOISE_BLOCK`
+    samples, so that a stream yields the same numbers whatever the number of samples taken
+    per pass. As a Pyro messenger (entered outside the samples plate) it makes every
+    Gaussian or flow site's draw from that noise; other sites sample as usual.
+    """
+
+    def __init__(self, seed: int, first: int, count: int, device):
+        super().__init__()
+        self.seed, self.first, self.count, self.device = int(seed), int(first), int(count), torch.device(device)
+        self._streams: dict[str, list[torch.Generator]] = {}
+        self._left: dict[str, torch.Tensor] = {}  # site -> (count, L, *event): drawn, not yet used
+
+    def take(self, site: str, num_samples: int, event_shape: torch.Size) -> torch.Tensor:
+        """The next ``num_samples`` standard normal draws of every example, ``(S, count, *event)``."""
+        if site not in self._streams:
+            n = len(self._streams)
+            self._streams[site] = [torch.Generator(device=self.device).manual_seed(
+                derive_seed(self.seed, self.first + j, n)) for j in range(self.count)]
+            self._left[site] = torch.empty((self.count, 0, *event_shape), device=self.device)
+        left = self._left[site]
+        while left.shape[1] < num_samples:
+            block = torch.stack([torch.randn((NOISE_BLOCK, *event_shape), generator=g, device=self.device)
+                                 for g in self._streams[site]])
+            left = torch.cat([left, block], 1)
+        self._left[site] = left[:, num_samples:]
+        return left[:, :num_samples].transpose(0, 1)
+
+    def draw(self, site: str, fn) -> torch.Tensor | None:
+        """A draw of the site's (plate-expanded) distribution ``fn`` from this noise."""
+        shape = fn.batch_shape + fn.event_shape  # (S, B, *event)
+        if len(fn.batch_shape) != 2 or fn.batch_shape[1] != self.count:
+            return None
+        return reparameterized_draw(fn, self.take(site, fn.batch_shape[0], fn.event_shape).reshape(shape))
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["value"] is not None:
+            return
+        if not isinstance(msg["fn"], torch.distributions.Distribution):
+            return  # the samples plate's own subsample site
+        value = self.draw(msg["name"], msg["fn"])
+        if value is not None:
+            msg["value"] = value
+
+
+#: samples per block of an example's noise stream (see :class:`ExampleNoise`)
+NOISE_BLOCK = 256
+
+
 class _Proposal:
     """Draws from q(z|x) for one batch of examples, ``num_samples`` per example at a time.
 
@@ -100,12 +209,12 @@ class _Proposal:
     ``"z"``), later draws come from that site's own distribution object (already expanded
     over the samples plate), so the encoder runs once per batch, not once per chunk. A guide
     with several sites, whose later sites may depend on earlier draws, is traced afresh for
-    every draw.
+    every draw. With ``noise`` every draw is made from it (seeded, per example).
     """
 
-    def __init__(self, model, x: torch.Tensor, num_samples: int):
-        self.model, self.x, self.num_samples = model, x, num_samples
-        self.trace = _trace_guide(model, x, num_samples)
+    def __init__(self, model, x: torch.Tensor, num_samples: int, noise: ExampleNoise | None = None):
+        self.model, self.x, self.num_samples, self.noise = model, x, num_samples, noise
+        self.trace = _trace_guide(model, x, num_samples, noise)
         sites = [name for name, site in self.trace.nodes.items() if site["type"] == "sample"]
         self.site = sites[0] if len(sites) == 1 and not self.trace.nodes[sites[0]]["is_observed"] else None
         self.fresh = True  # the traced draw is still unused
@@ -116,10 +225,11 @@ class _Proposal:
             self.fresh = False
             return self.trace
         if num_samples != self.num_samples or self.site is None:
-            return _trace_guide(self.model, self.x, num_samples)
+            return _trace_guide(self.model, self.x, num_samples, self.noise)
         site = self.trace.nodes[self.site]
+        value = self.noise.draw(self.site, site["fn"]) if self.noise is not None else None
         trace = self.trace.copy()
-        trace.nodes[self.site] = {**site, "value": site["fn"]()}  # (S, B, D)
+        trace.nodes[self.site] = {**site, "value": site["fn"]() if value is None else value}  # (S, B, D)
         return trace
 
 
@@ -233,6 +343,8 @@ def estimate_log_px(
     batch_size: int = 100,
     diagnostics: bool = True,
     progress: bool = False,
+    seed: int | None = None,
+    first_index: int = 0,
 ) -> Estimate:
     r"""Importance-sampling estimate of :math:`\log p(x)` for every row of ``images``.
 
@@ -263,6 +375,11 @@ def estimate_log_px(
         arXiv:1507.02646, via arviz) and the effective sample size
         :math:`(\sum_k w_k)^2 / \sum_k w_k^2` per example.
     progress : show a tqdm bar over examples.
+    seed : with a seed, every example's draws come from its own stream (:class:`ExampleNoise`),
+        so that the estimate of each example is the same whatever ``chunk_size``,
+        ``batch_size`` or sharding; ``None`` (default): torch's global generator.
+    first_index : the index of ``images[0]`` in the whole set, which seeds its stream (for
+        shards of a larger set).
 
     Returns
     -------
@@ -291,9 +408,10 @@ def estimate_log_px(
     model.eval()
     try:
         with isolated_params(), pyro.validation_enabled(False), frozen_prior(model):
-            for x in images.split(batch):
+            for i, x in enumerate(images.split(batch)):
                 b = x.shape[0]
-                proposal = _Proposal(model, x, min(per_pass, K))
+                noise = None if seed is None else ExampleNoise(seed, first_index + i * batch, b, x.device)
+                proposal = _Proposal(model, x, min(per_pass, K), noise)
                 f64 = {"dtype": torch.float64, "device": x.device}
                 lse = torch.full((b,), -math.inf, **f64)  # logsumexp_k log w_k so far
                 lse2 = torch.full((b,), -math.inf, **f64)  # logsumexp_k 2 log w_k, for the ESS
@@ -329,7 +447,8 @@ def estimate_log_px(
 
 
 @torch.no_grad()
-def active_units(model, images: torch.Tensor, threshold: float = 0.01, batch_size: int = 4096) -> tuple[int, torch.Tensor]:
+def active_units(model, images: torch.Tensor, threshold: float = 0.01,
+                 batch_size: int = 4096) -> tuple[int, torch.Tensor]:
     r"""Active latent dimensions (Burda et al. 2015): :math:`A_d = \mathrm{Cov}_x(\mathbb{E}_{q(z|x)}[z_d]) > 0.01`.
 
     Returns the count and the per-dimension variances.

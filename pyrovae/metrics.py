@@ -147,7 +147,8 @@ def cluster_scores(labels: torch.Tensor, assign: torch.Tensor, num_components: i
 
 @torch.no_grad()
 def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *, num_samples: int = 1000,
-             chunk_size: int | None = None, batch_size: int = 100, progress: bool = False) -> dict:
+             chunk_size: int | None = None, batch_size: int = 100, progress: bool = False,
+             seed: int | None = None, per_example: bool = False) -> dict:
     r"""The full report of a model on one split (means over examples, nats per example).
 
     For a VAE: ``elbo``, ``iwae`` (the importance-weighted bound at K = ``num_samples``,
@@ -155,7 +156,9 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
     ``recon``, Pareto :math:`\hat k` and ESS summaries, active units. For every kind:
     ``exact_log_px`` where a closed form exists (linear-Gaussian VAE, PPCA, finite mixture),
     reconstruction ``mse``/``bce``, and for mixtures component usage and, with labels,
-    cluster accuracy and NMI.
+    cluster accuracy and NMI. ``seed``: per-example noise streams (see :func:`estimate_log_px`).
+    ``per_example``: also ``report["per_example"]``, lists of each example's ``log_px``,
+    ``elbo``, ``kl`` (and ``pareto_k``), for paired comparisons between models.
     """
     report: dict = {"model": model.kind, "num_examples": int(images.shape[0])}
     was_training = model.training
@@ -163,11 +166,13 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
     try:
         if model.has_posterior:
             est = estimate_log_px(model, images, num_samples, chunk_size=chunk_size, batch_size=batch_size,
-                                  diagnostics=True, progress=progress)
+                                  diagnostics=True, progress=progress, seed=seed)
             s = est.summary()
             report.update({k: s[k] for k in ("num_samples", "elbo", "elbo_se", "log_px", "log_px_se", "kl", "recon",
                                              "pareto_k", "ess")})
             report["iwae"] = s["log_px"]
+            if per_example:
+                report["per_example"] = {k: getattr(est, k).tolist() for k in ("log_px", "elbo", "kl", "pareto_k")}
             n_active, _ = active_units(model, images)
             report["active_units"] = n_active
             report["latent_dim"] = model.latent_dim
@@ -176,6 +181,10 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
             report.update({k: v for k, v in scores.items() if v is not None})
             if model.kind == "mixture":
                 report["log_px"] = report["elbo"]
+                if per_example:
+                    t = _exact_terms(model, images)
+                    report["per_example"] = {"log_px": t["log_px"].tolist(), "elbo": t["log_px"].tolist(),
+                                             "kl": t["kl"].tolist()}
         marginal = model.exact_marginal()
         if marginal is not None:
             with isolated_params():

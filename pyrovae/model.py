@@ -25,6 +25,7 @@ from pyro.infer import config_enumerate
 from torch import nn
 
 from .distributions import BernoulliImages
+from .flows import InverseAutoregressiveFlow
 from .likelihoods import GaussianLikelihood, build_likelihood
 from .nets import Decoder, Encoder
 from .priors import Prior, build_prior
@@ -44,15 +45,21 @@ class VAE(nn.Module):
     Both share the site names ``"z"`` and ``"x"`` and a ``pyro.plate("data")`` over the batch
     (dim -1), so any Pyro ELBO can score them, vectorised over particles by an outer plate.
     ``kl_scale`` multiplies :math:`\log p(z) - \log q(z|x)` (KL warm-up; ``poutine.scale``).
+
+    With a ``flow`` (:class:`~pyrovae.flows.InverseAutoregressiveFlow`, ``--guide iaf``) the
+    guide's Gaussian is the base of a normalizing flow conditioned on a context the encoder
+    also outputs; the model, the site names and everything that reads traces are unchanged.
     """
 
     kind = "vae"
     #: whether q(z|x) is a density, so that importance-sampling estimates of log p(x) apply
     has_posterior = True
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, prior: Prior, likelihood: nn.Module):
+    def __init__(self, encoder: Encoder, decoder: Decoder, prior: Prior, likelihood: nn.Module,
+                 flow: InverseAutoregressiveFlow | None = None):
         super().__init__()
         self.encoder, self.decoder, self.prior, self.likelihood = encoder, decoder, prior, likelihood
+        self.flow = flow
 
     # --- the Pyro program ------------------------------------------------------------
     def model(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
@@ -65,15 +72,19 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
         pyro.module("encoder", self.encoder)
+        if self.flow is not None:
+            pyro.module("flow", self.flow)
         with pyro.plate("data", x.shape[0], dim=-1):
             posterior = self.posterior(x)
             with self._latent_weight(kl_scale):
                 pyro.sample("z", posterior)
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        r""":math:`q(z|x) = \mathcal{N}(m, \mathrm{diag}\, s^2)`, event shape ``(D,)``."""
-        loc, log_scale = self.encoder(x)
-        return dist.Normal(loc, log_scale.exp()).to_event(1)
+        r""":math:`q(z|x) = \mathcal{N}(m, \mathrm{diag}\, s^2)`, event shape ``(D,)``, or with a flow
+        that Gaussian pushed through it (a ``TransformedDistribution``)."""
+        loc, log_scale, context = self.encoder.with_context(x)
+        base = dist.Normal(loc, log_scale.exp()).to_event(1)
+        return base if self.flow is None else self.flow.distribution(base, context)
 
     def _latent_weight(self, kl_scale: float) -> contextlib.AbstractContextManager:
         return poutine.scale(scale=kl_scale) if kl_scale != 1.0 else contextlib.nullcontext()
@@ -84,8 +95,10 @@ class VAE(nn.Module):
         return self.encoder.latent_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The code of x: the posterior mean m(x), shape ``(B, D)``."""
-        return self.encoder(x)[0]
+        """The code of x, shape ``(B, D)``: the posterior mean m(x), or with a flow the flow's
+        image of it (the point its base mean maps to)."""
+        loc, _, context = self.encoder.with_context(x)
+        return loc if self.flow is None else self.flow(loc, context)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Pixel means of p(x|z), in [0, 1]."""
@@ -124,10 +137,15 @@ class VAE(nn.Module):
 
     @classmethod
     def from_config(cls, config, *, data_dim: int, train_images: torch.Tensor | None = None) -> "VAE":
-        encoder = Encoder(data_dim, config.hidden_dims, config.latent_dim, config.activation)
+        iaf = getattr(config, "guide", "gaussian") == "iaf"
+        context_dim = config.flow_context_dim if iaf else 0
+        encoder = Encoder(data_dim, config.hidden_dims, config.latent_dim, config.activation, context_dim)
         decoder = Decoder(config.latent_dim, config.hidden_dims, data_dim, config.activation)
         prior = build_prior(config, latent_dim=config.latent_dim, encoder=encoder, train_images=train_images)
-        return cls(encoder, decoder, prior, build_likelihood(config.likelihood, data_dim, config.likelihood_scale))
+        flow = (InverseAutoregressiveFlow(config.latent_dim, context_dim, config.flow_steps, config.flow_hidden_dims)
+                if iaf else None)
+        return cls(encoder, decoder, prior, build_likelihood(config.likelihood, data_dim, config.likelihood_scale),
+                   flow)
 
 
 class Autoencoder(VAE):
@@ -143,7 +161,9 @@ class Autoencoder(VAE):
     kind = "ae"
     has_posterior = False
 
-    def __init__(self, encoder, decoder, prior, likelihood):
+    def __init__(self, encoder, decoder, prior, likelihood, flow=None):
+        if flow is not None:
+            raise ValueError("--guide iaf applies to --model vae only: an autoencoder has a point-mass guide")
         super().__init__(encoder, decoder, prior, likelihood)
         d = encoder.latent_dim
         self.register_buffer("code_loc", torch.zeros(d))
@@ -163,7 +183,8 @@ class Autoencoder(VAE):
         """Fit N(mean, cov) to the codes of ``images`` (the training split)."""
         codes = torch.cat([self.encode(chunk) for chunk in images.split(4096)]).double()
         cov = torch.cov(codes.T).reshape(codes.shape[1], codes.shape[1])
-        cov = cov + 1e-6 * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        cov = cov + 1e-6 * cov.diagonal().mean().clamp_min(1e-12) * eye
         self.code_loc.copy_(codes.mean(0))
         self.code_scale_tril.copy_(torch.linalg.cholesky(cov))
 
@@ -249,7 +270,8 @@ class MixtureModel(nn.Module):
     kind = "mixture"
     has_posterior = False
 
-    def __init__(self, num_components: int, data_dim: int, likelihood: nn.Module, init_images: torch.Tensor | None = None, seed: int = 0):
+    def __init__(self, num_components: int, data_dim: int, likelihood: nn.Module,
+                 init_images: torch.Tensor | None = None, seed: int = 0):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"--prior-components must be at least 1 (got {num_components})")

@@ -59,16 +59,22 @@ class Encoder(_Net):
     r"""x -> (loc, log_scale) of :math:`q(z|x) = \mathcal{N}(m, \mathrm{diag}\,s^2)`.
 
     The notes' two outputs: the code :math:`m` and the noise control :math:`\sigma = \log s`,
-    so that :math:`c = m + e^{\sigma} \cdot e`, :math:`e \sim \mathcal{N}(0, I)`.
+    so that :math:`c = m + e^{\sigma} \cdot e`, :math:`e \sim \mathcal{N}(0, I)`. With
+    ``context_dim`` > 0 a third output, the context :math:`h(x)` a flow posterior is
+    conditioned on (:meth:`with_context`).
     """
 
-    def __init__(self, data_dim: int, hidden_dims: tuple[int, ...], latent_dim: int, activation: str = "softplus"):
-        super().__init__([data_dim, *hidden_dims, 2 * latent_dim], activation)
-        self.latent_dim = latent_dim
+    def __init__(self, data_dim: int, hidden_dims: tuple[int, ...], latent_dim: int, activation: str = "softplus",
+                 context_dim: int = 0):
+        super().__init__([data_dim, *hidden_dims, 2 * latent_dim + context_dim], activation)
+        self.latent_dim, self.context_dim = latent_dim, context_dim
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, log_scale = self._run(x).split(self.latent_dim, dim=-1)
-        return loc, log_scale
+        return self.with_context(x)[:2]
+
+    def with_context(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loc, log_scale, context)``; the context is empty when ``context_dim`` is 0."""
+        return self._run(x).split([self.latent_dim, self.latent_dim, self.context_dim], dim=-1)
 
 
 class Decoder(_Net):

@@ -57,7 +57,8 @@ def reconstructions(model, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interpolation(model, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def interpolation(model, x_from: torch.Tensor, x_to: torch.Tensor,
+                  steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Decode the straight line :math:`z_t = (1-t)\,m(x_a) + t\,m(x_b)`, :math:`t \in [0, 1]`,
     between the codes of two images (the notes' full moon and half moon).
 

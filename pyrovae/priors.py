@@ -148,7 +148,8 @@ class MixtureOfGaussiansPrior(Prior):
 
     inits = ("random", "kmeans")
 
-    def __init__(self, latent_dim: int, num_components: int, init: str = "random", init_epochs: int = 10, seed: int = 0):
+    def __init__(self, latent_dim: int, num_components: int, init: str = "random", init_epochs: int = 10,
+                 seed: int = 0):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"--prior-components must be at least 1 (got {num_components})")
@@ -176,7 +177,8 @@ class MixtureOfGaussiansPrior(Prior):
         codes = encode_train().detach().double().cpu()  # (N, D)
         k = self.logits.shape[0]
         if codes.shape[0] < k:
-            raise ValueError(f"--prior-init kmeans needs at least {k} training examples for {k} components, got {codes.shape[0]}")
+            raise ValueError(f"--prior-init kmeans needs at least {k} training examples for {k} components, "
+                             f"got {codes.shape[0]}")
         km = KMeans(n_clusters=k, n_init=3, random_state=self.seed).fit(codes.numpy())
         assign = torch.from_numpy(km.labels_).long()
         counts = torch.bincount(assign, minlength=k).double()

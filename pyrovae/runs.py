@@ -89,7 +89,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
             "use best.pt or last.pt of a finished run"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
-        raise ValueError(f"{path}: not a pyrovae checkpoint (format {CHECKPOINT_FORMAT}); use best.pt or last.pt of a run")
+        raise ValueError(f"{path}: not a pyrovae checkpoint (format {CHECKPOINT_FORMAT}); "
+                         "use best.pt or last.pt of a run")
     return state
 
 
@@ -147,7 +148,10 @@ def load_run(path: str | os.PathLike, which: str = "best", device: str | torch.d
         raise FileNotFoundError(f"{path}: no such run directory; give the folder that `pyrovae train` printed")
     state = load_checkpoint(ckpt)
     config_path = run_dir / "config.json"
-    config = TrainConfig.load(config_path) if config_path.is_file() else TrainConfig.from_dict(state["config"], str(ckpt))
+    if config_path.is_file():
+        config = TrainConfig.load(config_path)
+    else:
+        config = TrainConfig.from_dict(state["config"], str(ckpt))
     model = build_model(config, data_dim=int(state["data_dim"]))
     load_state(model, state["model"], ckpt)
     device = torch.device(device)

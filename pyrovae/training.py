@@ -39,7 +39,7 @@ from pyro.infer import SVI
 
 from .config import TrainConfig
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
-from .marginal import isolated_params
+from .marginal import derive_seed, isolated_params
 from .metrics import split_scores
 from .model import build_model
 from .nets import set_autocast
@@ -79,14 +79,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise ValueError(f"--device must be auto, cpu or cuda (got {name!r})")
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed derived from integers (stable across runs and machines)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
 
 
 @dataclass
@@ -269,9 +261,9 @@ class _Trainer:
             if len(ranks) == env.world:
                 _set_rng_state(ranks[env.rank], self.device)
             else:  # another world size: continue deterministically, if not identically
-                torch.manual_seed(_seed(config.seed, self.start_epoch, env.rank))
+                torch.manual_seed(derive_seed(config.seed, self.start_epoch, env.rank))
         elif env.world > 1:
-            torch.manual_seed(_seed(config.seed, 0, env.rank))
+            torch.manual_seed(derive_seed(config.seed, 0, env.rank))
         error = None
         if self.write:
             try:
@@ -336,7 +328,7 @@ class _Trainer:
     def _train_images(self, epoch: int) -> torch.Tensor:
         c = self.config
         if c.binarize == "dynamic":
-            return binarize(self.data.train_grey, _seed(c.seed, epoch, 1))
+            return binarize(self.data.train_grey, derive_seed(c.seed, epoch, 1))
         return self.data.train_fixed
 
     def _lr(self, epoch: int) -> float:
@@ -527,7 +519,7 @@ class _Trainer:
         try:
             test = prepare_data(self.config, "test", self.device)
         except (FileNotFoundError, ValueError) as e:
-            warnings.warn(f"no test-split score: {e}")
+            warnings.warn(f"no test-split score: {e}", stacklevel=2)
             return None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(VAL_SEED)

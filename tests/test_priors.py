@@ -336,6 +336,9 @@ EVERY_PRIOR = [
     dict(prior="vamp", prior_components=6),
     dict(prior="vamp", prior_components=6, prior_init="noise", elbo="iwae", num_particles=3),
     dict(model="mixture", prior_components=8),
+    # flow guides (tests/test_flows.py): with KL warm-up, and with the VampPrior under the IWAE bound
+    dict(prior="standard", guide="iaf", flow_hidden_dims=(16,), flow_context_dim=8, warmup_epochs=2),
+    dict(prior="vamp", prior_components=6, guide="iaf", flow_hidden_dims=(16,), elbo="iwae", num_particles=3),
 ]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
@@ -78,6 +77,28 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                        metavar=f.name.upper() if not choices else None)
 
 
+def estimator_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that choose and tune the log p(x) estimator (evaluate, compare)."""
+    p.add_argument("--estimator", default="is", choices=("is", "ais", "quadrature"),
+                   help="log p(x) by importance sampling with q(z|x) (is, default; K = --num-samples), annealed "
+                   "importance sampling with HMC (ais: a tighter stochastic lower bound; find its --ais-steps "
+                   "with pyrovae bdmc), or quadrature over a 2-D latent (exact up to grid error)")
+    p.add_argument("--ais-steps", type=int, default=500, help="ais: intermediate distributions T (default: 500)")
+    p.add_argument("--ais-chains", type=int, default=4, help="ais: chains per example (default: 4)")
+    p.add_argument("--ais-leapfrog", type=int, default=5, help="ais: leapfrog steps per HMC transition (default: 5)")
+    p.add_argument("--ais-init", default="guide", choices=("guide", "prior"),
+                   help="ais: start from q(z|x) (default; a flow guide's Gaussian base) or the prior")
+    p.add_argument("--quadrature-resolution", type=int, default=256,
+                   help="quadrature: grid points per side around each example's posterior (default: 256)")
+
+
+def estimator_options(args) -> dict:
+    """``evaluate()`` keyword arguments from :func:`estimator_flags`' flags."""
+    return {"estimator": args.estimator, "quadrature_resolution": args.quadrature_resolution,
+            "ais_options": {"num_steps": args.ais_steps, "num_chains": args.ais_chains,
+                            "leapfrog": args.ais_leapfrog, "init": args.ais_init}}
+
+
 def _parser() -> argparse.ArgumentParser:
     root = _Parser(prog="pyrovae", description="The VAE of the design notes as a Pyro program: train, "
                    "estimate log p(x), look at samples.")
@@ -128,9 +149,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="at most this many (sample, example) pairs decoded at once: bounds memory "
                         "(default: 2048 per CPU thread, as larger chunks fall out of cache; 65536 on CUDA)")
     e.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
+    estimator_flags(e)
     e.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_evaluate)
+
+    bd = run_command("bdmc", "bidirectional Monte Carlo: lower and upper bounds on log p(x) of simulated data",
+                     "Simulate examples from the model itself (z* ~ p(z), x ~ p(x|z*)); for each --steps T run AIS "
+                     "forward from the start distribution (a stochastic lower bound on log p(x)) and backward from "
+                     "z*, an exact posterior draw (a stochastic upper bound), and report both and their gap "
+                     "(Grosse et al. 2015). The T whose gap is small enough is the T to trust for "
+                     "evaluate --estimator ais on real data.")
+    bd.add_argument("--num-examples", type=int, default=100, help="simulated examples (default: 100)")
+    bd.add_argument("--steps", type=_int_list, default=(10, 100, 1000), help="AIS steps T to try, comma "
+                    "separated (default: 10,100,1000)")
+    bd.add_argument("--chains", type=int, default=4, help="chains per example (default: 4)")
+    bd.add_argument("--leapfrog", type=int, default=5, help="leapfrog steps per HMC transition (default: 5)")
+    bd.add_argument("--init", default="guide", choices=("guide", "prior"), help="AIS start: q(z|x) (default) "
+                    "or the prior")
+    bd.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
+    bd.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
+    bd.add_argument("--quiet", action="store_true", help="no progress bar")
+    bd.set_defaults(func=_bdmc)
 
     s = run_command("sample", "PNG grid of images decoded from prior samples",
                     "Decode codes drawn from the model's generative distribution (the prior; for ae/pca a Gaussian "
@@ -157,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--output", help="PNG path (default: RUN/interpolate-I-J.png)")
     i.set_defaults(func=_interpolate)
 
-    for p in (t, e, s, r, i):
+    for p in (t, e, bd, s, r, i):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return root
 
@@ -213,14 +253,14 @@ def _base_config(preset: str | None, config_file: str | None):
 # --- commands on a trained run -----------------------------------------------------------
 
 
-def _load(args):
+def _load(args, device=None):
     import torch
 
     from .runs import load_run
     from .training import resolve_device
 
     torch.manual_seed(args.seed)
-    return load_run(args.run, which=args.checkpoint, device=resolve_device(args.device))
+    return load_run(args.run, which=args.checkpoint, device=device or resolve_device(args.device))
 
 
 def _split(args, run):
@@ -242,18 +282,27 @@ def _evaluate(args) -> int:
     from .metrics import evaluate, format_report
     from .pictures import code_prior
     from .plots import plot_latent_2d
+    from .training import _Dist
 
-    run = _load(args)
-    ds = _split(args, run)
-    report = evaluate(run.model, ds.images, ds.labels, num_samples=args.num_samples, chunk_size=args.chunk_size,
-                      batch_size=args.batch_size, progress=not args.quiet, seed=args.seed)
-    report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "dataset": ds.name, "split": ds.split, **report}
+    env = _Dist(args.device)  # under torchrun: one shard of the examples per process
+    try:
+        run = _load(args, device=env.device)
+        ds = _split(args, run)
+        report = evaluate(run.model, ds.images, ds.labels, num_samples=args.num_samples, chunk_size=args.chunk_size,
+                          batch_size=args.batch_size, progress=not args.quiet and env.main, seed=args.seed,
+                          shard=(env.rank, env.world), per_example=bool(args.json), **estimator_options(args))
+    finally:
+        env.close()
+    if report is None:  # not rank 0: its share went to rank 0
+        return 0
+    report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "dataset": ds.name, "split": ds.split,
+              "processes": env.world, "seed": args.seed, **report}
     print(format_report(report))
     pk = report.get("pareto_k")
-    if pk and pk["num_above_0.7"]:
+    if pk and pk["num_above_0.7"] and report.get("estimator", "is") == "is":
         print(f"warning: {pk['num_above_0.7']} examples ({100 * pk['frac_above_0.7']:.1f}%) have Pareto k-hat > 0.7: "
-              "their log p(x) estimates are unreliable (raise --num-samples, or read them as lower bounds)",
-              file=sys.stderr)
+              "their log p(x) estimates are unreliable (raise --num-samples, read them as lower bounds, or use "
+              "--estimator ais)", file=sys.stderr)
     if getattr(run.model, "latent_dim", 0) == 2 and run.model.kind != "mixture":
         import torch
 
@@ -265,12 +314,35 @@ def _evaluate(args) -> int:
                              title=f"{run.config.model}, {ds.name} {ds.split}")
         report["latent_png"] = str(png)
         print(f"latent map: {png}")
-    if args.json:
-        text = json.dumps(report, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+    _write_json(args.json, report)
+    return 0
+
+
+def _write_json(where: str | None, obj) -> None:
+    """``--json PATH``: strict JSON (non-finite numbers as null) written atomically; ``-``: stdout."""
+    from .files import dumps, write_json
+
+    if not where:
+        return
+    if where == "-":
+        print(dumps(obj))
+    else:
+        write_json(where, obj)
+
+
+def _bdmc(args) -> int:
+    from .ais import bdmc, format_bdmc
+
+    run = _load(args)
+    steps = args.steps
+    if not steps:
+        raise ValueError("--steps needs at least one number of AIS steps, such as 10,100,1000")
+    result = bdmc(run.model, num_examples=args.num_examples, steps=steps, num_chains=args.chains,
+                  leapfrog=args.leapfrog, init=args.init, seed=args.seed, batch_size=args.batch_size,
+                  progress=not args.quiet)
+    result = {"run": str(run.dir), "checkpoint": str(run.checkpoint), **result}
+    print(format_bdmc(result))
+    _write_json(args.json, result)
     return 0
 
 

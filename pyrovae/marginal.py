@@ -105,20 +105,25 @@ def _score(model, x: torch.Tensor, guide_trace, num_samples: int) -> dict[str, t
     return terms
 
 
-def log_joint(model, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+def log_joint(model, x: torch.Tensor, values: dict[str, torch.Tensor], split: bool = False):
     r""":math:`\log p(x, z)` of every example at given latent values, read from the model's own
     Pyro trace (any prior, likelihood or number of latent sites): ``values`` maps each latent
-    site to a tensor ``(S, B, *event)``, and the result is ``(S, B)``. Differentiable in the
-    values (AIS takes its gradient); the shared scoring function of the estimators."""
+    site to a tensor ``(S, B, *event)``, and the result is ``(S, B)`` (with ``split``: the pair
+    :math:`(\log p(z), \log p(x|z))`). Differentiable in the values (AIS takes its gradient);
+    the scoring function the estimators share."""
     num_samples = next(iter(values.values())).shape[0]
     with pyro.plate("samples", num_samples, dim=-2):
         trace = poutine.trace(poutine.condition(model.model, data=values)).get_trace(x)
     trace = prune_subsample_sites(trace)
-    out = x.new_zeros((num_samples, x.shape[0]))
+    log_prior = log_lik = x.new_zeros((num_samples, x.shape[0]))
     for site in trace.nodes.values():
         if site["type"] == "sample":
-            out = out + site["fn"].log_prob(site["value"])
-    return out
+            lp = site["fn"].log_prob(site["value"])
+            if site["name"] in values:
+                log_prior = log_prior + lp
+            else:
+                log_lik = log_lik + lp
+    return (log_prior, log_lik) if split else log_prior + log_lik
 
 
 def latent_sites(model, x: torch.Tensor) -> dict[str, torch.Size]:

@@ -13,7 +13,7 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
-from .marginal import active_units, estimate_log_px, isolated_params
+from .marginal import Estimate, active_units, estimate_log_px, isolated_params
 
 __all__ = ["split_scores", "evaluate", "reconstruction_errors", "component_usage", "cluster_scores",
            "responsibilities"]
@@ -145,38 +145,129 @@ def cluster_scores(labels: torch.Tensor, assign: torch.Tensor, num_components: i
     return {"cluster_accuracy": float(correct / len(y)), "nmi": float(normalized_mutual_info_score(y, a))}
 
 
+#: estimator names of ``evaluate --estimator``
+ESTIMATORS = ("is", "ais", "quadrature")
+
+
+def _is_scores(model, images, first_index, *, num_samples, chunk_size, batch_size, seed, progress) -> dict:
+    est = estimate_log_px(model, images, num_samples, chunk_size=chunk_size, batch_size=batch_size, diagnostics=True,
+                          progress=progress, seed=seed, first_index=first_index)
+    return {"log_px": est.log_px, "elbo": est.elbo, "recon": est.recon, "kl": est.kl, "pareto_k": est.pareto_k,
+            "ess": est.ess}
+
+
+def _ais_scores(model, images, first_index, *, seed, progress, **options) -> dict:
+    from .ais import ais_log_px
+
+    r = ais_log_px(model, images, seed=seed if seed is not None else 0, first_index=first_index, progress=progress,
+                   **options)
+    return {"log_px": r.log_px, "ess": r.ess, "acceptance": r.acceptance}
+
+
+def _quadrature_scores(model, images, first_index, *, progress, resolution) -> dict:
+    from .quadrature import quadrature_log_px
+
+    return {"log_px": quadrature_log_px(model, images, resolution=resolution, progress=progress)}
+
+
+def _sharded(fn, images: torch.Tensor, shard: tuple[int, int] | None):
+    """``fn(images, first_index)`` (a dict of per-example CPU tensors) over all images, or, with
+    ``shard = (rank, world)`` in a ``torch.distributed`` group, over this process's contiguous
+    share, gathered on rank 0 (other ranks get ``None``). Per-example random streams make the
+    result the same as one process's."""
+    if shard is None or shard[1] == 1:
+        return fn(images, 0)
+    import torch.distributed as tdist
+
+    rank, world = shard
+    n = images.shape[0]
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    part = fn(images[lo:hi], lo)
+    parts = [None] * world
+    tdist.all_gather_object(parts, {k: v.cpu() for k, v in part.items()})
+    if rank != 0:
+        return None
+    return {k: torch.cat([p[k] for p in parts]) for k in part}
+
+
 @torch.no_grad()
 def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *, num_samples: int = 1000,
              chunk_size: int | None = None, batch_size: int = 100, progress: bool = False,
-             seed: int | None = None, per_example: bool = False) -> dict:
+             seed: int | None = None, per_example: bool = False, estimator: str = "is",
+             ais_options: dict | None = None, quadrature_resolution: int = 256,
+             shard: tuple[int, int] | None = None) -> dict | None:
     r"""The full report of a model on one split (means over examples, nats per example).
 
-    For a VAE: ``elbo``, ``iwae`` (the importance-weighted bound at K = ``num_samples``,
-    which is also the estimate ``log_px``), their standard errors over examples, ``kl``,
-    ``recon``, Pareto :math:`\hat k` and ESS summaries, active units. For every kind:
+    For a VAE: ``elbo``, ``iwae`` (the importance-weighted bound at K = ``num_samples``), their
+    standard errors over examples, ``kl``, ``recon``, Pareto :math:`\hat k` and ESS summaries,
+    active units, and ``log_px`` with ``log_px_se`` from ``estimator``: ``"is"`` (the IWAE
+    estimate itself), ``"ais"`` (annealed importance sampling, :func:`pyrovae.ais.ais_log_px`
+    with ``ais_options``; its ESS over chains and HMC acceptance rate under ``report["ais"]``) or
+    ``"quadrature"`` (2-D latents, :func:`pyrovae.quadrature.quadrature_log_px`); ``is_log_px``
+    keeps the importance-sampling estimate beside the other two. For every kind:
     ``exact_log_px`` where a closed form exists (linear-Gaussian VAE, PPCA, finite mixture),
     reconstruction ``mse``/``bce``, and for mixtures component usage and, with labels,
     cluster accuracy and NMI. ``seed``: per-example noise streams (see :func:`estimate_log_px`).
     ``per_example``: also ``report["per_example"]``, lists of each example's ``log_px``,
-    ``elbo``, ``kl`` (and ``pareto_k``), for paired comparisons between models.
+    ``elbo``, ``kl`` (and the estimator's diagnostics), for paired comparisons between models.
+    ``shard = (rank, world)``: inside a ``torch.distributed`` group, each process scores its
+    share of the examples; rank 0 gathers them and returns the report, the others ``None``.
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {estimator!r})")
     report: dict = {"model": model.kind, "num_examples": int(images.shape[0])}
     was_training = model.training
     model.eval()
     try:
         if model.has_posterior:
-            est = estimate_log_px(model, images, num_samples, chunk_size=chunk_size, batch_size=batch_size,
-                                  diagnostics=True, progress=progress, seed=seed)
+            def work(imgs, first):
+                out = {f"is_{k}": v for k, v in _is_scores(model, imgs, first, num_samples=num_samples,
+                                                            chunk_size=chunk_size, batch_size=batch_size,
+                                                            seed=seed, progress=progress).items()}
+                if estimator == "ais":
+                    out.update({f"ais_{k}": v for k, v in _ais_scores(model, imgs, first, seed=seed,
+                                                                       progress=progress,
+                                                                       **(ais_options or {})).items()})
+                elif estimator == "quadrature":
+                    out["quadrature_log_px"] = _quadrature_scores(model, imgs, first, progress=progress,
+                                                                  resolution=quadrature_resolution)["log_px"]
+                return out
+
+            per = _sharded(work, images, shard)
+            if per is None:
+                return None
+            est = Estimate(num_samples, per["is_log_px"], per["is_elbo"], per["is_recon"], per["is_kl"],
+                           per["is_pareto_k"], per["is_ess"])
             s = est.summary()
             report.update({k: s[k] for k in ("num_samples", "elbo", "elbo_se", "log_px", "log_px_se", "kl", "recon",
                                              "pareto_k", "ess")})
-            report["iwae"] = s["log_px"]
+            report["iwae"] = report["is_log_px"] = s["log_px"]
+            report["estimator"] = estimator
+            chosen = per[f"{estimator}_log_px"]
+            report["log_px"], report["log_px_se"] = _mean(chosen), _se(chosen)
+            if estimator == "ais":
+                r = per["ais_ess"]
+                report["ais"] = {**(ais_options or {}), "ess": {"mean": _mean(r), "min": float(r.min())},
+                                 "acceptance": _mean(per["ais_acceptance"])}
+            if estimator == "quadrature":
+                report["quadrature"] = {"resolution": quadrature_resolution}
             if per_example:
-                report["per_example"] = {k: getattr(est, k).tolist() for k in ("log_px", "elbo", "kl", "pareto_k")}
+                report["per_example"] = {"log_px": chosen.tolist(), "elbo": est.elbo.tolist(), "kl": est.kl.tolist(),
+                                         "pareto_k": est.pareto_k.tolist()}
+                if estimator != "is":
+                    report["per_example"]["is_log_px"] = est.log_px.tolist()
+                if estimator == "ais":
+                    report["per_example"].update({"ais_ess": per["ais_ess"].tolist(),
+                                                  "acceptance": per["ais_acceptance"].tolist()})
             n_active, _ = active_units(model, images)
             report["active_units"] = n_active
             report["latent_dim"] = model.latent_dim
         else:
+            if estimator != "is":
+                why = "has its log p(x) in closed form" if model.exact_marginal() is not None else "has no guide"
+                raise ValueError(f"--estimator {estimator} needs a VAE; a {model.kind} model {why}")
+            if shard is not None and shard[0] != 0:
+                return None
             scores = split_scores(model, images)
             report.update({k: v for k, v in scores.items() if v is not None})
             if model.kind == "mixture":
@@ -214,10 +305,16 @@ def format_report(report: dict) -> str:
         return f"{report[key]:.3f}" + (f" ± {se:.3f}" if se is not None and not math.isnan(se) else "")
 
     k = report.get("num_samples")
+    estimator = report.get("estimator", "is")
+    what = {"is": f"importance sampling, K={k}", "quadrature": "quadrature"}.get(estimator)
+    if estimator == "ais":
+        a = report["ais"]
+        what = (f"AIS, T={a.get('num_steps')}, {a.get('num_chains')} chains, L={a.get('leapfrog')}, "
+                f"from the {a.get('init', 'guide')}")
     rows += [
         ("ELBO (nats)", pm("elbo")),
         (f"IWAE bound, K={k}", f"{report['iwae']:.3f}" if "iwae" in report else None),
-        ("log p(x) estimate", pm("log_px")),
+        (f"log p(x) estimate ({what})" if "num_samples" in report else "log p(x)", pm("log_px")),
         ("log p(x) exact (closed form)", pm("exact_log_px")),
         ("KL(q(z|x) || p(z))", f"{report['kl']:.3f}" if report.get("kl") is not None else None),
         ("reconstruction E_q log p(x|z)", f"{report['recon']:.3f}" if report.get("recon") is not None else None),
@@ -229,6 +326,11 @@ def format_report(report: dict) -> str:
         rows.append(("Pareto k-hat > 0.7", f"{pk['num_above_0.7']} of {report['num_examples']} "
                                            f"({100 * pk['frac_above_0.7']:.1f}%), max {pk['max']:.2f}"))
         rows.append(("ESS of weights (mean, min)", f"{report['ess']['mean']:.1f}, {report['ess']['min']:.1f}"))
+    if "ais" in report:
+        a = report["ais"]
+        rows.append(("AIS: ESS of chain weights (mean, min)", f"{a['ess']['mean']:.2f}, {a['ess']['min']:.2f} "
+                                                               f"of {a.get('num_chains')}"))
+        rows.append(("AIS: HMC acceptance rate", f"{a['acceptance']:.3f}"))
     if "active_units" in report:
         rows.append(("active units", f"{report['active_units']} of {report['latent_dim']}"))
     if "components" in report:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import torch
 
-from .marginal import frozen_prior, isolated_params, latent_sites, log_joint
+from .marginal import default_chunk_size, frozen_prior, isolated_params, latent_sites, log_joint
 
 __all__ = ["quadrature_log_px", "QUADRATURE_RESOLUTION"]
 
@@ -62,7 +63,7 @@ def _log_joint_on(model, site: str, x: torch.Tensor, points: torch.Tensor, chunk
 
 @torch.no_grad()
 def quadrature_log_px(model, images: torch.Tensor, *, resolution: int = QUADRATURE_RESOLUTION,
-                      margin: float = 40.0, batch_size: int = 16, chunk_size: int = 2**18,
+                      margin: float = 40.0, batch_size: int = 16, chunk_size: int | None = None,
                       progress: bool = False) -> torch.Tensor:
     r""":math:`\log p(x)` of every row of ``images`` by quadrature over the 2-D latent, float64, ``(N,)``.
 
@@ -74,11 +75,13 @@ def quadrature_log_px(model, images: torch.Tensor, *, resolution: int = QUADRATU
     margin : the fine grid covers where :math:`\log p(x, z)` is within this many nats of its
         largest value on the coarse grids (beyond it the integrand adds less than
         :math:`e^{-\text{margin}}` per cell).
-    batch_size : examples per pass; ``chunk_size``: at most this many (point, example) pairs decoded at once.
+    batch_size : examples per pass; ``chunk_size``: at most this many (point, example) pairs decoded at
+        once (default: 4 times the importance sampler's, :func:`~pyrovae.marginal.default_chunk_size`).
     """
     if resolution < 8:
         raise ValueError(f"--quadrature-resolution must be at least 8 (got {resolution})")
     site = _check_2d(model, images)
+    chunk_size = chunk_size or 4 * default_chunk_size(images.device)
     from tqdm.auto import tqdm
 
     out = []
@@ -87,7 +90,7 @@ def quadrature_log_px(model, images: torch.Tensor, *, resolution: int = QUADRATU
     bar = tqdm(total=images.shape[0], desc=f"log p(x), quadrature {resolution}²", unit="ex", disable=not progress,
                leave=False)
     try:
-        with isolated_params(), frozen_prior(model):
+        with isolated_params(), pyro.validation_enabled(False), frozen_prior(model):
             _, loc, scale = model.prior.mixture()  # (K, 2)
             prior_lo = (loc - 8 * scale).amin(0).double()
             prior_hi = (loc + 8 * scale).amax(0).double()

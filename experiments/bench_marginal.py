@@ -57,7 +57,7 @@ from pyrovae.marginal import default_chunk_size, isolated_params  # noqa: E402
 REFERENCE_CHUNK, REFERENCE_BATCH = 250, 100
 #: --quick's sizes
 QUICK = {"num_images": 200, "num_samples": 100, "reference_images": 100, "sweep_chunks": "1024,2048",
-         "prior_images": 50, "prior_samples": 50}
+         "prior_images": 50, "prior_samples": 50, "ais_images": 20, "ais_steps": 20}
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -278,6 +278,29 @@ def prior_rows(args, out: Path, images: torch.Tensor, progress: bool) -> list[di
     return rows
 
 
+def ais_section(args, model, images: torch.Tensor, progress: bool) -> dict:
+    """AIS with ``pyrovae evaluate --estimator ais``'s defaults on ``--ais-images`` images: wall time,
+    peak memory above the start, and its rate in decoder gradient passes (forward and backward)
+    per second and in GFLOP/s, counting the decoder's matmuls twice per pass (the forward
+    products and the backward products for the gradient with respect to z)."""
+    from pyrovae.ais import ais_log_px
+
+    t, c, lf = args.ais_steps, args.ais_chains, args.ais_leapfrog
+    x = images[: args.ais_images]
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        r = ais_log_px(model, x, num_steps=t, num_chains=c, leapfrog=lf, seed=0, batch_size=args.ais_batch_size,
+                       progress=progress)
+        wall = time.perf_counter() - t0
+    passes = x.shape[0] * c * ((t - 1) * lf + 1)  # one gradient at the start, L per transition
+    flops = passes * 2 * net_flops(model.decoder)
+    return {"images": int(x.shape[0]), "num_steps": t, "num_chains": c, "leapfrog": lf,
+            "batch_size": args.ais_batch_size, "wall_s": wall, "extra_rss_mb": rss.peak - rss.start,
+            "gradient_passes": passes, "passes_per_s": passes / wall, "gflops": flops / wall / 1e9,
+            "log_px": float(r.log_px.mean()), "acceptance": float(r.acceptance.mean()),
+            "wall_extrapolated_1000_images_s": wall * 1000 / x.shape[0]}
+
+
 def _log(msg: str) -> None:
     print(f"[bench_marginal] {msg}", file=sys.stderr, flush=True)
 
@@ -322,6 +345,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prior-images", type=int, default=1000, help="images of the priors section")
     p.add_argument("--prior-samples", type=int, default=1000, help="K of the priors section")
     p.add_argument("--no-priors", action="store_true", help="skip the priors section")
+    p.add_argument("--ais-images", type=int, default=1000, help="images of the AIS section")
+    p.add_argument("--ais-steps", type=int, default=500, help="AIS steps T (evaluate's default)")
+    p.add_argument("--ais-chains", type=int, default=4, help="AIS chains (evaluate's default)")
+    p.add_argument("--ais-leapfrog", type=int, default=5, help="AIS leapfrog steps (evaluate's default)")
+    p.add_argument("--ais-batch-size", type=int, default=100, help="images per AIS pass (evaluate's default)")
+    p.add_argument("--no-ais", action="store_true", help="skip the AIS section")
     p.add_argument("--out", default="results/bench_marginal", help="folder for bench.json, bench.md (and the "
                    "short run)")
     p.add_argument("--quick", action="store_true", help="small sizes and an untrained network: checks that "
@@ -329,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     for name in ("num_images", "num_samples", "reference_images", "batch_size", "train_epochs", "prior_images",
-                 "prior_samples"):
+                 "prior_samples", "ais_images", "ais_steps", "ais_chains", "ais_leapfrog", "ais_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.quick:  # small sizes, where not given explicitly
@@ -385,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "gflops": gflops(sweep_n, sweep_k, sweep_wall), "peak_rss_mb": sweep_peak})
     profile_rows = op_profile(model, images[:sweep_n], sweep_k, args.chunk_size, args.batch_size)
     priors = [] if args.no_priors else prior_rows(args, out, images[: args.prior_images], progress)
+    ais = None if args.no_ais else ais_section(args, model, images, progress)
 
     rate = gflops(n, K, wall)
     result = {
@@ -410,10 +440,13 @@ def main(argv: list[str] | None = None) -> dict:
         "sweep": sweep_rows,
         "op_profile": profile_rows,
         "priors": {"images": min(args.prior_images, n), "num_samples": args.prior_samples, "rows": priors},
+        "ais": ais,
         "process_peak_rss_mb": _max_rss_mb(),
         "targets": {"fraction_of_matmul_at_least_0.5": rate / mm_best >= 0.5,
                     "wall_under_600_s": wall < 600 if n * K >= 10_000 * 5000 else None,
-                    "peak_rss_under_2_gb": max(peak, peak_big) < 2048},
+                    "peak_rss_under_2_gb": max(peak, peak_big) < 2048,
+                    "ais_defaults_on_1000_images_within_600_s": (ais["wall_s"] <= 600 if ais and ais["images"] >= 1000
+                                                                 else None)},
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(result))
@@ -474,6 +507,15 @@ def markdown(r: dict) -> str:
         lines += [f"| {x['prior']} | {x['wall_s']:.1f} | {x['wall_ratio']:.2f} | {x['extra_rss_mb']:.0f} | "
                   f"{x['extra_rss_ratio']:.2f} | {x['mixture_products']} |" for x in p["rows"]]
         lines += [""]
+    if r.get("ais"):
+        a = r["ais"]
+        lines += [f"AIS (`evaluate --estimator ais` defaults: T = {a['num_steps']}, {a['num_chains']} chains, "
+                  f"L = {a['leapfrog']}, {a['batch_size']} images per pass) on {a['images']} images: "
+                  f"{a['wall_s']:.1f} s (1,000 images: {a['wall_extrapolated_1000_images_s']:.0f} s), "
+                  f"{a['gradient_passes']:,} decoder gradient passes, {a['passes_per_s']:,.0f} per second, "
+                  f"{a['gflops']:.1f} GFLOP/s = {100 * a['gflops'] / mm['best']:.0f}% of the matmul rate (forward and "
+                  f"backward products counted), memory above the start {a['extra_rss_mb']:.0f} MB, "
+                  f"acceptance {a['acceptance']:.2f}, mean log p(x) {a['log_px']:.3f}.", ""]
     if r.get("op_profile"):
         lines += ["| op (torch.profiler, self CPU time) | share | calls |", "|---|---:|---:|"]
         lines += [f"| {o['op']} | {100 * o['fraction_of_op_time']:.1f}% "

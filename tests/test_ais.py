@@ -201,3 +201,24 @@ def test_two_processes_give_the_per_example_numbers_of_one(model_2d, tmp_path, e
     for key in ("log_px", "elbo", "kl"):
         assert torch.allclose(torch.tensor(a["per_example"][key]), torch.tensor(b["per_example"][key]), atol=1e-4)
     assert two.stdout.count("log p(x) estimate") == 1  # only rank 0 reports
+
+
+def test_estimators_study_quick_writes_its_tables_and_reuses_its_cache(tmp_path):
+    from conftest import load_experiment
+
+    study = load_experiment("estimators")
+    out = tmp_path / "est"
+    assert study.main(["--quick", "--quiet", "--out", str(out), "--models", "default,iaf-4"]) == 0
+    result = json.loads((out / "estimators.json").read_text())
+    row = result["table"][0]
+    per = result["is_vs_ais"]["default"]
+    ais = torch.tensor(per["ais"][-1]["per_image"], dtype=torch.float64)
+    # the table's AIS − IS is the paired mean of the per-image estimates it was built from
+    cached = json.loads(next((out / "cache").glob("default-*-is-K100.json")).read_text())
+    is_k = torch.tensor(cached["per_image"], dtype=torch.float64)
+    assert abs(row["ais_minus_is"] - float((ais - is_k).mean())) < 1e-9
+    assert [r["num_steps"] for r in result["bdmc"]["default"]["rows"]] == [3, 10]
+    assert (out / "estimators.png").stat().st_size > 0 and "| default |" in (out / "estimators.md").read_text()
+    stamps = {p: p.stat().st_mtime for p in (out / "cache").iterdir()}
+    assert study.main(["--quick", "--quiet", "--out", str(out), "--models", "default,iaf-4"]) == 0
+    assert {p: p.stat().st_mtime for p in (out / "cache").iterdir()} == stamps  # every estimate reused

@@ -13,10 +13,9 @@ on the same test images and with the same per-image random streams:
 Compute, on the plot's x-axis, is decoder passes per image: K for importance sampling, and for
 AIS C·T·L gradient passes (forward and backward; C chains, L leapfrog steps).
 
-Models come from ``--runs-from DIR`` (a study's run folder, e.g. ``results/flows/runs``, where
-runs named ``gaussian``, ``vamp-500`` and ``iaf-4`` are used when their settings match) or are
-trained here. Every estimate is cached under ``OUT/cache/`` as it finishes, so an interrupted
-study continues where it stopped.
+Models come from ``--runs-from DIR`` (another study's run folder, e.g. ``results/flows/runs``:
+any finished run there with the same settings) or are trained here. Every estimate is cached
+under ``OUT/cache/`` as it finishes, so an interrupted study continues where it stopped.
 
 Usage::
 
@@ -48,11 +47,11 @@ from pyrovae.files import write_atomic, write_json, write_text_atomic  # noqa: E
 from pyrovae.plots import _figure  # noqa: E402
 from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
 
-#: (name, what, settings on top of the defaults, the name of the same run in experiments/flows.py)
+#: (name, what, settings on top of the defaults)
 MODELS = [
-    ("default", "the default VAE (784-400-50, Gaussian guide)", {}, "gaussian"),
-    ("vamp-500", "VampPrior K=500", {"prior": "vamp", "prior_components": 500}, "vamp-500"),
-    ("iaf-4", "IAF guide, 4 steps", {"guide": "iaf", "flow_steps": 4}, "iaf-4"),
+    ("default", "the default VAE (784-400-50, Gaussian guide)", {}),
+    ("vamp-500", "VampPrior K=500", {"prior": "vamp", "prior_components": 500}),
+    ("iaf-4", "IAF guide, 4 steps", {"guide": "iaf", "flow_steps": 4}),
 ]
 _FIX = "rerun with --fresh, or choose another --out"
 
@@ -93,16 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_dir(name: str, settings: dict, flows_name: str, shared: dict, args, runs: Path) -> Path:
+def _model_dir(name: str, settings: dict, shared: dict, args, runs: Path) -> Path:
     config = TrainConfig(**{**shared, **settings}, out=str(runs), name=name)
-    if args.runs_from:
-        candidate = Path(args.runs_from) / flows_name
-        if (candidate / "summary.json").is_file():
-            stored = TrainConfig.load(candidate / "config.json").to_dict()
-            wanted = config.resolved().to_dict()
-            if all(stored.get(k) == v for k, v in wanted.items() if k not in ("out", "name")):
-                return candidate
-    return train_or_reuse(config, progress=not args.quiet, fix=_FIX)[0]
+    return train_or_reuse(config, progress=not args.quiet, fix=_FIX, reuse_from=args.runs_from)[0]
 
 
 def _cached(cache: Path, key: str, compute) -> dict:
@@ -160,11 +152,11 @@ def _main(args, argv) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     results, bdmc_results, table_rows = {}, {}, []
     progress = not args.quiet
-    for name, what, settings, flows_name in [m for m in MODELS if m[0] in names]:
+    for name, what, settings in [m for m in MODELS if m[0] in names]:
         s = dict(settings)
         if args.quick and s.get("prior") == "vamp":
             s["prior_components"] = 20
-        run_dir = _model_dir(name, s, flows_name, shared, args, runs)
+        run_dir = _model_dir(name, s, shared, args, runs)
         run = load_run(run_dir)
         test = prepare_data(run.config, "test", "cpu")
         x = test.images[:n_images]

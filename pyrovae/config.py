@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,12 @@ GUIDES = ("gaussian", "iaf")
 #: at 2e-3 its K=10 test log p(x) after 100 epochs on mnist5k is -188.1, at 0.03-0.3 about
 #: -170.5 (PCA has no learning rate and ignores it)
 DEFAULT_LR = {"vae": 2e-3, "ae": 2e-3, "pca": 2e-3, "mixture": 0.05}
+#: the learning rate of a linear-Gaussian VAE (probabilistic PCA) when --lr is not given: at 2e-3 the
+#: variance of its weak directions converges slowly (on PPCA data with directions of standard deviation
+#: 0.44, 0.22, 0.11, 0.055: 16% below the PPCA optimum after 300 epochs at 2e-3, 0.97% at 0.03)
+LINEAR_GAUSSIAN_LR = 0.03
+#: --clip-norm when not given, per example, by likelihood (see its help)
+DEFAULT_CLIP_NORM = {"bernoulli": 100.0, "gaussian": 0.0}
 
 
 @dataclass
@@ -67,7 +74,15 @@ class TrainConfig:
     hidden_dims: typing.Tuple[int, ...] = _setting(
         (400,), "hidden layer sizes of encoder and decoder, comma separated; '' = linear maps"
     )
-    latent_dim: int = _setting(50, "dimension of the code z")
+    net: str = _setting(
+        "mlp", "mlp (fully connected), or conv (two stride-2 convolutions before the encoder's hidden layers and two "
+        "transposed ones after the decoder's; images with height and width multiples of 4)", ("mlp", "conv"))
+    latent_dim: int = _setting(50, "dimension of the code z (the top stochastic layer, drawn from the prior)")
+    lower_latent_dims: typing.Tuple[int, ...] = _setting(
+        (), "stochastic layers between x and z, nearest x first, comma separated ('' = none): "
+        "--lower-latent-dims 100 --latent-dim 50 is Burda et al.'s two-layer model")
+    layer_hidden_dims: typing.Tuple[int, ...] = _setting(
+        (100, 100), "with --lower-latent-dims: hidden sizes of the networks between stochastic layers")
     activation: str = _setting("softplus", "nonlinearity of the hidden layers", ("softplus", "relu"))
     likelihood: str = _setting("bernoulli", "p(x|z): bernoulli (logits) or gaussian", LIKELIHOODS)
     likelihood_scale: str = _setting(
@@ -77,10 +92,12 @@ class TrainConfig:
     prior_components: int = _setting(10, "components K of a mog/vamp prior, or of --model mixture")
     prior_init: str = _setting(
         "auto",
-        "mog: random (default) or kmeans (k-means on encoder means after --prior-init-epochs); "
-        "vamp: data (random training images, default) or noise",
+        "mog: kmeans (default: k-means on the encoder means after --prior-init-epochs, which keeps the "
+        "components in use) or random; vamp: data (random training images, default) or noise",
     )
-    prior_init_epochs: int = _setting(10, "with --prior-init kmeans: epochs under N(0, I) before k-means")
+    prior_init_epochs: typing.Optional[int] = _setting(
+        None, "with --prior-init kmeans: epochs under N(0, I) before k-means (default: 10, or a tenth of "
+        "--epochs when that is less)")
     # --- inference ---
     guide: str = _setting(
         "gaussian",
@@ -106,17 +123,30 @@ class TrainConfig:
     lr: typing.Optional[float] = _setting(
         None,
         "Adam learning rate (at the start, with --lr-schedule cosine); default 2e-3 for the networks, "
-        "0.05 for --model mixture, whose per-pixel logits must move far from their start",
+        "0.05 for --model mixture, whose per-pixel logits must move far from their start, 0.03 for a linear-Gaussian "
+        "VAE (--hidden-dims '' --likelihood gaussian: probabilistic PCA), whose weak directions converge slowly",
     )
     lr_schedule: str = _setting(
         "cosine", "constant, or cosine: decay from --lr to --lr-min over --epochs", ("constant", "cosine")
     )
     lr_min: float = _setting(1e-4, "with --lr-schedule cosine: the learning rate of the last epoch")
-    clip_norm: float = _setting(
-        100.0, "clip the global gradient norm to this value per example of the batch (0 = off); "
-        "typical norms are 20-50, so only spikes are clipped"
-    )
+    clip_norm: typing.Optional[float] = _setting(
+        None, "clip the global gradient norm to this value per example of the batch (0 = off); default 100 for "
+        "--likelihood bernoulli (typical norms are 20-50: early steps and spikes are clipped), off for gaussian, "
+        "whose gradients grow as its learned noise scale shrinks, so that a fixed limit would clip every step")
+    clip_spikes: float = _setting(
+        5.0, "clip the global gradient norm to this many times its running average over about 50 steps (0 = off): "
+        "only spikes are clipped, whatever the gradients' scale (an absolute limit clips every step once a Gaussian "
+        "likelihood's noise scale is small)")
     warmup_epochs: int = _setting(0, "KL warm-up: scale log p(z) - log q(z|x) from 0 to 1 over this many epochs")
+    free_bits: float = _setting(
+        0.0, "free bits (Kingma et al. 2016): in the training objective each latent dimension's KL, averaged over "
+        "the batch, counts at least this many nats (each layer's KL, at least this many per dimension, where the "
+        "prior does not factorise); reported ELBOs are always the true ones (0 = off)")
+    weight_decay: float = _setting(0.0, "decoupled weight decay of every parameter (AdamW; 0 = plain Adam)")
+    encoder_dropout: float = _setting(
+        0.0, "dropout after every hidden layer of the encoder, during training only: at small data the encoder "
+        "overfits first (Zhang, Hayes & Barber 2022)")
     patience: int = _setting(0, "stop after this many epochs without a better validation ELBO (0 = never)")
     seed: int = _setting(0, "random seed: same seed, same numbers on CPU")
     device: str = _setting("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
@@ -129,12 +159,19 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Return a copy with every ``auto`` replaced by what it means, and validated."""
         c = dataclasses.replace(self)
-        c.hidden_dims = tuple(int(h) for h in c.hidden_dims)
-        c.flow_hidden_dims = tuple(int(h) for h in c.flow_hidden_dims)
+        for f, tp in setting_fields():
+            if typing.get_origin(tp) is tuple:
+                setattr(c, f.name, tuple(int(h) for h in getattr(c, f.name)))
+        if c.clip_norm is None:
+            c.clip_norm = DEFAULT_CLIP_NORM[c.likelihood] if c.likelihood in DEFAULT_CLIP_NORM else 0.0
+        if c.prior_init_epochs is None:
+            c.prior_init_epochs = min(10, c.epochs // 10)
         if c.binarize == "auto":
             c.binarize = "dynamic" if c.likelihood == "bernoulli" else "none"
         if c.lr is None:
-            c.lr = DEFAULT_LR[c.model]
+            linear_gaussian = c.model == "vae" and not c.hidden_dims and not c.lower_latent_dims \
+                and c.likelihood == "gaussian"
+            c.lr = LINEAR_GAUSSIAN_LR if linear_gaussian else DEFAULT_LR[c.model]
         if c.prior_init == "auto":
             from .priors import PRIORS
 
@@ -154,10 +191,26 @@ class TrainConfig:
         for name in ("latent_dim", "epochs", "batch_size", "num_particles"):
             value = getattr(self, name)
             need(value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-        need(all(h >= 1 for h in self.hidden_dims), f"--hidden-dims must be positive sizes (got {self.hidden_dims})")
+        for name in ("hidden_dims", "lower_latent_dims", "layer_hidden_dims", "flow_hidden_dims"):
+            value = getattr(self, name)
+            need(all(h >= 1 for h in value), f"--{name.replace('_', '-')} must be positive sizes (got "
+                 f"{','.join(map(str, value))})")
+        if self.lower_latent_dims:
+            need(self.model == "vae", f"--lower-latent-dims applies to --model vae only (got --model {self.model})")
+        for name in ("free_bits", "weight_decay"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be 0 (off) or positive "
+                 f"(got {value})")
+        need(0 <= self.encoder_dropout < 1, f"--encoder-dropout must lie in [0, 1) (got {self.encoder_dropout})")
+        if self.free_bits > 0:
+            need(self.model == "vae" and self.elbo == "trace",
+                 f"--free-bits floors the KL of --elbo trace for --model vae (got --model {self.model}, "
+                 f"--elbo {self.elbo})")
         need(self.lr > 0, f"--lr must be positive (got {self.lr})")
         need(0 <= self.lr_min <= self.lr, f"--lr-min must lie in [0, --lr] (got {self.lr_min}, --lr {self.lr})")
         need(self.clip_norm >= 0, f"--clip-norm must be 0 (off) or positive (got {self.clip_norm})")
+        need(self.clip_spikes == 0 or self.clip_spikes > 1,
+             f"--clip-spikes must be 0 (off) or above 1 (got {self.clip_spikes}): it is a multiple of the average norm")
         for name in ("warmup_epochs", "patience", "prior_init_epochs"):
             value = getattr(self, name)
             need(value >= 0, f"--{name.replace('_', '-')} must be 0 or more (got {value})")

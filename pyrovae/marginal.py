@@ -40,7 +40,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
 __all__ = ["log_weight_terms", "estimate_log_px", "Estimate", "active_units", "pareto_k", "default_chunk_size",
-           "ExampleNoise", "derive_seed", "log_joint", "latent_sites"]
+           "ExampleNoise", "derive_seed", "log_joint", "latent_sites", "active_units_by_layer"]
 
 #: the PSIS threshold above which an importance-sampling estimate is unreliable
 PARETO_K_THRESHOLD = 0.7
@@ -454,10 +454,27 @@ def estimate_log_px(
 @torch.no_grad()
 def active_units(model, images: torch.Tensor, threshold: float = 0.01,
                  batch_size: int = 4096) -> tuple[int, torch.Tensor]:
-    r"""Active latent dimensions (Burda et al. 2015): :math:`A_d = \mathrm{Cov}_x(\mathbb{E}_{q(z|x)}[z_d]) > 0.01`.
+    r"""Active latent dimensions (Burda et al. 2015): :math:`A_d = \mathrm{Cov}_x(\mathbb{E}_{q(z|x)}[z_d]) > 0.01`,
+    over every latent layer (:func:`active_units_by_layer` splits them).
 
-    Returns the count and the per-dimension variances.
+    Returns the count and the per-dimension variances (layers concatenated, bottom up).
     """
-    codes = torch.cat([model.encode(x) for x in images.split(batch_size)]).double()
-    var = codes.var(0, unbiased=True) if codes.shape[0] > 1 else torch.zeros(codes.shape[1], dtype=torch.float64)
-    return int((var > threshold).sum()), var.cpu()
+    by_layer = active_units_by_layer(model, images, threshold, batch_size)
+    return sum(n for n, _ in by_layer.values()), torch.cat([v for _, v in by_layer.values()])
+
+
+@torch.no_grad()
+def active_units_by_layer(model, images: torch.Tensor, threshold: float = 0.01,
+                          batch_size: int = 4096) -> dict[str, tuple[int, torch.Tensor]]:
+    """``{site: (active count, per-dimension variance of the code)}`` for every latent layer,
+    bottom up, the code of each layer being its guide's mean (``encode_layers``)."""
+    if hasattr(model, "encode_layers"):
+        parts = [model.encode_layers(x) for x in images.split(batch_size)]
+        codes = {site: torch.cat([p[site] for p in parts]).double() for site in parts[0]}
+    else:
+        codes = {"z": torch.cat([model.encode(x) for x in images.split(batch_size)]).double()}
+    out = {}
+    for site, c in codes.items():
+        var = c.var(0, unbiased=True) if c.shape[0] > 1 else torch.zeros(c.shape[1], dtype=torch.float64)
+        out[site] = (int((var > threshold).sum()), var.cpu())
+    return out

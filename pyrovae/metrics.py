@@ -13,7 +13,7 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
-from .marginal import Estimate, active_units, estimate_log_px, isolated_params
+from .marginal import Estimate, active_units_by_layer, estimate_log_px, isolated_params
 
 __all__ = ["split_scores", "evaluate", "reconstruction_errors", "component_usage", "cluster_scores",
            "responsibilities"]
@@ -259,9 +259,11 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
                 if estimator == "ais":
                     report["per_example"].update({"ais_ess": per["ais_ess"].tolist(),
                                                   "acceptance": per["ais_acceptance"].tolist()})
-            n_active, _ = active_units(model, images)
-            report["active_units"] = n_active
-            report["latent_dim"] = model.latent_dim
+            by_layer = active_units_by_layer(model, images)
+            report["active_units"] = sum(n for n, _ in by_layer.values())
+            report["latent_dim"] = sum(v.numel() for _, v in by_layer.values())
+            if len(by_layer) > 1:
+                report["active_units_by_layer"] = {site: [n, v.numel()] for site, (n, v) in by_layer.items()}
         else:
             if estimator != "is":
                 why = "has its log p(x) in closed form" if model.exact_marginal() is not None else "has no guide"
@@ -333,6 +335,8 @@ def format_report(report: dict) -> str:
         rows.append(("AIS: HMC acceptance rate", f"{a['acceptance']:.3f}"))
     if "active_units" in report:
         rows.append(("active units", f"{report['active_units']} of {report['latent_dim']}"))
+        for site, (n, d) in report.get("active_units_by_layer", {}).items():
+            rows.append((f"  in layer {site}", f"{n} of {d}"))
     if "components" in report:
         c = report["components"]
         rows.append(("components used (>1% mass)", f"{c['components_used']} of {c['num_components']}"))

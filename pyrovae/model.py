@@ -33,6 +33,27 @@ from .priors import Prior, build_prior
 __all__ = ["VAE", "Autoencoder", "PCAModel", "MixtureModel", "MODEL_KINDS", "build_model"]
 
 
+class _MeanPath(nn.Module):
+    """u -> (loc, log_scale) of the top layer's Gaussian (base) in the guide, every layer below at
+    its code (its mean, or a flow's image of it): the VampPrior's components q(z|u_k) for a
+    model with stochastic layers. Holds references, owns nothing."""
+
+    def __init__(self, vae_layers):
+        super().__init__()
+        self.__dict__["_layers"] = vae_layers  # [(encoder, flow or None)], bottom up; not registered twice
+
+    @property
+    def in_dim(self) -> int:
+        return self._layers[0][0].in_dim
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = u
+        for encoder, flow in self._layers[:-1]:
+            loc, _, context = encoder.with_context(h)
+            h = loc if flow is None else flow(loc, context)
+        return self._layers[-1][0](h)
+
+
 class VAE(nn.Module):
     r"""Variational autoencoder (Kingma & Welling 2013) as a Pyro ``model``/``guide`` pair.
 
@@ -49,6 +70,19 @@ class VAE(nn.Module):
     With a ``flow`` (:class:`~pyrovae.flows.InverseAutoregressiveFlow`, ``--guide iaf``) the
     guide's Gaussian is the base of a normalizing flow conditioned on a context the encoder
     also outputs; the model, the site names and everything that reads traces are unchanged.
+
+    With stochastic layers below z (``--lower-latent-dims``; Burda et al. 2015, section 5) the
+    sites are ``"z1"`` (nearest x), ..., ``"z{L-1}"`` and the top ``"z"``:
+
+    .. math::
+
+        \text{model:}\quad z \sim p(z),\;\; z_{l} \mid z_{l+1} \sim \mathcal{N}(\mu_l(z_{l+1}),
+        \mathrm{diag}\,\sigma_l^2(z_{l+1})),\;\; x \mid z_1 \sim p_\theta(x \mid z_1)
+
+        \text{guide:}\quad q(z_1 \mid x)\, q(z_2 \mid z_1) \cdots q(z \mid z_{L-1}) \quad\text{(bottom-up)}
+
+    each conditional a diagonal Gaussian (with ``--guide iaf``, each through its own flow), every
+    site inside the data plate, so the ELBOs, the estimators and active units read them all.
     """
 
     kind = "vae"
@@ -56,35 +90,62 @@ class VAE(nn.Module):
     has_posterior = True
 
     def __init__(self, encoder: Encoder, decoder: Decoder, prior: Prior, likelihood: nn.Module,
-                 flow: InverseAutoregressiveFlow | None = None):
+                 flow: InverseAutoregressiveFlow | None = None, upper_encoders: nn.ModuleList | None = None,
+                 upper_decoders: nn.ModuleList | None = None, upper_flows: nn.ModuleList | None = None):
         super().__init__()
         self.encoder, self.decoder, self.prior, self.likelihood = encoder, decoder, prior, likelihood
         self.flow = flow
+        if upper_encoders is not None and len(upper_encoders):
+            self.upper_encoders, self.upper_decoders = upper_encoders, upper_decoders
+            self.upper_flows = upper_flows
+        else:
+            self.upper_encoders = self.upper_decoders = self.upper_flows = None
+        n = len(self.upper_encoders) if self.upper_encoders is not None else 0
+        #: sample sites of the latent layers, bottom up; the top one, drawn from the prior, is "z"
+        self.sites = [f"z{i + 1}" for i in range(n)] + ["z"]
+
+    def _layers(self) -> list[tuple[Encoder, InverseAutoregressiveFlow | None]]:
+        """(guide network, flow or None) of every latent layer, bottom up."""
+        out = [(self.encoder, self.flow)]
+        for i in range(len(self.sites) - 1):
+            out.append((self.upper_encoders[i], self.upper_flows[i] if self.upper_flows is not None else None))
+        return out
 
     # --- the Pyro program ------------------------------------------------------------
     def model(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
-        for name in ("decoder", "prior", "likelihood"):
-            pyro.module(name, getattr(self, name))
+        for name in ("decoder", "prior", "likelihood", "upper_decoders"):
+            if getattr(self, name) is not None:
+                pyro.module(name, getattr(self, name))
         with pyro.plate("data", x.shape[0], dim=-1):
             with self._latent_weight(kl_scale):
                 z = pyro.sample("z", self.prior.dist())
+                for i in reversed(range(len(self.sites) - 1)):  # down to the layer nearest x
+                    loc, log_scale = self.upper_decoders[i](z)
+                    z = pyro.sample(self.sites[i], dist.Normal(loc, log_scale.exp()).to_event(1))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
-        pyro.module("encoder", self.encoder)
-        if self.flow is not None:
-            pyro.module("flow", self.flow)
+        for name in ("encoder", "flow", "upper_encoders", "upper_flows"):
+            if getattr(self, name) is not None:
+                pyro.module(name, getattr(self, name))
         with pyro.plate("data", x.shape[0], dim=-1):
-            posterior = self.posterior(x)
-            with self._latent_weight(kl_scale):
-                pyro.sample("z", posterior)
+            h = x
+            for i, site in enumerate(self.sites):
+                posterior = self.posterior(h) if i == 0 else self._layer_posterior(i, h)  # (a subclass's own q)
+                with self._latent_weight(kl_scale):
+                    h = pyro.sample(site, posterior)
+
+    def _layer_posterior(self, i: int, h: torch.Tensor) -> dist.TorchDistribution:
+        encoder, flow = self._layers()[i]
+        loc, log_scale, context = encoder.with_context(h)
+        base = dist.Normal(loc, log_scale.exp()).to_event(1)
+        return base if flow is None else flow.distribution(base, context)
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         r""":math:`q(z|x) = \mathcal{N}(m, \mathrm{diag}\, s^2)`, event shape ``(D,)``, or with a flow
-        that Gaussian pushed through it (a ``TransformedDistribution``)."""
-        loc, log_scale, context = self.encoder.with_context(x)
-        base = dist.Normal(loc, log_scale.exp()).to_event(1)
-        return base if self.flow is None else self.flow.distribution(base, context)
+        that Gaussian pushed through it (a ``TransformedDistribution``); with stochastic layers,
+        :math:`q(z_1|x)` of the layer nearest x."""
+        return self._layer_posterior(0, x)
 
     def _latent_weight(self, kl_scale: float) -> contextlib.AbstractContextManager:
         return poutine.scale(scale=kl_scale) if kl_scale != 1.0 else contextlib.nullcontext()
@@ -92,16 +153,31 @@ class VAE(nn.Module):
     # --- pictures and analysis -----------------------------------------------------------
     @property
     def latent_dim(self) -> int:
-        return self.encoder.latent_dim
+        """Dimension of the top code z (the prior's)."""
+        return self._layers()[-1][0].latent_dim
+
+    @property
+    def latent_dims(self) -> dict[str, int]:
+        """Dimension of every latent site, bottom up."""
+        return {site: enc.latent_dim for site, (enc, _) in zip(self.sites, self._layers())}
+
+    def encode_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The code of x in every layer, bottom up, each from the code below: the posterior mean
+        m(x), or with a flow the flow's image of it (the point its base mean maps to)."""
+        out, h = {}, x
+        for site, (encoder, flow) in zip(self.sites, self._layers()):
+            loc, _, context = encoder.with_context(h)
+            h = out[site] = loc if flow is None else flow(loc, context)
+        return out
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The code of x, shape ``(B, D)``: the posterior mean m(x), or with a flow the flow's
-        image of it (the point its base mean maps to)."""
-        loc, _, context = self.encoder.with_context(x)
-        return loc if self.flow is None else self.flow(loc, context)
+        """The code of x in the top layer z, shape ``(B, D)`` (see :meth:`encode_layers`)."""
+        return self.encode_layers(x)["z"]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Pixel means of p(x|z), in [0, 1]."""
+        """Pixel means of p(x|z), in [0, 1]; from a top code z through every lower layer's mean."""
+        for i in reversed(range(len(self.sites) - 1)):
+            z = self.upper_decoders[i](z)[0]
         return self.likelihood.mean(self.decoder(z))
 
     def sample_codes(self, n: int) -> torch.Tensor:
@@ -120,9 +196,9 @@ class VAE(nn.Module):
         (probabilistic PCA for the standard prior; Tipping & Bishop 1999). Built as a
         ``LowRankMultivariateNormal`` (mixture), so its ``log_prob`` costs O(D d^2).
         """
-        maps = self.decoder.linear_maps
-        if len(maps) != 1 or not isinstance(self.likelihood, GaussianLikelihood):
+        if not self.decoder.is_linear or len(self.sites) > 1 or not isinstance(self.likelihood, GaussianLikelihood):
             return None
+        maps = self.decoder.linear_maps
         W, b = maps[0].weight, maps[0].bias  # (D, d), (D,)
         logits, loc, scale = self.prior.mixture()  # (K,), (K, d), (K, d)
         sigma_x = self.likelihood.scale.expand(b.shape)
@@ -136,16 +212,32 @@ class VAE(nn.Module):
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
     @classmethod
-    def from_config(cls, config, *, data_dim: int, train_images: torch.Tensor | None = None) -> "VAE":
+    def from_config(cls, config, *, data_dim: int, train_images: torch.Tensor | None = None,
+                    image_shape: tuple[int, int] | None = None) -> "VAE":
         iaf = getattr(config, "guide", "gaussian") == "iaf"
         context_dim = config.flow_context_dim if iaf else 0
-        encoder = Encoder(data_dim, config.hidden_dims, config.latent_dim, config.activation, context_dim)
-        decoder = Decoder(config.latent_dim, config.hidden_dims, data_dim, config.activation)
-        prior = build_prior(config, latent_dim=config.latent_dim, encoder=encoder, train_images=train_images)
-        flow = (InverseAutoregressiveFlow(config.latent_dim, context_dim, config.flow_steps, config.flow_hidden_dims)
-                if iaf else None)
-        return cls(encoder, decoder, prior, build_likelihood(config.likelihood, data_dim, config.likelihood_scale),
-                   flow)
+        dims = [*getattr(config, "lower_latent_dims", ()), config.latent_dim]  # bottom up
+        net = getattr(config, "net", "mlp")
+        dropout = getattr(config, "encoder_dropout", 0.0)
+
+        def flow(dim):
+            return InverseAutoregressiveFlow(dim, context_dim, config.flow_steps, config.flow_hidden_dims)
+
+        encoder = Encoder(data_dim, config.hidden_dims, dims[0], config.activation, context_dim, net, image_shape,
+                          dropout)
+        decoder = Decoder(dims[0], config.hidden_dims, data_dim, config.activation, net, image_shape)
+        hidden = getattr(config, "layer_hidden_dims", ())
+        upper_encoders = nn.ModuleList([Encoder(a, hidden, b, config.activation, context_dim, dropout=dropout)
+                                        for a, b in zip(dims[:-1], dims[1:])])
+        upper_decoders = nn.ModuleList([Encoder(b, hidden, a, config.activation) for a, b in zip(dims[:-1], dims[1:])])
+        upper_flows = nn.ModuleList([flow(b) for b in dims[1:]]) if iaf and len(dims) > 1 else None
+        bottom_flow = flow(dims[0]) if iaf else None
+        top = encoder if len(dims) == 1 else _MeanPath(
+            [(encoder, bottom_flow)] + [(e, upper_flows[i] if upper_flows is not None else None)
+                                        for i, e in enumerate(upper_encoders)])
+        prior = build_prior(config, latent_dim=config.latent_dim, encoder=top, train_images=train_images)
+        likelihood = build_likelihood(config.likelihood, data_dim, config.likelihood_scale)
+        return cls(encoder, decoder, prior, likelihood, bottom_flow, upper_encoders, upper_decoders, upper_flows)
 
 
 class Autoencoder(VAE):
@@ -161,9 +253,10 @@ class Autoencoder(VAE):
     kind = "ae"
     has_posterior = False
 
-    def __init__(self, encoder, decoder, prior, likelihood, flow=None):
-        if flow is not None:
-            raise ValueError("--guide iaf applies to --model vae only: an autoencoder has a point-mass guide")
+    def __init__(self, encoder, decoder, prior, likelihood, flow=None, upper_encoders=None, upper_decoders=None,
+                 upper_flows=None):
+        if flow is not None or (upper_encoders is not None and len(upper_encoders)):
+            raise ValueError("--guide iaf and --lower-latent-dims apply to --model vae only")
         super().__init__(encoder, decoder, prior, likelihood)
         d = encoder.latent_dim
         self.register_buffer("code_loc", torch.zeros(d))
@@ -346,8 +439,18 @@ MODEL_KINDS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = None) -> nn.Module:
-    """The model named by ``config.model``; ``train_images=None`` builds shapes only (for loading)."""
+def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = None,
+                image_shape: tuple[int, int] | None = None) -> nn.Module:
+    """The model named by ``config.model``; ``train_images=None`` builds shapes only (for loading).
+    ``image_shape`` (H, W) is what convolutional networks need (default: square images of
+    ``data_dim`` pixels, when ``data_dim`` is a square)."""
     if config.model not in MODEL_KINDS:
         raise ValueError(f"--model must be one of {', '.join(MODEL_KINDS)} (got {config.model!r})")
-    return MODEL_KINDS[config.model].from_config(config, data_dim=data_dim, train_images=train_images)
+    if image_shape is None:
+        side = int(round(data_dim**0.5))
+        image_shape = (side, side) if side * side == data_dim else None
+    kind = MODEL_KINDS[config.model]
+    if kind is VAE or issubclass(kind, VAE):
+        return kind.from_config(config, data_dim=data_dim, train_images=train_images, image_shape=tuple(image_shape)
+                                if image_shape else None)
+    return kind.from_config(config, data_dim=data_dim, train_images=train_images)

@@ -1,17 +1,31 @@
-r"""Encoder and decoder networks: plain multilayer perceptrons.
+r"""Encoder and decoder networks: multilayer perceptrons, or small convolutional networks for images.
 
-With ``hidden_dims=()`` both are single affine maps, which makes the VAE with a Gaussian
+With ``hidden_dims=()`` the MLPs are single affine maps, which makes the VAE with a Gaussian
 likelihood exactly probabilistic PCA (Tipping & Bishop 1999).
+
+``net="conv"`` (``--net conv``) puts two stride-2 convolutions (16 and 32 channels, 4x4
+kernels) in front of the encoder's MLP and two stride-2 transposed convolutions after the
+decoder's, for images whose height and width are multiples of 4 (28x28, 8x8): the images are
+``(N, H*W)`` rows everywhere else in pyrovae, and the networks reshape them. Either kind
+keeps the same shapes outside, ``(..., D)`` in and ``(..., out)`` out, so models never see
+the kind.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from .distributions import softplus
 
-__all__ = ["Encoder", "Decoder", "set_autocast"]
+__all__ = ["Encoder", "Decoder", "set_autocast", "NETS"]
+
+#: values of ``--net``
+NETS = ("mlp", "conv")
+#: channels of the two convolutions of ``--net conv``
+CONV_CHANNELS = (16, 32)
 
 
 class Softplus(nn.Module):
@@ -24,35 +38,82 @@ class Softplus(nn.Module):
 ACTIVATIONS = {"softplus": Softplus, "relu": nn.ReLU}
 
 
-def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)} (got {name!r})")
+    return ACTIVATIONS[name]()
+
+
+def _mlp(sizes: list[int], activation: str, dropout: float = 0.0, last_activation: bool = False) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(_activation(activation))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return layers
+
+
+def _conv_grid(image_shape) -> tuple[int, int]:
+    if image_shape is None or len(image_shape) != 2 or min(image_shape) < 4 or any(s % 4 for s in image_shape):
+        shape = "x".join(map(str, image_shape)) if image_shape else "no image shape"
+        raise ValueError(f"--net conv needs images whose height and width are multiples of 4 (such as 28x28 or 8x8); "
+                         f"this data is {shape}: use --net mlp")
+    return image_shape[0] // 4, image_shape[1] // 4
+
+
+def _conv_encoder(image_shape, hidden_dims, out_dim, activation, dropout) -> list[nn.Module]:
+    h, w = _conv_grid(image_shape)
+    c1, c2 = CONV_CHANNELS
+    return [nn.Unflatten(-1, (1, *image_shape)),
+            nn.Conv2d(1, c1, 4, stride=2, padding=1), _activation(activation),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1), _activation(activation), nn.Flatten(),
+            *([nn.Dropout(dropout)] if dropout > 0 else []),
+            *_mlp([c2 * h * w, *hidden_dims, out_dim], activation, dropout)]
+
+
+def _conv_decoder(image_shape, hidden_dims, in_dim, activation) -> list[nn.Module]:
+    h, w = _conv_grid(image_shape)
+    c1, c2 = CONV_CHANNELS
+    return [*_mlp([in_dim, *reversed(hidden_dims), c2 * h * w], activation, last_activation=True),
+            nn.Unflatten(-1, (c2, h, w)),
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), _activation(activation),
+            nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1), nn.Flatten()]
 
 
 class _Net(nn.Module):
-    """An MLP whose matmuls may run under bf16 autocast; its outputs are always float32,
-    so every log density downstream is computed in float32."""
+    """A network from ``(..., in)`` rows to ``(..., out)`` rows, whose products may run under
+    bf16 autocast; its outputs are always float32, so every log density downstream is
+    computed in float32."""
 
-    def __init__(self, sizes: list[int], activation: str = "softplus"):
+    def __init__(self, layers: list[nn.Module], in_dim: int):
         super().__init__()
-        self.net = _mlp(sizes, activation)
+        self.net = nn.Sequential(*layers)
+        self.in_dim = in_dim
         self.autocast_dtype: torch.dtype | None = None
+        self._flat = not any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in layers)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if not self._flat:  # convolutions want (N, D) rows: fold the sample and batch dims together
+            x = x.reshape(math.prod(lead) if lead else 1, x.shape[-1])
         if self.autocast_dtype is None:
-            return self.net(x)
-        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
-            return self.net(x).float()
+            out = self.net(x)
+        else:
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+                out = self.net(x).float()
+        return out if self._flat else out.reshape(*lead, out.shape[-1])
 
     @property
     def linear_maps(self) -> list[nn.Linear]:
+        """The affine maps, in order (all of the network only when it is an MLP)."""
         return [m for m in self.net if isinstance(m, nn.Linear)]
+
+    @property
+    def is_linear(self) -> bool:
+        """Whether the whole network is one affine map."""
+        return len(self.net) == 1 and isinstance(self.net[0], nn.Linear)
 
 
 class Encoder(_Net):
@@ -61,12 +122,20 @@ class Encoder(_Net):
     The notes' two outputs: the code :math:`m` and the noise control :math:`\sigma = \log s`,
     so that :math:`c = m + e^{\sigma} \cdot e`, :math:`e \sim \mathcal{N}(0, I)`. With
     ``context_dim`` > 0 a third output, the context :math:`h(x)` a flow posterior is
-    conditioned on (:meth:`with_context`).
+    conditioned on (:meth:`with_context`). ``dropout`` follows every hidden layer (training only).
+    The networks between stochastic layers, and the model's from one layer down to the next,
+    are Encoders of the layer above or below.
     """
 
     def __init__(self, data_dim: int, hidden_dims: tuple[int, ...], latent_dim: int, activation: str = "softplus",
-                 context_dim: int = 0):
-        super().__init__([data_dim, *hidden_dims, 2 * latent_dim + context_dim], activation)
+                 context_dim: int = 0, net: str = "mlp", image_shape: tuple[int, int] | None = None,
+                 dropout: float = 0.0):
+        out = 2 * latent_dim + context_dim
+        if net == "conv":
+            layers = _conv_encoder(image_shape, hidden_dims, out, activation, dropout)
+        else:
+            layers = _mlp([data_dim, *hidden_dims, out], activation, dropout)
+        super().__init__(layers, data_dim)
         self.latent_dim, self.context_dim = latent_dim, context_dim
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +149,13 @@ class Encoder(_Net):
 class Decoder(_Net):
     """z -> the likelihood's parameters (Bernoulli logits or Gaussian means), one per pixel."""
 
-    def __init__(self, latent_dim: int, hidden_dims: tuple[int, ...], data_dim: int, activation: str = "softplus"):
-        super().__init__([latent_dim, *reversed(hidden_dims), data_dim], activation)
+    def __init__(self, latent_dim: int, hidden_dims: tuple[int, ...], data_dim: int, activation: str = "softplus",
+                 net: str = "mlp", image_shape: tuple[int, int] | None = None):
+        if net == "conv":
+            layers = _conv_decoder(image_shape, hidden_dims, latent_dim, activation)
+        else:
+            layers = _mlp([latent_dim, *reversed(hidden_dims), data_dim], activation)
+        super().__init__(layers, latent_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self._run(z)

@@ -138,15 +138,18 @@ class MixtureOfGaussiansPrior(Prior):
     mixture of Gaussians moved from x to the code z, and the prior of VaDE (Jiang et al.
     2017), which reads :math:`p(k \mid z)` as a soft clustering.
 
-    ``init="random"``: means :math:`\mu_k \sim \mathcal{N}(0, I)`, unit scales, equal weights.
-    ``init="kmeans"``: the prior is :math:`\mathcal{N}(0, I)` for the first ``init_epochs``
+    ``init="kmeans"`` (the default): the prior is :math:`\mathcal{N}(0, I)` for the first ``init_epochs``
     epochs; then the means, scales and weights are set from k-means (scikit-learn) on the
     encoder means of the training data (each cluster's centre, per-dimension spread and
     size), and training continues under the mixture; VaDE initialises its mixture from a
-    pretrained autoencoder's codes in the same spirit.
+    pretrained autoencoder's codes in the same spirit. ``init="random"``: means
+    :math:`\mu_k \sim \mathcal{N}(0, I)`, unit scales, equal weights, from the first step; in 50
+    dimensions those means lie about 10 apart and far from where the codes start, so the
+    component nearest the codes takes all of them and the others starve (on mnist5k, K = 10,
+    100 epochs: 1 component of 10 in use), which is why k-means is the default.
     """
 
-    inits = ("random", "kmeans")
+    inits = ("kmeans", "random")
 
     def __init__(self, latent_dim: int, num_components: int, init: str = "random", init_epochs: int = 10,
                  seed: int = 0):
@@ -207,7 +210,8 @@ class VampPrior(Prior):
 
     .. math:: p_\lambda(z) = \frac{1}{K} \sum_{k=1}^{K} q_\phi(z \mid u_k)
 
-    where :math:`q_\phi` is the guide's encoder (shared, so the prior moves with it) and the
+    where :math:`q_\phi` is the guide's encoder (shared, so the prior moves with it; with a flow guide
+    its Gaussian base, with stochastic layers the guide's mean path up to the top layer) and the
     pseudo-inputs :math:`u_k` are learned points in data space. They are kept in (0, 1) as
     :math:`u_k = \mathrm{sigmoid}(a_k)` with unconstrained :math:`a_k` (the paper clips with a
     hard tanh instead; its gradient is exactly zero at 0 and 1, so pseudo-inputs started at
@@ -242,7 +246,7 @@ class VampPrior(Prior):
         k = config.prior_components
         if k < 1:
             raise ValueError(f"--prior-components must be at least 1 (got {k})")
-        data_dim = encoder.linear_maps[0].in_features
+        data_dim = encoder.in_dim
         gen = torch.Generator().manual_seed(config.seed)
         if train_images is None:
             u = torch.full((k, data_dim), 0.5)

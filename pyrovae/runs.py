@@ -152,7 +152,7 @@ def load_run(path: str | os.PathLike, which: str = "best", device: str | torch.d
         config = TrainConfig.load(config_path)
     else:
         config = TrainConfig.from_dict(state["config"], str(ckpt))
-    model = build_model(config, data_dim=int(state["data_dim"]))
+    model = build_model(config, data_dim=int(state["data_dim"]), image_shape=tuple(state["image_shape"]))
     load_state(model, state["model"], ckpt)
     device = torch.device(device)
     model.to(device).eval()

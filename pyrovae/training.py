@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from pyro.infer import SVI
 from .config import TrainConfig
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
 from .marginal import derive_seed, isolated_params
-from .metrics import split_scores
+from .metrics import component_usage, responsibilities, split_scores
 from .model import build_model
 from .nets import set_autocast
 from .objectives import Optimizer, build_elbo
@@ -52,6 +53,9 @@ __all__ = ["train", "train_or_reuse", "TrainResult", "TrainingDiverged", "resolv
 TEST_NUM_SAMPLES = 10
 #: seed of the validation ELBO's noise: every epoch is scored with the same draws
 VAL_SEED = 97
+#: a mixture component of K counts as in use while it holds at least this share of 1/K of the
+#: validation codes' responsibility (a tenth of an even share: 1% for K = 10)
+COMPONENT_SHARE = 0.1
 
 
 class TrainingDiverged(RuntimeError):
@@ -203,19 +207,32 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
 
 
 def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "choose another --out",
-                   ignore: tuple[str, ...] = ("out", "name")) -> tuple[Path, str]:
+                   ignore: tuple[str, ...] = ("out", "name"), reuse_from: str | os.PathLike | None = None
+                   ) -> tuple[Path, str]:
     """The run of ``config`` in ``config.out/config.name``, for studies that must survive an
     interruption: ``"reused"`` when it finished there before, ``"resumed"`` when it was
     interrupted (from ``last.pt``), ``"trained"`` otherwise. Returns ``(run_dir, how)``.
+
+    ``reuse_from``: a folder of runs (another study's ``runs/``); a finished run there with the
+    same settings (but those in ``ignore``) is used instead of training again (``"reused"``).
 
     Refuses, with ``ValueError`` ending in ``fix``, a directory trained with other settings
     (any resolved setting but those in ``ignore``), and one holding files that are not a
     pyrovae run's; a run killed before its first checkpoint is started again.
     """
+    wanted = config.resolved().to_dict()
+    if reuse_from is not None and Path(reuse_from).is_dir():
+        for candidate in sorted(Path(reuse_from).iterdir()):
+            if (candidate / "summary.json").is_file() and (candidate / "config.json").is_file():
+                try:
+                    stored = TrainConfig.load(candidate / "config.json").to_dict()
+                except (ValueError, FileNotFoundError):
+                    continue
+                if all(stored.get(k) == v for k, v in wanted.items() if k not in ignore):
+                    return candidate, "reused"
     run_dir = Path(config.out) / config.name
     if (run_dir / "config.json").is_file():
         stored = TrainConfig.load(run_dir / "config.json").to_dict()
-        wanted = config.resolved().to_dict()
         changed = sorted(k for k in wanted if k not in ignore and stored.get(k) != wanted[k])
         if changed:
             raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): {fix}")
@@ -242,7 +259,7 @@ class _Trainer:
             raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {env.world} processes")
         torch.manual_seed(config.seed)
         self.data = self._load_data()
-        self.model = build_model(config, data_dim=self.data.train_grey.shape[1],
+        self.model = build_model(config, data_dim=self.data.train_grey.shape[1], image_shape=self.data.image_shape,
                                  train_images=self.data.train_fixed).to(self.device)
         if config.amp == "bf16":
             set_autocast(self.model, torch.bfloat16)
@@ -273,6 +290,12 @@ class _Trainer:
         env.raise_any(error)  # every process learns of rank 0's error, or the others would wait forever
         #: seconds of the last epoch's phases (steps, validation, checkpoint), for benchmarks
         self.phase_seconds: dict[str, float] = {}
+        self._warned_components = False
+        if (env.main and config.prior_init == "kmeans" and config.prior_init_epochs >= config.epochs
+                and self.start_epoch <= config.prior_init_epochs):
+            print(f"pyrovae train: warning: --prior-init-epochs {config.prior_init_epochs} is not below --epochs "
+                  f"{config.epochs}: the run ends before k-means sets the mixture, so its prior stays N(0, I) "
+                  "(resume with more --epochs, or lower --prior-init-epochs)", file=sys.stderr)
 
     # --- set-up ----------------------------------------------------------------------
     def _load_data(self) -> _Data:
@@ -374,7 +397,7 @@ class _Trainer:
     def _objective(self) -> tuple[SVI, object, Optimizer]:
         c = self.config
         elbo = build_elbo(c)
-        optim = Optimizer(c.lr, c.clip_norm * c.batch_size)
+        optim = Optimizer(c.lr, c.clip_norm * c.batch_size, c.weight_decay, c.clip_spikes)
         svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
         if self.resume_state is not None:
             optim.set_state(self.resume_state["optimizer"])
@@ -420,6 +443,7 @@ class _Trainer:
             row["train_elbo"] = (recon - kl) / seen if not math.isnan(kl) else recon / seen
         val = self._val_scores()
         row.update({f"val_{k}": v for k, v in val.items() if v is not None})
+        self._watch_components(row)
         improved = row["val_elbo"] > self.best_val
         if improved:
             self.best_val, self.best_epoch, self.since_best = row["val_elbo"], epoch + 1, 0
@@ -446,6 +470,26 @@ class _Trainer:
                               "checkpoint": t_end - t_save, "epoch": t_end - t0}
         self.last_row = row
         return row
+
+    def _watch_components(self, row: dict) -> None:
+        """For a mixture prior: how many components hold at least :data:`COMPONENT_SHARE` / K of the
+        validation codes' responsibility (``val_components_used`` in the metrics), and one line
+        on stderr the first time some fall below it (the mixture has then shrunk)."""
+        prior = getattr(self.model, "prior", None)
+        if prior is None or not getattr(self.model, "has_posterior", False) or prior.num_components < 2:
+            return
+        if not getattr(prior, "fitted", torch.tensor(True)):  # k-means has not run yet: N(0, I) for now
+            return
+        resp = responsibilities(self.model, self.data.val)
+        k = resp.shape[1]
+        usage = component_usage(resp, COMPONENT_SHARE / k)
+        row["val_components_used"] = usage["components_used"]
+        if usage["components_used"] < k and not self._warned_components and self.env.main:
+            self._warned_components = True
+            print(f"pyrovae train: warning: epoch {row['epoch']}: only {usage['components_used']} of the prior's {k} "
+                  f"components hold {100 * COMPONENT_SHARE / k:.2g}% or more of the validation data (a tenth of an "
+                  "even share); the mixture is effectively smaller (val_components_used in metrics.jsonl; "
+                  "--prior-init kmeans or fewer components keep them in use)", file=sys.stderr)
 
     def _val_scores(self) -> dict:
         """Mean validation scores, with fixed noise; in a data-parallel run every process

@@ -207,7 +207,7 @@ def test_renyi_elbo_alpha_0_is_the_per_example_iwae_bound(prior):
     r"""RenyiELBO(alpha=0) against :math:`\sum_b \log \frac1K \sum_k w_{kb}` from traces, one seed:
     the loss and its gradients. pyro-ppl/pyro#3104 warns about local latents."""
     config = TrainConfig(hidden_dims=(8,), latent_dim=3, likelihood="bernoulli", prior=prior,
-                         prior_components=4).resolved()
+                         prior_components=4, prior_init="random" if prior == "mog" else "auto").resolved()
     vae = build_model(config, data_dim=10)
     torch.manual_seed(2)
     x = torch.bernoulli(torch.full((20, 10), 0.4))

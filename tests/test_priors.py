@@ -46,7 +46,8 @@ def test_mixture_of_identical_standard_components_gives_the_standard_elbo(k):
     the single-Gaussian path, K = 3 the MixtureSameFamily one."""
     common = dict(hidden_dims=(16,), latent_dim=4)
     std = build_model(TrainConfig(**common).resolved(), data_dim=30)
-    mog = build_model(TrainConfig(**common, prior="mog", prior_components=k).resolved(), data_dim=30)
+    mog = build_model(TrainConfig(**common, prior="mog", prior_components=k, prior_init="random").resolved(),
+                      data_dim=30)
     mog.encoder.load_state_dict(std.encoder.state_dict())
     mog.decoder.load_state_dict(std.decoder.state_dict())
     with torch.no_grad():
@@ -119,7 +120,7 @@ def _linear_gaussian_vae(prior: str, k: int, data_dim=6, latent_dim=2, seed=0):
     """A linear-Gaussian VAE with a well-spread mixture prior and an encoder close to the
     posterior, so that importance sampling converges but its weights still vary."""
     cfg = TrainConfig(hidden_dims=(), latent_dim=latent_dim, likelihood="gaussian", prior=prior,
-                      prior_components=k, prior_init="noise" if prior == "vamp" else "auto").resolved()
+                      prior_components=k, prior_init={"vamp": "noise", "mog": "random"}.get(prior, "auto")).resolved()
     vae = build_model(cfg, data_dim=data_dim, train_images=torch.rand(50, data_dim))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -331,7 +332,7 @@ def _tiny(tmp_path, name, **kw) -> TrainConfig:
 
 EVERY_PRIOR = [
     dict(prior="standard"),
-    dict(prior="mog", prior_components=5),
+    dict(prior="mog", prior_components=5, prior_init="random"),
     dict(prior="mog", prior_components=5, prior_init="kmeans", prior_init_epochs=2),  # k-means right after resume
     dict(prior="vamp", prior_components=6),
     dict(prior="vamp", prior_components=6, prior_init="noise", elbo="iwae", num_particles=3),
@@ -372,7 +373,7 @@ def test_resume_with_every_prior_gives_the_uninterrupted_run(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("settings", [
-    dict(prior="mog", prior_components=512, hidden_dims=(100,), latent_dim=10),
+    dict(prior="mog", prior_components=512, prior_init="random", hidden_dims=(100,), latent_dim=10),
     dict(model="mixture", prior_components=512),
     pytest.param(dict(prior="vamp", prior_components=500, hidden_dims=(100,), latent_dim=10), marks=pytest.mark.slow),
 ], ids=["mog-512", "mixture-512", "vamp-500"])

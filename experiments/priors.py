@@ -45,19 +45,16 @@ import json
 import math
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pyrovae import TrainConfig, estimate_log_px, load_run
+from pyrovae import TrainConfig, load_run
 from pyrovae.cli import exit_code_of
-from pyrovae.marginal import isolated_params
-from pyrovae.metrics import evaluate
+from pyrovae.compare import compare_runs, markdown_table
 from pyrovae.pictures import sample_images, samples_by_component
 from pyrovae.plots import plot_latent_2d, save_image_grid
-from pyrovae.runs import read_metrics
 from pyrovae.training import prepare_data, train_or_reuse
 
 #: published and reference numbers printed beside the table; none is on this data set
@@ -105,8 +102,6 @@ ROWS = [
 _FIX = "rerun with --fresh, or choose another --out"
 #: the rows whose 2-D variant --quick draws
 QUICK_MAPS = ("standard", "mog-10")
-#: at most this many floats in one (sample x example x component x latent) block of log p(z)
-_PRIOR_BLOCK = 2**25
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,56 +144,6 @@ def _settings(args) -> dict:
 
 
 
-def _chunk_size(model) -> int:
-    """Bound memory of log p(z) under a K-component prior: K * latent_dim floats per pair."""
-    prior = getattr(model, "prior", None)
-    if prior is None:
-        return 32768
-    k = prior.num_components
-    return int(max(500, min(32768, _PRIOR_BLOCK // (k * model.latent_dim))))
-
-
-def _evaluate(run_dir: Path, test, num_samples: int, progress: bool) -> dict:
-    """The report of ``evaluate`` on the test split, with log p(x) at ``num_samples`` importance
-    samples kept per example (``log_px_per_example``) for paired comparisons between rows.
-    Cached in the run directory."""
-    path = run_dir / f"eval-{test.split}-K{num_samples}-n{len(test)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    model = load_run(run_dir).model
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    if model.has_posterior:
-        # the expensive estimate once, per example; evaluate() adds the cheap parts at K = 1
-        est = estimate_log_px(model, test.images, num_samples, chunk_size=_chunk_size(model), progress=progress)
-        report = evaluate(model, test.images, test.labels, num_samples=1)
-        summary = est.summary()
-        report.update({k: summary[k] for k in ("num_samples", "elbo", "elbo_se", "log_px", "log_px_se", "kl",
-                                               "recon", "pareto_k", "ess")})
-        report["iwae"] = summary["log_px"]
-        per_example = est.log_px
-    else:  # the finite mixture: exact
-        report = evaluate(model, test.images, test.labels)
-        with torch.no_grad(), isolated_params():
-            per_example = model.exact_marginal().log_prob(test.images)
-    report["log_px_per_example"] = [float(v) for v in per_example]
-    report["eval_seconds"] = time.perf_counter() - t0
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    report["train_seconds"] = sum(r.get("epoch_seconds", 0.0) for r in rows)
-    report["epochs"] = len(rows)
-    report["best_epoch"] = json.loads((run_dir / "summary.json").read_text())["best_epoch"]
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    r"""Mean of :math:`a_i - b_i` over the same test examples and its standard error
-    :math:`\mathrm{sd}(a - b)/\sqrt{n}`: far smaller than either mean's own SE, because the
-    examples' difficulty cancels."""
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    return float(d.mean()), float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else math.nan
-
-
 def _pictures(run_dir: Path, row: Row, out: Path) -> str:
     run = load_run(run_dir)
     torch.manual_seed(0)
@@ -230,35 +175,27 @@ def _fmt(v, spec=".2f", dash="—"):
     return format(v, spec)
 
 
-def table(results: list[dict], num_samples: int) -> str:
-    """The Markdown table of the study."""
-    base = next((r["report"]["log_px_per_example"] for r in results if r["row"] == "standard"), None)
-    head = ["row", "model", f"test log p(x) (IS K={num_samples} / exact)", "Δ vs standard (paired)", "ELBO", "KL",
-            "active units",
-            "components used (>1% mass)", "effective components", "cluster acc.", "NMI", "Pareto k̂>0.7",
-            "train s", "eval s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        rep = r["report"]
-        comp = rep.get("components") or {}
-        exact = rep["model"] == "mixture"
-        logpx = f"{rep['log_px']:.2f} ± {rep.get('log_px_se', float('nan')):.2f}" if not exact else \
-            f"{rep['log_px']:.2f} (exact)"
-        pk = rep.get("pareto_k")
-        delta = "—"
-        if base is not None and r["row"] != "standard":
-            mean, se = paired_difference(rep["log_px_per_example"], base)
-            delta = f"{mean:+.2f} ± {se:.2f}"
-        lines.append("| " + " | ".join([
-            r["row"], r["what"], logpx, delta, _fmt(rep.get("elbo")), _fmt(rep.get("kl")),
-            f"{rep['active_units']} / {rep['latent_dim']}" if "active_units" in rep else "—",
-            f"{comp['components_used']} / {comp['num_components']}" if comp else "—",
-            _fmt(comp.get("usage_perplexity"), ".1f"),
-            _fmt(comp.get("cluster_accuracy"), ".3f"), _fmt(comp.get("nmi"), ".3f"),
-            f"{100 * pk['frac_above_0.7']:.1f}%" if pk else "—",
-            f"{rep['train_seconds']:.0f}", f"{rep['eval_seconds']:.0f}",
-        ]) + " |")
-    return "\n".join(lines)
+def table(result: dict) -> str:
+    """The Markdown table of the study: pyrovae.compare's columns (Δ against the standard prior,
+    paired), then how each mixture's components are used, and wall times."""
+    def comp(key, spec):
+        def cell(row):
+            c = row["report"].get("components")
+            return format(c[key], spec) if c and key in c else "—"
+        return cell
+
+    def used(row):
+        c = row["report"].get("components")
+        return f"{c['components_used']} / {c['num_components']}" if c else "—"
+
+    def exact(row):
+        return "exact" if row["report"]["model"] == "mixture" else "IS"
+
+    return markdown_table(result, extra=[
+        ("log p(x) by", exact), ("components used (>1% mass)", used),
+        ("effective components", comp("usage_perplexity", ".1f")), ("cluster acc.", comp("cluster_accuracy", ".3f")),
+        ("NMI", comp("nmi", ".3f")), ("train s", lambda r: f"{r['report']['train_seconds']:.0f}"),
+        ("eval s", lambda r: f"{r['report']['eval_seconds']:.0f}")])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,26 +228,36 @@ def _main(args, argv) -> int:
 
     from tqdm.auto import tqdm
 
-    results = []
-    for row in tqdm(rows, desc="priors", unit="row", disable=not progress):
+    def row_settings(row) -> dict:
         settings = {**shared, **row.settings}
         if args.quick:  # one epoch: k-means must come first
             settings["prior_init_epochs"] = 0
-        config = TrainConfig(**settings, out=str(runs), name=row.name)
-        run_dir = train_or_reuse(config, progress=progress, fix=_FIX)[0]
-        report = _evaluate(run_dir, test, num_samples, progress)
-        entry = {"row": row.name, "what": row.what, "settings": row.settings, "report": report,
+        return settings
+
+    run_dirs = []
+    for row in tqdm(rows, desc="priors", unit="row", disable=not progress):
+        config = TrainConfig(**row_settings(row), out=str(runs), name=row.name)
+        run_dirs.append(train_or_reuse(config, progress=progress, fix=_FIX)[0])
+    names = [r.name for r in rows]
+    compared = compare_runs(run_dirs, test, names=names, baseline=names.index("standard") if "standard" in names
+                            else 0, num_samples=num_samples, seed=0, cache=True, progress=progress)
+    results = []
+    for row, run_dir, scored in zip(rows, run_dirs, compared["rows"]):
+        entry = {"row": row.name, "what": row.what, "settings": row.settings, "report": scored["report"],
                  "samples_png": _pictures(run_dir, row, out)}
+        for key in ("log_px_diff", "elbo_diff"):
+            if key in scored:
+                entry[key] = scored[key]
         wants_map = not args.no_maps and row.latent_map and row.settings.get("model", "vae") == "vae"
         if wants_map and (not args.quick or row.name in QUICK_MAPS):
-            map_settings = {**settings, "latent_dim": 2,
+            map_settings = {**row_settings(row), "latent_dim": 2,
                             "epochs": 1 if args.quick else args.map_epochs}
             map_dir = train_or_reuse(TrainConfig(**map_settings, out=str(runs), name=f"{row.name}-2d"),
                                      progress=progress, fix=_FIX)[0]
             entry["latent_png"] = _latent_map(map_dir, row, test, out)
         results.append(entry)
 
-    md = table(results, num_samples)
+    md = table(compared)
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(base).items()}
     notes = [
         f"Data: {test.name}, test split ({len(test)} examples, statically binarised); training with the "

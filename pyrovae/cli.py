@@ -13,6 +13,8 @@ import sys
 import typing
 from pathlib import Path
 
+from .config import RESUMABLE  # (config imports no torch: --help stays fast)
+
 __all__ = ["main", "exit_code_of"]
 
 #: the exceptions that mean bad input (a file, an array, a flag, a checkpoint): exit code 2
@@ -30,8 +32,6 @@ def exit_code_of(prog: str, fn, *args) -> int:
         return 2
     return result if isinstance(result, int) else 0
 
-#: settings that may change when a run is resumed
-RESUMABLE = ("epochs", "patience", "device")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", metavar="NAME", help="start from a shipped preset (flags and --config override it): "
                    + "; ".join(f"{name}: {text}" for name, (_, text) in presets().items()))
     t.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt (may change "
-                   f"{', '.join('--' + r for r in RESUMABLE)})")
+                   f"{', '.join('--' + r.replace('_', '-') for r in RESUMABLE)})")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
@@ -153,6 +153,28 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_evaluate)
+
+    cp = sub.add_parser("compare", help="score several runs on the same examples with the same seeds: one table",
+                        description="Score every RUN on the same examples with the same per-example random streams "
+                        "and print one table: ELBO, log p(x) ± standard error, KL, active units, share of examples "
+                        "with Pareto k-hat > 0.7, and each run's paired difference of log p(x) and ELBO against the "
+                        "first RUN (or --baseline) with its standard error over examples. The data is the first "
+                        "run's test split unless --dataset/--split say otherwise; runs trained on data of another "
+                        "shape are refused.")
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    cp.add_argument("--baseline", metavar="RUN", help="the run the others are compared with (default: the first)")
+    cp.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    cp.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
+    cp.add_argument("--seed", type=int, default=0, help="seed of every example's random stream (default: 0)")
+    data_flags(cp)
+    cp.add_argument("--num-samples", type=int, default=1000, help="importance samples K per example (default: 1000)")
+    cp.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
+    estimator_flags(cp)
+    cp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON ('-' for stdout)")
+    cp.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
+    cp.add_argument("--plot", metavar="PATH", help="also draw the paired differences with ±2 s.e. bars (PNG)")
+    cp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cp.set_defaults(func=_compare)
 
     bd = run_command("bdmc", "bidirectional Monte Carlo: lower and upper bounds on log p(x) of simulated data",
                      "Simulate examples from the model itself (z* ~ p(z), x ~ p(x|z*)); for each --steps T run AIS "
@@ -197,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--output", help="PNG path (default: RUN/interpolate-I-J.png)")
     i.set_defaults(func=_interpolate)
 
-    for p in (t, e, bd, s, r, i):
+    for p in (t, e, cp, bd, s, r, i):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return root
 
@@ -221,8 +243,8 @@ def _train(args) -> int:
         fixed = sorted(k for k in given if k not in RESUMABLE and given[k] != getattr(stored, k))
         if fixed:
             flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
-            raise ValueError(f"{flags} cannot change when resuming {run_dir} (only "
-                             f"{', '.join('--' + r for r in RESUMABLE)} can); start a new run instead")
+            can = ", ".join("--" + r.replace("_", "-") for r in RESUMABLE)
+            raise ValueError(f"{flags} cannot change when resuming {run_dir} (only {can} can); start a new run instead")
         config = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
     else:
         config = dataclasses.replace(_base_config(preset, config_file), **given)
@@ -328,6 +350,40 @@ def _write_json(where: str | None, obj) -> None:
         print(dumps(obj))
     else:
         write_json(where, obj)
+
+
+def _compare(args) -> int:
+    from .compare import compare_runs, markdown_table, plot_differences
+    from .files import write_text_atomic
+    from .runs import load_run
+    from .training import resolve_device
+
+    runs = list(args.runs)
+    for r in runs:
+        if not Path(r).is_dir():
+            raise FileNotFoundError(f"{r}: no such run directory; give the folders that pyrovae train printed")
+    baseline = 0
+    if args.baseline is not None:
+        matches = [i for i, r in enumerate(runs) if Path(r).resolve() == Path(args.baseline).resolve()]
+        if not matches:
+            runs.insert(0, args.baseline)
+            matches = [0]
+        baseline = matches[0]
+    first = load_run(runs[baseline], which=args.checkpoint)
+    ds = _split(args, first)
+    options = estimator_options(args)
+    result = compare_runs(runs, ds, baseline=baseline, num_samples=args.num_samples, seed=args.seed,
+                          which=args.checkpoint, batch_size=args.batch_size, progress=not args.quiet,
+                          device=resolve_device(args.device), **options)
+    table = markdown_table(result)
+    print(f"{ds.name} {ds.split}, {len(ds)} examples, seed {args.seed}")
+    print(table)
+    if args.markdown:
+        write_text_atomic(args.markdown, f"{ds.name} {ds.split}, {len(ds)} examples, seed {args.seed}\n\n{table}\n")
+    if args.plot:
+        print(plot_differences(result, args.plot))
+    _write_json(args.json, result)
+    return 0
 
 
 def _bdmc(args) -> int:

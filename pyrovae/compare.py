@@ -40,15 +40,17 @@ def _data_key(data: Dataset) -> str:
 
 def score_run(run_dir: str | Path, data: Dataset, *, num_samples: int = 1000, seed: int = 0, which: str = "best",
               chunk_size: int | None = None, batch_size: int = 100, progress: bool = False,
-              cache: bool = False, device: str = "cpu") -> dict:
+              cache: bool = False, device: str = "cpu", estimator: str = "is", ais_options: dict | None = None,
+              quadrature_resolution: int = 256) -> dict:
     """``evaluate``'s report of one run on ``data`` with per-example values (``report["per_example"]``),
     training facts from the run directory (epochs, seconds per epoch), and the seconds the
     evaluation took. With ``cache``, kept in ``RUN/scores-<key>.json`` and reused while the
     checkpoint, data, K and seed are the same."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, which=which, device=device)
+    options = {"estimator": estimator, "ais_options": ais_options or {}, "quadrature_resolution": quadrature_resolution}
     key = f"{which}-e{run.epoch}-{data.name.replace('/', '_')}-{data.split}-n{len(data)}-{_data_key(data)}-" \
-          f"K{num_samples}-s{seed}"
+          f"K{num_samples}-s{seed}" + ("" if estimator == "is" else f"-{json.dumps(options, sort_keys=True)}")
     path = run_dir / f"scores-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if cache and path.is_file():
         report = json.loads(path.read_text())
@@ -61,7 +63,7 @@ def score_run(run_dir: str | Path, data: Dataset, *, num_samples: int = 1000, se
     images = data.images.to(run.device)
     labels = None if data.labels is None else data.labels.to(run.device)
     report = evaluate(run.model, images, labels, num_samples=num_samples, chunk_size=chunk_size,
-                      batch_size=batch_size, progress=progress, seed=seed, per_example=True)
+                      batch_size=batch_size, progress=progress, seed=seed, per_example=True, **options)
     rows = read_metrics(run_dir / "metrics.jsonl")
     seconds = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
     report.update({"key": key, "run": str(run_dir), "checkpoint": run.checkpoint.name, "epoch": run.epoch,
@@ -79,6 +81,7 @@ def compare_runs(run_dirs: list[str | Path], data: Dataset, *, baseline: int = 0
     the paired difference of log p(x) and of the ELBO over the same examples, with standard errors."""
     if not run_dirs:
         raise ValueError("give at least one run directory to compare")
+    _check_comparable(run_dirs, data)
     names = names or [Path(r).name for r in run_dirs]
     if len(set(names)) != len(names):
         names = [str(r) for r in run_dirs]
@@ -91,8 +94,40 @@ def compare_runs(run_dirs: list[str | Path], data: Dataset, *, baseline: int = 0
             row["log_px_diff"] = paired_difference(rep["per_example"]["log_px"], base["per_example"]["log_px"])
             row["elbo_diff"] = paired_difference(rep["per_example"]["elbo"], base["per_example"]["elbo"])
         rows.append(row)
+    estimator = score_kwargs.get("estimator", "is")
+    label = None
+    if estimator == "ais":
+        a = score_kwargs.get("ais_options") or {}
+        label = f"AIS, T={a.get('num_steps')}, {a.get('num_chains')} chains"
+    elif estimator == "quadrature":
+        label = "quadrature"
     return {"baseline": names[baseline], "num_examples": len(data), "dataset": data.name, "split": data.split,
-            "num_samples": score_kwargs.get("num_samples", 1000), "rows": rows}
+            "num_samples": score_kwargs.get("num_samples", 1000), "estimator": estimator, "estimator_label": label,
+            "rows": rows}
+
+
+def _check_comparable(run_dirs, data: Dataset) -> None:
+    """Refuse runs that did not model the same kind of data as ``data``: another number of values
+    per example, or binary against grey values."""
+    from .config import TrainConfig
+    from .runs import load_checkpoint
+
+    seen = []
+    for r in run_dirs:
+        r = Path(r)
+        ckpt = r / "best.pt" if (r / "best.pt").is_file() else r / "last.pt"
+        state = load_checkpoint(ckpt)
+        config = TrainConfig.load(r / "config.json") if (r / "config.json").is_file() else \
+            TrainConfig.from_dict(state["config"], str(ckpt))
+        seen.append((r, int(state["data_dim"]), config.binarize != "none"))
+    first = seen[0]
+    for r, dim, binary in seen:
+        if dim != data.data_dim or dim != first[1]:
+            raise ValueError(f"{r} models {dim} values per example, {seen[0][0]} {first[1]} and the data "
+                             f"{data.data_dim}: compare runs trained on data of one shape")
+        if binary != first[2]:
+            raise ValueError(f"{r} models {'binarised' if binary else 'grey'} images and {first[0]} "
+                             f"{'binarised' if first[2] else 'grey'} ones: their log p(x) are not comparable")
 
 
 def _f(v, spec=".2f") -> str:
@@ -105,7 +140,8 @@ def markdown_table(result: dict, extra: list[tuple[str, callable]] = ()) -> str:
     """One Markdown table: per run ELBO, log p(x) ± s.e., KL, active units, the share of
     examples with Pareto k̂ > 0.7, and the paired differences against the baseline; ``extra``
     adds columns ``(header, row -> text)``."""
-    head = ["run", "ELBO", f"log p(x) (K={result['num_samples']})", f"Δ log p(x) vs {result['baseline']} (paired)",
+    what = result.get("estimator_label") or f"K={result['num_samples']}"
+    head = ["run", "ELBO", f"log p(x) ({what})", f"Δ log p(x) vs {result['baseline']} (paired)",
             "Δ ELBO (paired)", "gap log p(x) − ELBO", "KL", "active units", "k̂ > 0.7", *[h for h, _ in extra]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:

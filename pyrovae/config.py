@@ -27,6 +27,8 @@ MODELS = ("vae", "ae", "pca", "mixture")
 LIKELIHOODS = ("bernoulli", "gaussian")
 ELBOS = ("trace", "meanfield", "iwae")
 GUIDES = ("gaussian", "iaf")
+#: settings that may change when a run is resumed (the others are the run's own)
+RESUMABLE = ("epochs", "patience", "device", "no_tensorboard", "tensorboard_images_every")
 #: the learning rate when --lr is not given. Adam moves a parameter by about lr per step, so
 #: the finite mixture's pixel logits (which must reach about +-7 from about +-1) take 0.05:
 #: at 2e-3 its K=10 test log p(x) after 100 epochs on mnist5k is -188.1, at 0.03-0.3 about
@@ -152,6 +154,11 @@ class TrainConfig:
     device: str = _setting("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
     amp: str = _setting("none", "mixed precision for the networks (log densities stay float32)", ("none", "bf16"))
     # --- run directory ---
+    no_tensorboard: bool = _setting(False, "do not write TensorBoard event files into the run directory (they are "
+                                    "written when the tensorboard package is installed: pip install "
+                                    "'pyrovae[tensorboard]')")
+    tensorboard_images_every: int = _setting(10, "with TensorBoard: grids of samples and reconstructions every this "
+                                             "many epochs (0 = none)")
     out: str = _setting("runs", "parent folder of run directories")
     name: typing.Optional[str] = _setting(None, "run directory name (default: <dataset>-<model>-<time>)")
 
@@ -211,7 +218,7 @@ class TrainConfig:
         need(self.clip_norm >= 0, f"--clip-norm must be 0 (off) or positive (got {self.clip_norm})")
         need(self.clip_spikes == 0 or self.clip_spikes > 1,
              f"--clip-spikes must be 0 (off) or above 1 (got {self.clip_spikes}): it is a multiple of the average norm")
-        for name in ("warmup_epochs", "patience", "prior_init_epochs"):
+        for name in ("warmup_epochs", "patience", "prior_init_epochs", "tensorboard_images_every"):
             value = getattr(self, name)
             need(value >= 0, f"--{name.replace('_', '-')} must be 0 or more (got {value})")
         need(self.prior in PRIORS, f"--prior must be one of {', '.join(PRIORS)} (got {self.prior!r})")

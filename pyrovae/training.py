@@ -38,7 +38,8 @@ import torch
 import torch.distributed as tdist
 from pyro.infer import SVI
 
-from .config import TrainConfig
+from .board import Board
+from .config import RESUMABLE, TrainConfig
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
 from .marginal import derive_seed, isolated_params
 from .metrics import component_usage, responsibilities, split_scores
@@ -188,8 +189,7 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
         run_dir = Path(resume)
         resume_state = load_checkpoint(run_dir / "last.pt")
         stored = TrainConfig.load(run_dir / "config.json")
-        config = TrainConfig.from_dict({**stored.to_dict(), "epochs": config.epochs, "patience": config.patience,
-                                        "device": config.device})
+        config = TrainConfig.from_dict({**stored.to_dict(), **{k: getattr(config, k) for k in RESUMABLE}})
     config = config.resolved()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.batch_size % world:  # before joining the process group, so that no process waits for the others
@@ -288,6 +288,9 @@ class _Trainer:
             except ValueError as e:
                 error = str(e)
         env.raise_any(error)  # every process learns of rank 0's error, or the others would wait forever
+        self.board = Board(self.run_dir, enabled=self.write and not config.no_tensorboard,
+                           start_epoch=self.start_epoch, images_every=config.tensorboard_images_every,
+                           image_shape=self.data.image_shape, val_images=self.data.val, seed=config.seed)
         #: seconds of the last epoch's phases (steps, validation, checkpoint), for benchmarks
         self.phase_seconds: dict[str, float] = {}
         self._warned_components = False
@@ -387,8 +390,12 @@ class _Trainer:
                         break
         except KeyboardInterrupt:
             bar.close()
+            self.board.close()
             if self.write:
                 self._plot()
+            raise
+        except BaseException:
+            self.board.close()
             raise
         bar.close()
         epochs_done = epoch + 1 if c.epochs > self.start_epoch else self.start_epoch
@@ -433,7 +440,8 @@ class _Trainer:
         recon = float(terms["recon"]) if "recon" in terms else math.nan
         kl = float(terms["kl"]) if "kl" in terms else math.nan
         loss_sum, seen, recon, kl = self.env.sum([loss_sum, float(seen), recon, kl])
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen}
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": self._lr(epoch),
+               "kl_scale": self._kl_scale(len(batches)) if c.warmup_epochs else 1.0}
         if c.model == "mixture":
             row["train_elbo"] = -loss_sum / seen  # exact: the component is summed out
         else:
@@ -461,6 +469,7 @@ class _Trainer:
             save_checkpoint(state, self.run_dir / "last.pt")
             if improved:
                 link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
+            self.board.epoch(row, model)
         else:
             row["epoch_seconds"] = time.perf_counter() - t0
             if improved:
@@ -557,6 +566,9 @@ class _Trainer:
             summary = {"epochs_done": epochs_done, "best_epoch": self.best_epoch, "best_val_elbo": self.best_val,
                        "stopped_early": stopped_early, "test": test, "seconds": seconds}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.board.finish(self.config.to_dict(), {"best_val_elbo": self.best_val, "epochs_done": epochs_done,
+                                                      **({"test_elbo": test["elbo"]} if test and test.get("elbo")
+                                                         is not None else {})})
         return result
 
     def _test_scores(self) -> dict | None:

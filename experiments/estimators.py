@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=",".join(m[0] for m in MODELS), help="comma-separated subset of models")
     p.add_argument("--runs-from", default=None, help="a folder of runs to reuse (e.g. results/flows/runs)")
-    p.add_argument("--num-images", type=int, default=100, help="test images (the first of the split)")
+    p.add_argument("--num-images", type=int, default=100, help="test images, spread evenly over the split (which "
+                   "is sorted by class)")
     p.add_argument("--is-samples", default="10,100,1000,5000,50000", help="K of importance sampling")
     p.add_argument("--ais-steps", default="10,100,1000,10000", help="T of AIS")
     p.add_argument("--ais-chains", type=int, default=4, help="AIS chains per image")
@@ -159,8 +160,9 @@ def _main(args, argv) -> int:
         run_dir = _model_dir(name, s, shared, args, runs)
         run = load_run(run_dir)
         test = prepare_data(run.config, "test", "cpu")
-        x = test.images[:n_images]
-        tag = f"{name}-{run.epoch}-n{len(x)}-s{args.seed}"
+        step = max(1, len(test) // n_images)
+        x = test.images[::step][:n_images]  # every class: the split is sorted by class
+        tag = f"{name}-{run.epoch}-n{len(x)}every{step}-s{args.seed}"
         is_rows = []
         for k in sorted(set(is_ks) | {ref_k}):
             r = _cached(cache, f"{tag}-is-K{k}", lambda k=k, m=run.model, x=x: _is(m, x, k, args.seed, progress))

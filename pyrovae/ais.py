@@ -46,7 +46,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
-from .marginal import ExampleNoise, frozen_prior, isolated_params, log_joint
+from .marginal import ExampleNoise, check_images, frozen_prior, isolated_params, log_joint
 
 __all__ = ["AISResult", "ais_log_px", "sigmoidal_schedule", "simulate", "bdmc", "format_bdmc", "TARGET_ACCEPTANCE"]
 
@@ -242,6 +242,7 @@ def ais_log_px(model, images: torch.Tensor, *, num_steps: int = 500, num_chains:
         raise ValueError(f"--ais-step-size must be positive (got {step_size})")
     if not getattr(model, "has_posterior", False):
         raise ValueError(f"--estimator ais needs a VAE (a model with a guide); a {model.kind} model has none")
+    check_images(model, images)
     betas = sigmoidal_schedule(num_steps).to(images.device)
     reverse = start_values is not None
     from tqdm.auto import tqdm

@@ -38,8 +38,10 @@ class Board:
 
     def __init__(self, run_dir: Path, *, enabled: bool, start_epoch: int, images_every: int, image_shape,
                  val_images: torch.Tensor | None, seed: int):
-        self.writer = None
+        self.writer = self._open = None
         self.images_every, self.image_shape = images_every, image_shape
+        self.val = None if val_images is None else val_images[:8]
+        self.codes_seed = seed
         if not enabled:
             return
         try:
@@ -48,12 +50,17 @@ class Board:
             print("pyrovae train: TensorBoard logging is off: the tensorboard package is not installed "
                   "(pip install 'pyrovae[tensorboard]'; --no-tensorboard silences this)", file=sys.stderr)
             return
-        # purge_step: drop events of epochs after the checkpoint, written before a kill
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
-        self.val = None if val_images is None else val_images[:8]
-        self.codes_seed = seed
+
+        # opened at the first finished epoch, so that a resume that fails earlier changes nothing;
+        # purge_step drops events of epochs after the checkpoint, written before a kill
+        def open_writer():
+            return SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+
+        self._open = open_writer
 
     def epoch(self, row: dict, model) -> None:
+        if self.writer is None and self._open is not None:
+            self.writer, self._open = self._open(), None
         if self.writer is None:
             return
         step = row["epoch"]
@@ -98,6 +105,57 @@ class Board:
         self.close()
 
     def close(self) -> None:
+        self._open = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def render(run_dirs: list, path, names: list[str] | None = None) -> Path:
+    """A PNG of what ``tensorboard --logdir`` shows for ``run_dirs``, drawn from their event
+    files: validation and training ELBO, KL and learning rate per epoch for every run, and the
+    last grids of samples and reconstructions of the first run."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from .files import write_atomic
+    from .plots import _figure
+
+    names = names or [Path(r).name for r in run_dirs]
+    accs = []
+    for r in run_dirs:
+        ea = event_accumulator.EventAccumulator(str(r), size_guidance={"images": 0, "scalars": 0})
+        ea.Reload()
+        accs.append(ea)
+    fig = _figure(13, 7)
+    grid = fig.add_gridspec(2, 3)
+    panels = [("elbo/val", "validation ELBO (nats)"), ("kl/val", "validation KL (nats)"), ("lr", "learning rate")]
+    for i, (tag, label) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, i])
+        for name, ea in zip(names, accs):
+            if tag in ea.Tags()["scalars"]:
+                events = ea.Scalars(tag)
+                ax.plot([e.step for e in events], [e.value for e in events], label=name)
+            if tag == "elbo/val" and "elbo/train" in ea.Tags()["scalars"]:
+                events = ea.Scalars("elbo/train")
+                ax.plot([e.step for e in events], [e.value for e in events], ls=":", color=ax.lines[-1].get_color())
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if tag == "elbo/val":
+            values = [v for line in ax.lines for v in line.get_ydata()]
+            if values:
+                lo = sorted(values)[len(values) // 10]
+                ax.set_ylim(bottom=lo - 0.3 * (max(values) - lo + 1e-9))
+            ax.legend(fontsize=7, title="dotted: training", title_fontsize=7)
+    for j, tag in enumerate(("samples", "reconstructions")):
+        ax = fig.add_subplot(grid[1, j if j == 0 else slice(1, 3)])
+        ax.axis("off")
+        if tag in accs[0].Tags()["images"]:
+            event = accs[0].Images(tag)[-1]
+            ax.imshow(Image.open(io.BytesIO(event.encoded_image_string)), cmap="gray")
+            ax.set_title(f"{names[0]}: {tag}, epoch {event.step}", fontsize=9)
+    fig.tight_layout()
+    return write_atomic(path, lambda f: fig.savefig(f, format="png"))

@@ -1,8 +1,9 @@
-"""The ``pyrovae`` command line: train, evaluate, sample, reconstruct, interpolate.
+"""The ``pyrovae`` command line: train, evaluate, compare, bdmc, sample, reconstruct, interpolate.
 
 The ``train`` flags are generated from :class:`~pyrovae.config.TrainConfig`, so a default
 lives in one place. Bad input ends in one line on stderr and exit code 2 (``--debug``
-shows the traceback); a diverged run exits 1; Ctrl-C exits 130 with the last epoch saved.
+shows the traceback); a diverged run exits 1; Ctrl-C exits 130 (training keeps every
+completed epoch in last.pt).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from .config import RESUMABLE  # (config imports no torch: --help stays fast)
@@ -150,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: 2048 per CPU thread, as larger chunks fall out of cache; 65536 on CUDA)")
     e.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
     estimator_flags(e)
+    e.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
     e.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_evaluate)
@@ -170,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--num-samples", type=int, default=1000, help="importance samples K per example (default: 1000)")
     cp.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
     estimator_flags(cp)
+    cp.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
     cp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON ('-' for stdout)")
     cp.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     cp.add_argument("--plot", metavar="PATH", help="also draw the paired differences with ±2 s.e. bars (PNG)")
@@ -190,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     bd.add_argument("--init", default="guide", choices=("guide", "prior"), help="AIS start: q(z|x) (default) "
                     "or the prior")
     bd.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
+    bd.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
     bd.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     bd.add_argument("--quiet", action="store_true", help="no progress bar")
     bd.set_defaults(func=_bdmc)
@@ -281,18 +286,68 @@ def _load(args, device=None):
     from .runs import load_run
     from .training import resolve_device
 
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2^63) (got {args.seed})")
     torch.manual_seed(args.seed)
     return load_run(args.run, which=args.checkpoint, device=device or resolve_device(args.device))
 
 
+#: above this many seconds, estimated from a short probe, evaluate/compare/bdmc need --allow-long
+LONG_WORK_SECONDS = 3600
+
+
+def _check_work(args, model, images, steps_per_example: int = 0) -> None:
+    """Estimate the decoder passes the command will make and, from a short timed probe, how long
+    that takes here; refuse work above :data:`LONG_WORK_SECONDS` unless --allow-long."""
+    import time
+
+    from .marginal import estimate_log_px
+
+    if getattr(args, "allow_long", False) or not getattr(model, "has_posterior", False):
+        return
+    n = images.shape[0]
+    estimator = getattr(args, "estimator", "is")
+    passes = {"is": args.num_samples if hasattr(args, "num_samples") else 0,
+              "ais": 3 * args.ais_chains * args.ais_steps * args.ais_leapfrog if estimator == "ais" else 0,
+              "quadrature": args.quadrature_resolution ** 2 if estimator == "quadrature" else 0}
+    per_example = passes["is"] + (passes[estimator] if estimator != "is" else 0) + steps_per_example
+    total = n * per_example
+    if total < 2_000_000:  # seconds at any plausible rate: no probe needed
+        return
+    probe = images[: min(n, 16)]
+    k = 256
+    t0 = time.perf_counter()
+    estimate_log_px(model, probe, k, diagnostics=False, seed=0)
+    rate = probe.shape[0] * k / max(time.perf_counter() - t0, 1e-6)
+    seconds = total / rate
+    if seconds > LONG_WORK_SECONDS:
+        flag = {"is": "--num-samples", "ais": "--ais-steps", "quadrature": "--quadrature-resolution"}[estimator]
+        if steps_per_example and estimator == "is":
+            flag = "--steps"
+        raise ValueError(f"this would make {total:.3g} decoder passes ({n} examples): about {_duration(seconds)} at "
+                         f"the {rate:,.0f} passes/s measured here; lower {flag}, or pass --allow-long to go on")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.0f} seconds"
+
+
 def _split(args, run):
+    """The split to score: the run's own dataset with the run's data settings, or, with
+    --dataset, that dataset with the data flags given here only (a run's --label-column or
+    --data-dir describe its training data, not another file)."""
     from .training import prepare_data
 
     config = run.config
-    overrides = {k: getattr(args, k) for k in ("dataset", "data_dir", "label_column")
-                 if getattr(args, k, None) is not None}
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
+    if getattr(args, "dataset", None) is not None:
+        config = dataclasses.replace(config, dataset=args.dataset, data_dir=args.data_dir or "data",
+                                     label_column=args.label_column, download=False)
+    elif args.data_dir is not None or args.label_column is not None:
+        config = dataclasses.replace(config, **{k: getattr(args, k) for k in ("data_dir", "label_column")
+                                                if getattr(args, k) is not None})
     ds = prepare_data(config, args.split, run.device)
     if ds.data_dim != run.data_dim:
         raise ValueError(f"{config.dataset} has {ds.data_dim} values per example but the run was trained on "
@@ -310,6 +365,7 @@ def _evaluate(args) -> int:
     try:
         run = _load(args, device=env.device)
         ds = _split(args, run)
+        _check_work(args, run.model, ds.images[env.rank :: env.world])
         report = evaluate(run.model, ds.images, ds.labels, num_samples=args.num_samples, chunk_size=args.chunk_size,
                           batch_size=args.batch_size, progress=not args.quiet and env.main, seed=args.seed,
                           shard=(env.rank, env.world), per_example=bool(args.json), **estimator_options(args))
@@ -319,12 +375,6 @@ def _evaluate(args) -> int:
         return 0
     report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "dataset": ds.name, "split": ds.split,
               "processes": env.world, "seed": args.seed, **report}
-    print(format_report(report))
-    pk = report.get("pareto_k")
-    if pk and pk["num_above_0.7"] and report.get("estimator", "is") == "is":
-        print(f"warning: {pk['num_above_0.7']} examples ({100 * pk['frac_above_0.7']:.1f}%) have Pareto k-hat > 0.7: "
-              "their log p(x) estimates are unreliable (raise --num-samples, read them as lower bounds, or use "
-              "--estimator ais)", file=sys.stderr)
     if getattr(run.model, "latent_dim", 0) == 2 and run.model.kind != "mixture":
         import torch
 
@@ -335,8 +385,18 @@ def _evaluate(args) -> int:
                              mixture=prior.mixture() if prior is not None else None,
                              title=f"{run.config.model}, {ds.name} {ds.split}")
         report["latent_png"] = str(png)
-        print(f"latent map: {png}")
-    _write_json(args.json, report)
+    if args.json != "-":
+        _write_json(args.json, report)  # first: a file that cannot be written is the one line on stderr
+    print(format_report(report))
+    if "latent_png" in report:
+        print(f"latent map: {report['latent_png']}")
+    if args.json == "-":
+        _write_json(args.json, report)
+    pk = report.get("pareto_k")
+    if pk and pk["num_above_0.7"] and report.get("estimator", "is") == "is":
+        print(f"warning: {pk['num_above_0.7']} examples ({100 * pk['frac_above_0.7']:.1f}%) have Pareto k-hat > 0.7: "
+              "their log p(x) estimates are unreliable (raise --num-samples, read them as lower bounds, or use "
+              "--estimator ais)", file=sys.stderr)
     return 0
 
 
@@ -347,9 +407,9 @@ def _write_json(where: str | None, obj) -> None:
     if not where:
         return
     if where == "-":
-        print(dumps(obj))
+        print(dumps(obj, explain=True))
     else:
-        write_json(where, obj)
+        write_json(where, obj, explain=True)
 
 
 def _compare(args) -> int:
@@ -371,6 +431,7 @@ def _compare(args) -> int:
         baseline = matches[0]
     first = load_run(runs[baseline], which=args.checkpoint)
     ds = _split(args, first)
+    _check_work(args, first.model, ds.images)
     options = estimator_options(args)
     result = compare_runs(runs, ds, baseline=baseline, num_samples=args.num_samples, seed=args.seed,
                           which=args.checkpoint, batch_size=args.batch_size, progress=not args.quiet,
@@ -393,6 +454,15 @@ def _bdmc(args) -> int:
     steps = args.steps
     if not steps:
         raise ValueError("--steps needs at least one number of AIS steps, such as 10,100,1000")
+    if args.num_examples < 1:
+        raise ValueError(f"--num-examples must be at least 1 (got {args.num_examples})")
+    if not args.allow_long:
+        probe = argparse.Namespace(estimator="is", num_samples=0, allow_long=False)
+        import torch
+
+        dim = run.data_dim
+        _check_work(probe, run.model, torch.zeros(args.num_examples, dim, device=run.device),
+                    steps_per_example=6 * args.chains * sum(steps) * args.leapfrog)
     result = bdmc(run.model, num_examples=args.num_examples, steps=steps, num_chains=args.chains,
                   leapfrog=args.leapfrog, init=args.init, seed=args.seed, batch_size=args.batch_size,
                   progress=not args.quiet)
@@ -402,6 +472,24 @@ def _bdmc(args) -> int:
     return 0
 
 
+#: image files a --output may name (what PIL writes)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _picture_out(args, default: Path) -> Path:
+    out = Path(args.output) if args.output else default
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--output {out}: the file name must end in an image type ({', '.join(IMAGE_SUFFIXES)})")
+    return out
+
+
+def _picture_size(flag: str, count: int, run) -> None:
+    """Refuse, before allocating, a picture of more images than memory holds."""
+    from .config import refuse_if_too_big
+
+    refuse_if_too_big({flag: 4.0 * 4 * count * run.data_dim}, "the picture")
+
+
 def _sample(args) -> int:
     from .pictures import sample_images, samples_by_component
     from .plots import save_image_grid
@@ -409,15 +497,18 @@ def _sample(args) -> int:
     run = _load(args)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1 (got {args.num_images})")
+    _picture_size("--num-images", args.num_images, run)
     if args.by_component:
-        per = max(1, args.num_images // max(1, args.components))
+        if args.components < 1:
+            raise ValueError(f"--components must be at least 1 (got {args.components})")
+        out = _picture_out(args, run.dir / "samples-by-component.png")
+        per = max(1, args.num_images // args.components)
         images, order = samples_by_component(run.model, per_component=per, max_components=args.components)
-        out = Path(args.output or run.dir / "samples-by-component.png")
         save_image_grid(images, run.image_shape, out, nrow=per)
         print(f"{out} (rows: components {order})")
     else:
+        out = _picture_out(args, run.dir / "samples.png")
         images = sample_images(run.model, args.num_images)
-        out = Path(args.output or run.dir / "samples.png")
         save_image_grid(images, run.image_shape, out, nrow=int(round(args.num_images ** 0.5)) or 1)
         print(out)
     return 0
@@ -432,7 +523,7 @@ def _reconstruct(args) -> int:
     n = min(args.num_images, len(ds))
     if n < 1:
         raise ValueError(f"--num-images must be at least 1 (got {args.num_images})")
-    out = Path(args.output or run.dir / "reconstructions.png")
+    out = _picture_out(args, run.dir / "reconstructions.png")
     save_image_grid(reconstructions(run.model, ds.images[:n]), run.image_shape, out, nrow=n)
     print(out)
     return 0
@@ -450,9 +541,10 @@ def _interpolate(args) -> int:
     for k in (i, j):
         if not 0 <= k < len(ds):
             raise ValueError(f"--pair index {k} is outside the {ds.split} split (0..{len(ds) - 1})")
+    out = _picture_out(args, run.dir / f"interpolate-{i}-{j}.png")
+    _picture_size("--steps", args.steps, run)
     line, _ = interpolation(run.model, ds.images[i], ds.images[j], steps=args.steps)
     images = torch.cat([ds.images[i : i + 1], line, ds.images[j : j + 1]])
-    out = Path(args.output or run.dir / f"interpolate-{i}-{j}.png")
     save_image_grid(images, run.image_shape, out, nrow=images.shape[0])
     print(out)
     return 0
@@ -461,22 +553,38 @@ def _interpolate(args) -> int:
 # --- entry point -------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    prog = f"pyrovae {args.command}"
-    from .training import TrainingDiverged
+#: what an interrupted command says (train: whether anything was saved is known only there)
+_INTERRUPTED = {"train": "interrupted; the epochs completed so far are in last.pt: continue with --resume RUN "
+                         "(a run stopped before its first epoch ended starts again from epoch 0)",
+                "evaluate": "interrupted; nothing was written", "compare": "interrupted; nothing was written",
+                "bdmc": "interrupted; nothing was written"}
 
-    debug = getattr(args, "debug", False)
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code: 0, 1 for a diverged run, 2 for bad input (one
+    line on stderr), 130 when interrupted (Ctrl-C)."""
+    prog = "pyrovae"
+    debug = argv is not None and "--debug" in argv or argv is None and "--debug" in sys.argv[1:]
     try:
-        return args.func(args) if debug else exit_code_of(prog, args.func, args)
+        with warnings.catch_warnings():
+            if not debug:  # third-party warnings are not pyrovae's to show (our own still are)
+                warnings.filterwarnings("ignore", module=r"(numpy|torch|torchvision|matplotlib|sklearn|scipy|pyro|"
+                                                         r"arviz|PIL|tensorboard)(\.|$)")
+            args = _parser().parse_args(argv)
+            prog = f"pyrovae {args.command}"
+            from .training import TrainingDiverged
+
+            try:
+                return args.func(args) if debug else exit_code_of(prog, args.func, args)
+            except TrainingDiverged as e:
+                if debug:
+                    raise
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; completed epochs are saved in last.pt: continue with --resume", file=sys.stderr)
+        what = _INTERRUPTED.get(prog.split()[-1], "interrupted; nothing was written")
+        print(f"{prog}: {what}", file=sys.stderr)
         return 130
-    except TrainingDiverged as e:
-        if debug:
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import functools
 import gzip
 import os
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,7 @@ def _split_arrays(name, x, y, split, image_shape, *, n_val, n_test) -> Dataset:
 
 
 def _stratifiable(y: torch.Tensor, n_val: int, n_test: int) -> bool:
-    counts = torch.bincount(y - y.min()) if y.numel() else torch.zeros(0)
-    counts = counts[counts > 0]
+    counts = np.unique(y.numpy(), return_counts=True)[1] if y.numel() else np.zeros(0)  # any label values
     k = len(counts)
     return k >= 2 and int(counts.min()) >= 3 and n_val >= k and n_test >= k
 
@@ -217,25 +217,42 @@ def _load_array_file(path: Path, label_column: int | None) -> tuple[torch.Tensor
                         "(put labels in y= of an .npz)")
     x = _validate_images(np.asarray(x), path)
     if y is not None:
-        y = np.asarray(y)
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(f"{path}: {x.shape[0]} images but labels of shape {y.shape}; give one label per image")
-        if not np.issubdtype(y.dtype, np.integer):
-            if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-                raise DataError(f"{path}: labels must be whole numbers; found {y[:5]}...")
-        y = torch.from_numpy(y.astype(np.int64))
+        y = _validate_labels(np.asarray(y), x.shape[0], path)
     return x, y
 
 
+#: labels must lie in this range (they index classes; far larger ones are a wrong column)
+_LABEL_RANGE = (-(2**31), 2**31)
+
+
+def _validate_labels(y: np.ndarray, n: int, path) -> torch.Tensor:
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"{path}: {n} images but labels of shape {y.shape}; give one label per image")
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{path}: labels must be whole numbers, got dtype {y.dtype}; save them as integers")
+    if y.dtype.kind == "f" and (not np.all(np.isfinite(y)) or not np.all(y == np.round(y))):
+        raise DataError(f"{path}: labels must be whole numbers; found {y[:5]}...")
+    lo, hi = (int(y.min()), int(y.max())) if y.size else (0, 0)
+    if lo < _LABEL_RANGE[0] or hi >= _LABEL_RANGE[1]:
+        raise DataError(f"{path}: labels range over [{lo}, {hi}], beyond 32-bit class numbers; is the label "
+                        "column the right one?")
+    return torch.from_numpy(y.astype(np.int64))
+
+
 def _load_csv(path: Path, label_column: int | None):
-    with open(path) as f:
-        first = f.readline()
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text CSV file (not UTF-8); save the data as .csv text, .npy or .npz") from None
     skip = 0
     try:
         [float(v) for v in first.strip().split(",") if v.strip()]
     except ValueError:
         skip = 1  # a header line
-    a = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "input contained no data": the emptiness check says it
+        a = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
     if label_column is None:
         return a, None
     if not -a.shape[1] <= label_column < a.shape[1]:
@@ -246,14 +263,14 @@ def _load_csv(path: Path, label_column: int | None):
 
 
 def _validate_images(x: np.ndarray, path) -> torch.Tensor:
+    if x.ndim not in (2, 3):
+        raise DataError(f"{path}: expected one example per row (2-D, or 3-D images), got shape {x.shape}")
     if x.size == 0 or x.shape[0] == 0:
         raise DataError(f"{path}: the dataset is empty; it must hold at least one example")
     if x.ndim == 3:
         x = x.reshape(x.shape[0], -1)
-    if x.ndim != 2:
-        raise DataError(f"{path}: expected one example per row (2-D, or 3-D images), got shape {x.shape}")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise DataError(f"{path}: values must be numbers, got dtype {x.dtype}")
+    if x.dtype.kind not in "biuf":  # not complex, timedelta, datetime, strings or objects
+        raise DataError(f"{path}: values must be real numbers, got dtype {x.dtype}")
     x = x.astype(np.float64)
     bad = ~np.isfinite(x)
     if bad.any():
@@ -330,45 +347,60 @@ def _download(name: str, data_dir: Path) -> None:
                         "copy the IDX files there by hand") from None
 
 
+#: at most this many bytes of data an IDX header may declare (60,000 28x28 images are 47 MB)
+IDX_MAX_BYTES = 2**31
+#: bytes read past the declared data to tell a longer file from a well-formed one
+_TRAILING_PROBE = 1 << 16
+
+
 def read_idx(path: Path, kind: str) -> torch.Tensor:
     """Read an IDX file (gzipped or not) with torchvision's reader, after checking it.
 
-    ``kind`` is ``"images"`` or ``"labels"``; the magic number, the header's counts and the
-    file's length are checked first so that a wrong, truncated or corrupt file is named.
+    ``kind`` is ``"images"`` or ``"labels"``. The header is read first: the magic number and
+    the declared counts are checked, then exactly the declared number of bytes is read (a
+    gzip stream is decompressed no further than that, plus a small probe for trailing data),
+    so that a wrong, truncated, overlong or decompression-bomb file is named, not loaded.
     """
     from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
     path = Path(path)
+    expected_magic = _MAGIC[kind]
+    ndim = 3 if kind == "images" else 1
+    header_size = 4 * (ndim + 1)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            header = f.read(header_size)
+            if len(header) < header_size:
+                raise DataError(f"{path}: {len(header)} bytes is too short for an IDX header (truncated?); "
+                                "download it again")
+            magic = int.from_bytes(header[:4], "big")
+            if magic != expected_magic:
+                other = {v: k for k, v in _MAGIC.items()}.get(magic)
+                hint = f" (that is an IDX {other} file: are the file names swapped?)" if other else ""
+                raise DataError(f"{path}: magic number {magic}, expected {expected_magic} for IDX {kind}{hint}")
+            dims = [int.from_bytes(header[4 * (i + 1): 4 * (i + 2)], "big") for i in range(ndim)]
+            count, per_item = dims[0], int(np.prod(dims[1:], dtype=np.int64)) if ndim > 1 else 1
+            if count == 0 or per_item == 0:
+                raise DataError(f"{path}: the file holds no {kind}; download it again")
+            if count * per_item > IDX_MAX_BYTES:
+                raise DataError(f"{path}: its header declares {count} {kind} of {per_item} bytes "
+                                f"({count * per_item / 2**30:.1f} GiB), more than pyrovae reads; the header is "
+                                "wrong or the file is not an IDX file")
+            body = f.read(count * per_item)
+            trailing = len(f.read(_TRAILING_PROBE))
     except EOFError:
         raise DataError(f"{path}: the gzip stream ends early (truncated download?); download the file again") from None
     except (gzip.BadGzipFile, zlib.error, OSError) as e:
         raise DataError(f"{path}: not a valid gzip file ({e}); download the file again") from None
-    expected_magic = _MAGIC[kind]
-    ndim = 3 if kind == "images" else 1
-    if len(raw) < 4 * (ndim + 1):
-        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header (truncated?); download it again")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != expected_magic:
-        other = {v: k for k, v in _MAGIC.items()}.get(magic)
-        hint = f" (that is an IDX {other} file: are the file names swapped?)" if other else ""
-        raise DataError(f"{path}: magic number {magic}, expected {expected_magic} for IDX {kind}{hint}")
-    dims = [int.from_bytes(raw[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(ndim)]
-    count, per_item = dims[0], int(np.prod(dims[1:], dtype=np.int64)) if ndim > 1 else 1
-    header = 4 * (ndim + 1)
-    held = (len(raw) - header) // per_item if per_item else 0
+    held = len(body) // per_item
     if held < count:
         raise DataError(f"{path}: expected {count} {kind} (from its header), the file holds {held} (truncated?); "
                         "download it again")
-    if count == 0:
-        raise DataError(f"{path}: the file holds no {kind}; download it again")
+    if trailing:
+        raise DataError(f"{path}: the file holds more data than the {count} {kind} its header declares; the header "
+                        "or the file is wrong: download it again")
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "idx"
-        plain.write_bytes(raw[: header + count * per_item])
+        plain.write_bytes(header + body)
         t = read_sn3_pascalvincent_tensor(str(plain), strict=True)
     return t.clone()

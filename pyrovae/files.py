@@ -91,12 +91,18 @@ def json_safe(obj, why: dict | None = None, where: str = ""):
     return obj
 
 
-def dumps(obj, indent: int | None = 2) -> str:
+def dumps(obj, indent: int | None = 2, explain: bool = False) -> str:
     """Strict JSON text of ``obj``: non-finite floats become ``null`` (``allow_nan=False``
-    guarantees that nothing else slips through)."""
-    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+    guarantees that nothing else slips through). With ``explain``, a dict gains a field
+    ``null_values`` mapping each such value's path to what it was (``"nan"``, ``"inf"``): for
+    example the Pareto k-hat of an example whose K weights leave nothing to fit."""
+    why: dict = {}
+    safe = json_safe(obj, why)
+    if explain and why and isinstance(safe, dict):
+        safe = {**safe, "null_values": why}
+    return json.dumps(safe, indent=indent, allow_nan=False)
 
 
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as strict JSON to ``path`` atomically."""
-    return write_text_atomic(path, dumps(obj) + "\n")
+def write_json(path: str | os.PathLike, obj, explain: bool = False) -> Path:
+    """Write ``obj`` as strict JSON to ``path`` atomically (see :func:`dumps`)."""
+    return write_text_atomic(path, dumps(obj, explain=explain) + "\n")

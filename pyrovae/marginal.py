@@ -39,8 +39,10 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
+from .config import memory_bytes
+
 __all__ = ["log_weight_terms", "estimate_log_px", "Estimate", "active_units", "pareto_k", "default_chunk_size",
-           "ExampleNoise", "derive_seed", "log_joint", "latent_sites", "active_units_by_layer"]
+           "ExampleNoise", "derive_seed", "log_joint", "latent_sites", "active_units_by_layer", "check_images"]
 
 #: the PSIS threshold above which an importance-sampling estimate is unreliable
 PARETO_K_THRESHOLD = 0.7
@@ -54,6 +56,46 @@ def isolated_params():
     models never see each other's parameters through Pyro's global store."""
     with pyro.get_param_store().scope():
         yield
+
+
+def data_dim_of(model) -> int:
+    """Values per example a model was built for."""
+    for get in (lambda m: m.encoder.in_dim, lambda m: m.mean.numel(), lambda m: m.params.shape[1]):
+        try:
+            return int(get(model))
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(model).__name__} is not a pyrovae model")
+
+
+def check_images(model, images, what: str = "images") -> None:
+    """Raise ``ValueError`` with one line naming the problem and the fix unless ``images`` is a
+    floating-point ``(N, D)`` tensor of finite values with N >= 1, the model's D, on the model's
+    device, and binary where the model's likelihood is Bernoulli."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{what}: expected a torch tensor of shape (N, D), got {type(images).__name__}; convert "
+                         "with torch.as_tensor(x, dtype=torch.float32)")
+    if images.dim() != 2:
+        raise ValueError(f"{what}: expected one example per row, shape (N, D), got shape {tuple(images.shape)}; "
+                         "a single image x is x.reshape(1, -1)")
+    if images.shape[0] == 0:
+        raise ValueError(f"{what}: no examples (shape {tuple(images.shape)}); give at least one row")
+    if not images.is_floating_point():
+        raise ValueError(f"{what}: values must be floating point, got {images.dtype}; use images.float()")
+    d = data_dim_of(model)
+    if images.shape[1] != d:
+        raise ValueError(f"{what}: {images.shape[1]} values per example, the model was trained on {d}; give data "
+                         "of the model's shape")
+    device = next((p.device for p in model.parameters()), next((b.device for b in model.buffers()), images.device))
+    if images.device != device:
+        raise ValueError(f"{what} are on {images.device}, the model on {device}: move one of them with .to()")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{what}: {int((~torch.isfinite(images)).sum())} values are NaN or infinite; clean the data")
+    if type(getattr(model, "likelihood", None)).__name__ == "BernoulliLikelihood" or (
+            getattr(model, "kind", "") == "mixture" and not hasattr(model.likelihood, "scale")):
+        if not bool(((images == 0) | (images == 1)).all()):
+            raise ValueError(f"{what}: the model's likelihood is Bernoulli but the values are not all 0 or 1; "
+                             "binarise them first (pyrovae.data.static_binarized, or torch.bernoulli(x))")
 
 
 def frozen_prior(model) -> contextlib.AbstractContextManager:
@@ -394,6 +436,7 @@ def estimate_log_px(
     """
     if num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1 (got {num_samples})")
+    check_images(model, images)
     if chunk_size is None:
         chunk_size = default_chunk_size(images.device)
     if chunk_size < 1:
@@ -402,6 +445,9 @@ def estimate_log_px(
         raise ValueError(f"--batch-size must be at least 1 (got {batch_size})")
     if not getattr(model, "has_posterior", False):
         raise ValueError(f"a {getattr(model, 'kind', type(model).__name__)} model has no q(z|x) density to sample from")
+    if diagnostics and num_samples * 8 > memory_bytes() / 4:
+        raise ValueError(f"--num-samples {num_samples}: the Pareto k-hat of one example needs all its {num_samples} "
+                         f"log-weights in memory ({num_samples * 8 / 2**30:.1f} GiB); use fewer samples")
     n, K = images.shape[0], num_samples
     keep_log_w = diagnostics and K > 1
     batch, per_pass = _layout(n, K, chunk_size, batch_size, keep_log_w)

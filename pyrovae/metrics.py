@@ -13,7 +13,7 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
-from .marginal import Estimate, active_units_by_layer, estimate_log_px, isolated_params
+from .marginal import Estimate, active_units_by_layer, check_images, estimate_log_px, isolated_params
 
 __all__ = ["split_scores", "evaluate", "reconstruction_errors", "component_usage", "cluster_scores",
            "responsibilities"]
@@ -215,6 +215,7 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {estimator!r})")
+    check_images(model, images)
     report: dict = {"model": model.kind, "num_examples": int(images.shape[0])}
     was_training = model.training
     model.eval()

@@ -439,6 +439,35 @@ MODEL_KINDS: dict[str, type[nn.Module]] = {
 }
 
 
+def check_sizes(config, data_dim: int) -> None:
+    """Refuse, with one line naming the flag, a model whose parameters (with their gradients and
+    Adam's two moments: 16 bytes each) or whose activations for one training step would not fit
+    in half of this machine's memory: before anything is allocated."""
+    from .config import refuse_if_too_big
+
+    h = list(config.hidden_dims)
+    dims = [*getattr(config, "lower_latent_dims", ()), config.latent_dim]
+    mlp = sum(a * b for a, b in zip([data_dim, *h[:-1]], h))  # encoder layers up to the code; the decoder mirrors
+    code = (h[-1] if h else data_dim) * 3 * dims[0]  # the encoder's (loc, log_scale), the decoder's first layer
+    layer = list(getattr(config, "layer_hidden_dims", ()))
+    upper = sum(sum(a * b for a, b in zip([lo, *layer], [*layer, 2 * hi])) for lo, hi in zip(dims[:-1], dims[1:]))
+    k = config.prior_components if (config.prior != "standard" or config.model == "mixture") else 0
+    per_component = data_dim if (config.prior == "vamp" or config.model == "mixture") else 2 * config.latent_dim
+    flows = 0
+    if getattr(config, "guide", "gaussian") == "iaf":
+        fh = list(config.flow_hidden_dims)
+        flows = config.flow_steps * len(dims) * sum(a * b for a, b in zip(
+            [max(dims) + config.flow_context_dim, *fh], [*fh, 2 * max(dims)]))
+    width = max([data_dim, *h, *layer, *dims])
+    rows = config.batch_size * config.num_particles
+    code_flag = "--lower-latent-dims" if len(dims) > 1 else "--latent-dim"
+    refuse_if_too_big({"--hidden-dims": 16.0 * 2 * mlp, code_flag: 16.0 * code, "--lower-latent-dims": 16.0 * 2 * upper,
+                       "--prior-components": 16.0 * k * per_component, "--flow-hidden-dims": 16.0 * flows},
+                      "the model")
+    refuse_if_too_big({"--num-particles": 4.0 * 8 * rows * width * (len(h) + 2),
+                       "--batch-size": 0.0}, "one training step")
+
+
 def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = None,
                 image_shape: tuple[int, int] | None = None) -> nn.Module:
     """The model named by ``config.model``; ``train_images=None`` builds shapes only (for loading).
@@ -446,6 +475,7 @@ def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = No
     ``data_dim`` pixels, when ``data_dim`` is a square)."""
     if config.model not in MODEL_KINDS:
         raise ValueError(f"--model must be one of {', '.join(MODEL_KINDS)} (got {config.model!r})")
+    check_sizes(config, data_dim)
     if image_shape is None:
         side = int(round(data_dim**0.5))
         image_shape = (side, side) if side * side == data_dim else None

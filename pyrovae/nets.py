@@ -5,7 +5,8 @@ likelihood exactly probabilistic PCA (Tipping & Bishop 1999).
 
 ``net="conv"`` (``--net conv``) puts two stride-2 convolutions (16 and 32 channels, 4x4
 kernels) in front of the encoder's MLP and two stride-2 transposed convolutions after the
-decoder's, for images whose height and width are multiples of 4 (28x28, 8x8): the images are
+decoder's, with ReLU units (:data:`CONV_ACTIVATION`), for images whose height and width are
+multiples of 4 (28x28, 8x8): the images are
 ``(N, H*W)`` rows everywhere else in pyrovae, and the networks reshape them. Either kind
 keeps the same shapes outside, ``(..., D)`` in and ``(..., out)`` out, so models never see
 the kind.
@@ -26,6 +27,10 @@ __all__ = ["Encoder", "Decoder", "set_autocast", "NETS"]
 NETS = ("mlp", "conv")
 #: channels of the two convolutions of ``--net conv``
 CONV_CHANNELS = (16, 32)
+#: the units of ``--net conv``, whatever ``--activation`` says: with softplus units the convolutional
+#: VAE collapsed its posterior within its first epochs on mnist5k (KL 0.0 nats, validation ELBO
+#: -205.6 after 8 epochs, the independent-pixel model), with ReLU units it did not (-184.6, KL 5.4)
+CONV_ACTIVATION = "relu"
 
 
 class Softplus(nn.Module):
@@ -132,7 +137,7 @@ class Encoder(_Net):
                  dropout: float = 0.0):
         out = 2 * latent_dim + context_dim
         if net == "conv":
-            layers = _conv_encoder(image_shape, hidden_dims, out, activation, dropout)
+            layers = _conv_encoder(image_shape, hidden_dims, out, CONV_ACTIVATION, dropout)
         else:
             layers = _mlp([data_dim, *hidden_dims, out], activation, dropout)
         super().__init__(layers, data_dim)
@@ -152,7 +157,7 @@ class Decoder(_Net):
     def __init__(self, latent_dim: int, hidden_dims: tuple[int, ...], data_dim: int, activation: str = "softplus",
                  net: str = "mlp", image_shape: tuple[int, int] | None = None):
         if net == "conv":
-            layers = _conv_decoder(image_shape, hidden_dims, latent_dim, activation)
+            layers = _conv_decoder(image_shape, hidden_dims, latent_dim, CONV_ACTIVATION)
         else:
             layers = _mlp([latent_dim, *reversed(hidden_dims), data_dim], activation)
         super().__init__(layers, latent_dim)

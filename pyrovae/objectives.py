@@ -32,8 +32,6 @@ costs nothing extra and is never the warm-up-scaled one.
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 import torch
 import torch.distributed as tdist
@@ -162,28 +160,15 @@ class Optimizer(PyroOptim):
     ``weight_decay``); in a data-parallel run the gradients summed over all processes first,
     so every process takes the step of the global batch; then the global gradient norm
     clipped to ``clip_norm`` (0: off; the loss is a sum over the batch, so pass the
-    per-example limit times the batch size) and to ``clip_spikes`` times its running average
-    (an exponential average over about 50 steps, of the norms after clipping; 0: off).
-
-    The relative limit clips spikes whatever the gradients' scale. An absolute one does not:
-    with a Gaussian likelihood the gradients grow as the learned noise scale shrinks
-    (:math:`\propto 1/\sigma^2`), and a fixed limit then clips every step, which on
-    probabilistic-PCA data with a weak direction left one latent unit collapsed at a saddle
-    (26% below the PPCA optimum after 300 epochs, against 16% without clipping;
-    ``tests/test_train.py::test_linear_gaussian_vae_reaches_the_ppca_optimum``).
+    per-example limit times the batch size).
 
     (``pyro.optim.Adam`` keeps one torch optimiser per parameter and steps them in a Python
     loop; on the 784-400-50 network that alone cost about 5 ms of a 13 ms step.)
     """
 
-    #: weight of the past in the running average of gradient norms (about 50 steps)
-    NORM_AVERAGE = 0.98
-
-    def __init__(self, lr: float, clip_norm: float = 0.0, weight_decay: float = 0.0, clip_spikes: float = 0.0):
+    def __init__(self, lr: float, clip_norm: float = 0.0, weight_decay: float = 0.0):
         # (no super().__init__: it sets per-parameter state this optimiser does not use)
-        self.lr, self.clip_norm, self.weight_decay, self.clip_spikes = lr, clip_norm, weight_decay, clip_spikes
-        self._norm_avg: torch.Tensor | float = 0.0  # running average of clipped norms (biased towards 0)
-        self._clip_steps = 0
+        self.lr, self.clip_norm, self.weight_decay = lr, clip_norm, weight_decay
         self._optim: torch.optim.Adam | None = None
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []
@@ -208,29 +193,16 @@ class Optimizer(PyroOptim):
                 self._pending = None
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
             _all_reduce_grads(self._params)
-        if self.clip_norm > 0 or self.clip_spikes > 0:
+        if self.clip_norm > 0:
             grads = [p.grad for p in self._params if p.grad is not None]
             if grads:
-                self._clip(grads, sync=grads[0].device.type == "cpu")
+                _clip_grad_norm_(grads, self.clip_norm, sync=grads[0].device.type == "cpu")
         self._optim.step()
         # SVI then "zeroes" gradients by allocating zero tensors that the next backward adds
         # into; with no gradient at all it skips them and backward writes fresh ones: the same
         # numbers, one allocation and one pass over all gradients fewer per step
         for p in self._params:
             p.grad = None
-
-    def _clip(self, grads: list[torch.Tensor], sync: bool) -> None:
-        """Clip to the absolute and the relative limit; update the running average."""
-        limit = self.clip_norm if self.clip_norm > 0 else math.inf
-        if self.clip_spikes > 0 and self._clip_steps > 0:
-            average = self._norm_avg / (1 - self.NORM_AVERAGE**self._clip_steps)  # bias-corrected
-            limit = torch.clamp(self.clip_spikes * average, max=limit) if torch.is_tensor(average) else \
-                min(limit, self.clip_spikes * average)
-        norm = _clip_grad_norm_(grads, limit, sync)
-        if self.clip_spikes > 0:
-            clipped = torch.clamp(norm, max=limit) if torch.is_tensor(norm) else min(norm, limit)
-            self._norm_avg = self.NORM_AVERAGE * self._norm_avg + (1 - self.NORM_AVERAGE) * clipped
-            self._clip_steps += 1
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr
@@ -241,8 +213,7 @@ class Optimizer(PyroOptim):
     def get_state(self) -> dict:
         if self._optim is None:
             return self._pending or {}
-        return {"names": list(self._names), "adam": self._optim.state_dict(),
-                "clip": {"norm_avg": float(self._norm_avg), "steps": self._clip_steps}}
+        return {"names": list(self._names), "adam": self._optim.state_dict()}
 
     def set_state(self, state: dict) -> None:
         if not state:
@@ -260,13 +231,11 @@ class Optimizer(PyroOptim):
             )
         self._optim.load_state_dict(state["adam"])
         self.set_lr(self.lr)  # the schedule, not the checkpoint, sets the rate of this epoch
-        clip = state.get("clip", {})  # (checkpoints from before spike clipping start a fresh average)
-        self._norm_avg, self._clip_steps = float(clip.get("norm_avg", 0.0)), int(clip.get("steps", 0))
 
 
-def _clip_grad_norm_(grads: list[torch.Tensor], clip_norm, sync: bool):
-    r"""Scale ``grads`` in place so that their global 2-norm is at most ``clip_norm`` (a number,
-    ``inf``, or a 0-d tensor); returns the norm before clipping (a float with ``sync``).
+def _clip_grad_norm_(grads: list[torch.Tensor], clip_norm: float, sync: bool):
+    r"""Scale ``grads`` in place so that their global 2-norm is at most ``clip_norm``; returns the
+    norm before clipping (a float with ``sync``).
 
     ``sync=True`` reads the norm on the host and skips the pass over the gradients when
     nothing is clipped (cheaper on the CPU); ``sync=False`` always multiplies by

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomic
+
 __all__ = ["save_image_grid", "plot_training_curves", "plot_latent_2d"]
 
 
@@ -16,9 +18,8 @@ def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: st
     h, w = image_shape
     grid = images.detach().float().clamp(0, 1).reshape(-1, 1, h, w).cpu()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, str(path), nrow=nrow, padding=2, pad_value=0.5)
-    return path
+    fmt = {".jpg": "jpeg", ".tif": "tiff"}.get(path.suffix.lower(), path.suffix.lower().lstrip(".") or "png")
+    return write_atomic(path, lambda f: save_image(grid, f, nrow=nrow, padding=2, pad_value=0.5, format=fmt))
 
 
 def _figure(width: float, height: float):
@@ -58,9 +59,7 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
     if ax2.lines:
         ax2.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
 def plot_latent_2d(codes: torch.Tensor, labels: torch.Tensor | None, path: str | Path, *,
@@ -73,7 +72,8 @@ def plot_latent_2d(codes: torch.Tensor, labels: torch.Tensor | None, path: str |
     fig = _figure(5.5, 5)
     ax = fig.subplots()
     c = None if labels is None else labels.cpu().numpy()
-    sc = ax.scatter(codes[:, 0], codes[:, 1], c=c, cmap="tab10", s=4, alpha=0.7)
+    # a colormap only where there are labels to colour by (matplotlib warns otherwise)
+    sc = ax.scatter(codes[:, 0], codes[:, 1], c=c, cmap="tab10" if c is not None else None, s=4, alpha=0.7)
     if labels is not None:
         fig.colorbar(sc, ax=ax, label="label")
     if mixture is not None:
@@ -87,7 +87,4 @@ def plot_latent_2d(codes: torch.Tensor, labels: torch.Tensor | None, path: str |
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format="png"))

@@ -23,7 +23,7 @@ import math
 import pyro
 import torch
 
-from .marginal import default_chunk_size, frozen_prior, isolated_params, latent_sites, log_joint
+from .marginal import check_images, default_chunk_size, frozen_prior, isolated_params, latent_sites, log_joint
 
 __all__ = ["quadrature_log_px", "QUADRATURE_RESOLUTION"]
 
@@ -80,6 +80,7 @@ def quadrature_log_px(model, images: torch.Tensor, *, resolution: int = QUADRATU
     """
     if resolution < 8:
         raise ValueError(f"--quadrature-resolution must be at least 8 (got {resolution})")
+    check_images(model, images)
     site = _check_2d(model, images)
     chunk_size = chunk_size or 4 * default_chunk_size(images.device)
     from tqdm.auto import tqdm

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,25 +19,22 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .files import write_atomic
 from .model import build_model
 
-__all__ = ["Run", "load_run", "save_checkpoint", "load_checkpoint", "read_metrics"]
+__all__ = ["Run", "RunLock", "load_run", "save_checkpoint", "load_checkpoint", "read_metrics"]
 
 CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, _without_crc32():
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename);
+    a full disk or a missing permission is a one-line :class:`~pyrovae.files.OutputError`."""
+    def write(f):
+        with _without_crc32():
             torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path, write)
 
 
 @contextlib.contextmanager
@@ -75,22 +71,44 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+#: what a checkpoint must hold, and of which type
+_CHECKPOINT_KEYS = {"format": int, "config": dict, "kind": str, "data_dim": int, "image_shape": list, "model": dict,
+                    "epoch": int}
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Read a checkpoint safely; a missing, corrupt or foreign file raises a clear error."""
+    """Read a checkpoint safely (``torch.load(weights_only=True)``: no code runs); a missing,
+    truncated, foreign or incomplete file, or one whose weights are not finite, raises a
+    one-line ``ValueError``/``FileNotFoundError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; train a run first or check the path")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(
-            f"{path}: not a readable pyrovae checkpoint ({msg[:200]}); it may be truncated or from elsewhere: "
-            "use best.pt or last.pt of a finished run"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
+        import zipfile
+
+        if zipfile.is_zipfile(path) and ("Unsupported global" in str(e) or "GLOBAL" in str(e)):
+            why = "it holds Python objects other than tensors and numbers (code), which pyrovae never loads"
+        else:
+            why = "it is truncated, corrupt or not a torch file"
+        raise ValueError(f"{path}: not a pyrovae checkpoint: {why}; use best.pt or last.pt of a pyrovae run") \
+            from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a pyrovae checkpoint (format {CHECKPOINT_FORMAT}); "
                          "use best.pt or last.pt of a run")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"{path}: a damaged pyrovae checkpoint ({key!r} is missing or not a "
+                             f"{kind.__name__}); use best.pt or last.pt of an intact run")
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise ValueError(f"{path}: a damaged pyrovae checkpoint (its model holds values that are not tensors); "
+                         "use best.pt or last.pt of an intact run")
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: the model's weights hold NaN or infinite values ({bad[0]}"
+                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run diverged before this "
+                         "checkpoint; use an earlier one or train again")
     return state
 
 
@@ -107,17 +125,96 @@ def load_state(model: nn.Module, state_dict: dict, source: Path) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``, one per epoch. A last line cut off by a kill is dropped
+    (its epoch was never checkpointed); any other line that is not a JSON object with a
+    whole ``epoch`` raises a one-line ``ValueError`` naming the file and the line, rather
+    than silently losing the history after it."""
     path = Path(path)
     if not path.is_file():
         return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; it is damaged: restore it, or remove it to lose the run's "
+                         "history (training can still resume from last.pt)") from None
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a kill: everything before it is good
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    for n, (i, line) in enumerate(numbered):
+        try:
+            row = json.loads(line, parse_constant=_refuse_constant)
+            ok = isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool)
+        except ValueError:
+            ok, row = False, None
+        if not ok:
+            if n == len(numbered) - 1 and row is None:
+                break  # the last line, cut by a kill
+            raise ValueError(f"{path}: line {i} is not a metrics row ({line[:40]!r}); repair or delete that line "
+                             "(training resumes from last.pt either way)")
+        rows.append(row)
     return rows
+
+
+def _refuse_constant(name: str):
+    raise ValueError(name)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by the process that trains it.
+
+    An OS lock (``fcntl.flock``) on ``<out>/.<name>.lock`` beside the directory, which holds
+    the holder's process id: a second ``pyrovae train --resume`` of the same run is refused
+    with one line naming that process, and a killed process never leaves a stale lock (the
+    kernel releases it; the file it leaves is taken over). A finished run removes the file.
+    Where ``fcntl`` does not exist (Windows) nothing is locked.
+    """
+
+    def __init__(self, run_dir: Path | None):
+        self.path = None if run_dir is None else Path(run_dir).parent / f".{Path(run_dir).name}.lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        if self.path is None or self._file is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:
+            return
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                f = open(self.path, "a+")
+            except OSError as e:
+                raise ValueError(f"{self.path}: cannot create the run's lock file ({e.strerror}); check --out") \
+                    from None
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                run = self.path.with_name(self.path.name[1:-5])
+                raise ValueError(f"{run} is being trained by process {holder}: wait for it to finish or stop it "
+                                 "first (one process per run)") from None
+            try:  # the holder before us may have removed the file while we opened it: lock the current one
+                if os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            try:
+                os.unlink(self.path)  # while still holding it: the next process creates a fresh one
+            except OSError:
+                pass
+            self._file.close()  # closing releases the flock
+            self._file = None
 
 
 @dataclass

@@ -23,7 +23,6 @@ GPU), metrics are summed over processes, and only rank 0 writes the run director
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -41,12 +40,21 @@ from pyro.infer import SVI
 from .board import Board
 from .config import RESUMABLE, TrainConfig
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
+from .files import TMP_SUFFIX, OutputError, dumps, write_json, write_text_atomic
 from .marginal import derive_seed, isolated_params
 from .metrics import component_usage, responsibilities, split_scores
 from .model import build_model
 from .nets import set_autocast
 from .objectives import Optimizer, build_elbo
-from .runs import CHECKPOINT_FORMAT, link_checkpoint, load_checkpoint, load_state, read_metrics, save_checkpoint
+from .runs import (
+    CHECKPOINT_FORMAT,
+    RunLock,
+    link_checkpoint,
+    load_checkpoint,
+    load_state,
+    read_metrics,
+    save_checkpoint,
+)
 
 __all__ = ["train", "train_or_reuse", "TrainResult", "TrainingDiverged", "resolve_device", "prepare_data"]
 
@@ -158,6 +166,25 @@ class _Dist:
             tdist.destroy_process_group()
 
 
+#: what resuming needs from last.pt beside the model
+_RESUME_KEYS = ("optimizer", "global_step", "best_val_elbo", "best_epoch", "epochs_since_best", "rng")
+
+
+def _is_run_file(name: str) -> bool:
+    """Whether a file of this name is one a pyrovae run writes (before its first checkpoint)."""
+    return (name in ("config.json", "metrics.jsonl", "elbo.png", "summary.json", "best.pt")
+            or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(TMP_SUFFIX)))
+
+
+def _append_line(path: Path, line: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise OutputError(f"{path}: cannot be written ({e.strerror}); free some space, then --resume "
+                          f"{path.parent}") from None
+
+
 def _run_dir(config: TrainConfig) -> Path:
     name = config.name or f"{Path(config.dataset).stem}-{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
     return Path(config.out) / name
@@ -187,9 +214,18 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
-        resume_state = load_checkpoint(run_dir / "last.pt")
-        stored = TrainConfig.load(run_dir / "config.json")
-        config = TrainConfig.from_dict({**stored.to_dict(), **{k: getattr(config, k) for k in RESUMABLE}})
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: no such run directory; give the folder that pyrovae train printed")
+        stored = TrainConfig.load(run_dir / "config.json").to_dict()
+        config = TrainConfig.from_dict({**stored, **{k: getattr(config, k) for k in RESUMABLE}})
+        if (run_dir / "last.pt").is_file():
+            resume_state = load_checkpoint(run_dir / "last.pt")
+        else:  # stopped before its first checkpoint: start it again, with its own settings
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"pyrovae train: {run_dir} holds no checkpoint yet (it stopped before its first epoch "
+                      "ended): starting it again from epoch 0 with its config.json", file=sys.stderr)
+            config = dataclasses.replace(config, out=str(run_dir.parent), name=run_dir.name)
+            resume = None
     config = config.resolved()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.batch_size % world:  # before joining the process group, so that no process waits for the others
@@ -197,11 +233,15 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
                          f"(torchrun --nproc-per-node x --nnodes): use a multiple of {world}")
     env = _Dist(config.device)
     finished = False
+    trainer = None
     try:
-        result = _Trainer(config, env, resume_state, Path(resume) if resume else None, progress, write).run(t_start)
+        trainer = _Trainer(config, env, resume_state, Path(resume) if resume else None, progress, write)
+        result = trainer.run(t_start)
         finished = True
         return result
     finally:
+        if trainer is not None:
+            trainer.lock.release()
         env.close(finished)
 
 
@@ -241,14 +281,11 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
     if (run_dir / "last.pt").is_file():
         train(config, resume=run_dir, progress=progress)
         return run_dir, "resumed"
-    if run_dir.exists():  # killed before the first checkpoint: only what train() writes first
-        if {p.name for p in run_dir.iterdir()} - {"config.json", "metrics.jsonl"}:
-            raise ValueError(f"{run_dir} holds files that are not a pyrovae run: remove it or {fix}")
-        import shutil
-
-        shutil.rmtree(run_dir)
-    train(config, progress=progress)
+    if run_dir.exists() and any(not _is_run_file(p.name) for p in run_dir.iterdir()):
+        raise ValueError(f"{run_dir} holds files that are not a pyrovae run's: remove it or {fix}")
+    train(config, progress=progress)  # (a run killed before its first checkpoint is taken over)
     return run_dir, "trained"
+
 
 class _Trainer:
     def __init__(self, config: TrainConfig, env: _Dist, resume_state, resume_dir, progress: bool, write: bool):
@@ -264,10 +301,16 @@ class _Trainer:
         if config.amp == "bf16":
             set_autocast(self.model, torch.bfloat16)
         self.run_dir = resume_dir or _run_dir(config)
+        self.lock = RunLock(self.run_dir if self.write else None)
+        self._pending_resume = False
         self.start_epoch, self.global_step = 0, 0
         self.best_val, self.best_epoch, self.since_best = -math.inf, 0, 0
         self.resume_state = resume_state
         if resume_state is not None:
+            missing = [k for k in _RESUME_KEYS if k not in resume_state]
+            if missing:
+                raise ValueError(f"{self.run_dir / 'last.pt'}: a damaged checkpoint ({', '.join(missing)} missing); "
+                                 "resume from an intact last.pt or train again")
             load_state(self.model, resume_state["model"], self.run_dir / "last.pt")
             self.start_epoch = int(resume_state["epoch"])
             self.global_step = int(resume_state["global_step"])
@@ -287,6 +330,11 @@ class _Trainer:
                 self._prepare_run_dir()
             except ValueError as e:
                 error = str(e)
+            except BaseException:
+                self.lock.release()
+                raise
+        if error:
+            self.lock.release()
         env.raise_any(error)  # every process learns of rank 0's error, or the others would wait forever
         self.board = Board(self.run_dir, enabled=self.write and not config.no_tensorboard,
                            start_epoch=self.start_epoch, images_every=config.tensorboard_images_every,
@@ -294,6 +342,7 @@ class _Trainer:
         #: seconds of the last epoch's phases (steps, validation, checkpoint), for benchmarks
         self.phase_seconds: dict[str, float] = {}
         self._warned_components = False
+        self._epochs_this_session = 0
         if (env.main and config.prior_init == "kmeans" and config.prior_init_epochs >= config.epochs
                 and self.start_epoch <= config.prior_init_epochs):
             print(f"pyrovae train: warning: --prior-init-epochs {config.prior_init_epochs} is not below --epochs "
@@ -325,21 +374,46 @@ class _Trainer:
         return _Data(train.images, fixed, val.images, train.image_shape, train.labels)
 
     def _prepare_run_dir(self) -> None:
+        """Take the run directory: a new run creates it (or takes over one that an earlier run
+        left without a checkpoint); a resumed run only reads it: nothing in it changes until
+        the first new epoch has finished (:meth:`_commit_resume`)."""
         d = self.run_dir
+        self.lock.acquire()
         if self.resume_state is None:
             if d.exists() and any(d.iterdir()):
-                raise ValueError(f"{d} already exists: continue it with --resume {d}, or choose another --name")
+                names = {p.name for p in d.iterdir()}
+                if "last.pt" in names:
+                    raise ValueError(f"{d} already exists: continue it with --resume {d}, or choose another --name")
+                foreign = sorted(n for n in names if not _is_run_file(n))
+                if foreign:
+                    raise ValueError(f"{d} holds files that are not a pyrovae run's ({', '.join(foreign[:3])}): "
+                                     "choose another --name or --out")
+                print(f"pyrovae train: {d} holds no checkpoint (an earlier run stopped before its first epoch "
+                      "ended): taking it over", file=sys.stderr)
+                for p in d.iterdir():
+                    p.unlink()
             d.mkdir(parents=True, exist_ok=True)
             self.config.save(d / "config.json")
-            (d / "metrics.jsonl").write_text("")
+            write_text_atomic(d / "metrics.jsonl", "")
         else:
-            if TrainConfig.load(d / "config.json") != self.config:  # e.g. more --epochs
-                self.config.save(d / "config.json")
-            # drop metric lines of an epoch that was not checkpointed (killed in between)
-            rows = [r for r in read_metrics(d / "metrics.jsonl") if r["epoch"] <= self.start_epoch]
-            tmp = d / ".metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, d / "metrics.jsonl")
+            # read now, so that a damaged file stops the resume before anything is trained or written
+            self._resume_rows = [r for r in read_metrics(d / "metrics.jsonl") if r["epoch"] <= self.start_epoch]
+            self._pending_resume = True
+
+    def _commit_resume(self) -> None:
+        """After the first new epoch of a resumed run: write its settings back (e.g. more
+        --epochs), drop metric rows of an epoch that was not checkpointed (killed in between),
+        and remove temporary files that killed writes left."""
+        d = self.run_dir
+        self._pending_resume = False
+        if TrainConfig.load(d / "config.json") != self.config:
+            self.config.save(d / "config.json")
+        write_text_atomic(d / "metrics.jsonl", "".join(dumps(r, indent=None) + "\n" for r in self._resume_rows))
+        for p in d.glob(f".*{TMP_SUFFIX}"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
     def _batches(self, epoch: int) -> list[torch.Tensor]:
         from torch.utils.data import DistributedSampler
@@ -391,7 +465,7 @@ class _Trainer:
         except KeyboardInterrupt:
             bar.close()
             self.board.close()
-            if self.write:
+            if self.write and self._epochs_this_session:
                 self._plot()
             raise
         except BaseException:
@@ -404,7 +478,7 @@ class _Trainer:
     def _objective(self) -> tuple[SVI, object, Optimizer]:
         c = self.config
         elbo = build_elbo(c)
-        optim = Optimizer(c.lr, c.clip_norm * c.batch_size, c.weight_decay, c.clip_spikes)
+        optim = Optimizer(c.lr, c.clip_norm * c.batch_size, c.weight_decay)
         svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
         if self.resume_state is not None:
             optim.set_state(self.resume_state["optimizer"])
@@ -428,10 +502,13 @@ class _Trainer:
             for step, idx in enumerate(batches):
                 loss = svi.step(x_epoch[idx], self._kl_scale(len(batches)))
                 if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
-                        f"{self.run_dir / 'last.pt'} (epoch {epoch}): lower --lr or add --warmup-epochs, then --resume"
-                    )
+                    if epoch == 0:
+                        where = ("no checkpoint was written yet: lower --lr or add --warmup-epochs and train again "
+                                 "(the same command takes the directory over)")
+                    else:
+                        where = (f"the last good checkpoint is {self.run_dir / 'last.pt'} (epoch {epoch}): lower "
+                                 "--lr or add --warmup-epochs, then --resume")
+                    raise TrainingDiverged(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; {where}")
                 loss_sum += loss
                 seen += idx.numel()
                 self.global_step += 1
@@ -464,9 +541,11 @@ class _Trainer:
                 model.fit_code_distribution(self.data.train_fixed)
             state = self._state(epoch + 1, optim, rng)
             row["epoch_seconds"] = time.perf_counter() - t0
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if self._pending_resume:
+                self._commit_resume()
+            _append_line(self.run_dir / "metrics.jsonl", dumps(row, indent=None))
             save_checkpoint(state, self.run_dir / "last.pt")
+            self._epochs_this_session += 1
             if improved:
                 link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
             self.board.epoch(row, model)
@@ -541,8 +620,7 @@ class _Trainer:
         self.best_val, self.best_epoch = row.get("val_elbo", math.nan), 1
         if self.write:
             row["epoch_seconds"] = time.perf_counter() - t0
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _append_line(self.run_dir / "metrics.jsonl", dumps(row, indent=None))
             save_checkpoint(self._state(1, None, self.env.gather(_rng_state(self.device))), self.run_dir / "last.pt")
             link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
         self.last_row = row
@@ -565,7 +643,7 @@ class _Trainer:
             self._plot()
             summary = {"epochs_done": epochs_done, "best_epoch": self.best_epoch, "best_val_elbo": self.best_val,
                        "stopped_early": stopped_early, "test": test, "seconds": seconds}
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(self.run_dir / "summary.json", summary)
             self.board.finish(self.config.to_dict(), {"best_val_elbo": self.best_val, "epochs_done": epochs_done,
                                                       **({"test_elbo": test["elbo"]} if test and test.get("elbo")
                                                          is not None else {})})

@@ -109,7 +109,7 @@ def test_bad_checkpoint_and_wrong_shape_data(capsys, mnist_run, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     code, _, err = cli(capsys, "evaluate", str(bad))
-    assert code == 2 and "not a readable pyrovae checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "not a pyrovae checkpoint: it is truncated" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(capsys, "evaluate", str(mnist_run), "--dataset", "digits")
     assert code == 2 and "64 values per example but the run was trained on 784" in err
     np.save(tmp_path / "nan.npy", np.full((20, 784), np.nan))

@@ -213,34 +213,6 @@ def test_encoder_dropout_acts_in_training_only():
     assert not any(isinstance(m, torch.nn.Dropout) for m in vae.decoder.modules())
 
 
-def test_spike_clipping_clips_a_spike_and_leaves_ordinary_steps_alone():
-    p = torch.nn.Parameter(torch.zeros(4))
-    with isolated_params():
-        pyro.param("p", p)
-        opt = Optimizer(1e-3, clip_spikes=5.0)
-        for _ in range(100):
-            p.grad = torch.ones(4)  # norm 2
-            opt([p])
-        p.grad = torch.full((4,), 100.0)  # norm 200: a spike
-        seen = []
-        real = torch.optim.Adam.step
-
-        def spy(self, *a, **k):
-            seen.append(float(p.grad.norm()))
-            return real(self, *a, **k)
-
-        torch.optim.Adam.step = spy
-        try:
-            opt([p])
-            p.grad = torch.full((4,), 1.5)  # norm 3: ordinary
-            opt([p])
-        finally:
-            torch.optim.Adam.step = real
-    assert seen[0] == pytest.approx(5 * 2, rel=1e-3) and seen[1] == pytest.approx(3, rel=1e-6)
-    state = opt.get_state()["clip"]
-    assert state["steps"] == 102 and 2 < state["norm_avg"] / (1 - 0.98**102) < 3
-
-
 # --- mixture priors keep their components -----------------------------------------------------------------
 
 
@@ -289,9 +261,8 @@ def _ppca_data(path, n=5000, seed=0):
 
 @pytest.mark.slow
 def test_linear_gaussian_vae_reaches_the_ppca_optimum(tmp_path):
-    """With the defaults for a linear-Gaussian VAE (--lr 0.03, gradient spikes clipped relative to
-    their running average, no absolute clip), 500 epochs end within 1% of PCA(4).score; with the
-    former absolute clip of 100 per example one latent unit stays collapsed at a saddle."""
+    """With the defaults for a linear-Gaussian VAE (--lr 0.03), 500 epochs end within 1% of
+    PCA(4).score; at the networks' --lr 2e-3 its weakest latent unit stays collapsed at a saddle."""
     from sklearn.decomposition import PCA
 
     from pyrovae import load_dataset, load_run
@@ -306,8 +277,7 @@ def test_linear_gaussian_vae_reaches_the_ppca_optimum(tmp_path):
     with torch.no_grad():
         reached = float(vae.exact_marginal().log_prob(x).mean())
     assert optimum - reached < 0.01 * abs(optimum), (reached, optimum)
-    old = train(TrainConfig(**common, epochs=300, clip_norm=100.0, clip_spikes=0.0, lr=2e-3, name="old"),
-                progress=False)
+    old = train(TrainConfig(**common, epochs=300, lr=2e-3, name="old"), progress=False)
     with torch.no_grad():
         stalled = float(load_run(old.run_dir, "last").model.exact_marginal().log_prob(x).mean())
     assert optimum - stalled > 0.1 * abs(optimum)  # teeth: the old defaults stall far below
@@ -337,7 +307,7 @@ def test_quality_study_quick_compares_every_rung_with_the_default(tmp_path):
 
     study = load_experiment("quality")
     out = tmp_path / "q"
-    assert study.main(["--quick", "--quiet", "--out", str(out), "--rows", "default,+vamp,+2-layers,best"]) == 0
+    assert study.main(["--quick", "--quiet", "--out", str(out), "--rows", "default,+vamp,+2-layers,conv,best"]) == 0
     result = json.loads((out / "quality.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
     two = rows["+2-layers"]

@@ -74,7 +74,9 @@ def test_bf16_training_on_cpu_gives_float32_weights_and_a_close_elbo(tmp_path):
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
     v32 = read_metrics(fp32.run_dir / "metrics.jsonl")[-1]["val_elbo"]
     v16 = read_metrics(bf16.run_dir / "metrics.jsonl")[-1]["val_elbo"]
-    assert v16 == pytest.approx(v32, rel=0.02)  # nats per example, after the same 46 steps
+    # the same seed: were --amp ignored the two runs would be bit for bit the same; bf16 rounding
+    # makes them differ, by a small absolute amount after the same 46 steps
+    assert v16 != v32 and abs(v16 - v32) < 1.0, (v16, v32)
 
 
 def test_clipping_on_the_device_and_on_the_host_agree():

@@ -46,7 +46,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
-from .marginal import ExampleNoise, check_images, frozen_prior, isolated_params, log_joint
+from .marginal import ExampleNoise, check_images, isolated_params, log_joint, scoring
 
 __all__ = ["AISResult", "ais_log_px", "sigmoidal_schedule", "simulate", "bdmc", "format_bdmc", "TARGET_ACCEPTANCE"]
 
@@ -250,45 +250,39 @@ def ais_log_px(model, images: torch.Tensor, *, num_steps: int = 500, num_chains:
     out = {k: [] for k in ("log_px", "ess", "acceptance", "step_size")}
     bar = tqdm(total=images.shape[0] * num_steps, desc=f"AIS{' (reverse)' if reverse else ''}, T={num_steps}",
                unit="ex·step", unit_scale=True, disable=not progress, leave=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with isolated_params(), pyro.validation_enabled(False), frozen_prior(model):
-            for i, x in enumerate(images.split(batch_size)):
-                b = x.shape[0]
-                noise = ExampleNoise(seed, first_index + i * batch_size, b, x.device)
-                with torch.no_grad():
-                    start = _Start(model, x, num_chains, init, noise)
-                z = start.z
-                if reverse:
-                    lo = i * batch_size
-                    z = {n: v[lo: lo + b].to(x.device).unsqueeze(0).expand(num_chains, b, *v.shape[1:]).clone()
-                         for n, v in start_values.items()}
-                state = _evaluate(model, x, z, start)
-                step = torch.full((b,), float(step_size), dtype=x.dtype, device=x.device)
-                log_w = torch.zeros(num_chains, b, dtype=torch.float64, device=x.device)
-                acc_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
-                # forward: weight f_t / f_{t-1} at z, then move under f_t (none after the last);
-                # reverse: weight f_{t-1} / f_t at z, then move under f_{t-1} (none at f_0 = q0)
-                levels = betas.flip(0) if reverse else betas
-                for t in range(1, num_steps + 1):
-                    beta = levels[t]
-                    log_w += (beta - levels[t - 1]) * (state.log_pxz - state.log_q0).double()
-                    if t < num_steps:
-                        state, acc = _hmc(model, x, state, beta.to(x.dtype), start, step, leapfrog, noise,
-                                          num_chains)
-                        acc_sum += acc.double()
-                        step = torch.where(acc > TARGET_ACCEPTANCE, step * _ADAPT, step / _ADAPT).clamp(*_STEP_RANGE)
-                    bar.update(b)
-                lse, lse2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
-                est = lse - math.log(num_chains)
-                out["log_px"].append(-est if reverse else est)
-                out["ess"].append((2 * lse - lse2).exp())
-                out["acceptance"].append(acc_sum / max(1, num_steps - 1))
-                out["step_size"].append(step.double())
-    finally:
-        bar.close()
-        model.train(was_training)
+    with scoring(model, bar):
+        for i, x in enumerate(images.split(batch_size)):
+            b = x.shape[0]
+            noise = ExampleNoise(seed, first_index + i * batch_size, b, x.device)
+            with torch.no_grad():
+                start = _Start(model, x, num_chains, init, noise)
+            z = start.z
+            if reverse:
+                lo = i * batch_size
+                z = {n: v[lo: lo + b].to(x.device).unsqueeze(0).expand(num_chains, b, *v.shape[1:]).clone()
+                     for n, v in start_values.items()}
+            state = _evaluate(model, x, z, start)
+            step = torch.full((b,), float(step_size), dtype=x.dtype, device=x.device)
+            log_w = torch.zeros(num_chains, b, dtype=torch.float64, device=x.device)
+            acc_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
+            # forward: weight f_t / f_{t-1} at z, then move under f_t (none after the last);
+            # reverse: weight f_{t-1} / f_t at z, then move under f_{t-1} (none at f_0 = q0)
+            levels = betas.flip(0) if reverse else betas
+            for t in range(1, num_steps + 1):
+                beta = levels[t]
+                log_w += (beta - levels[t - 1]) * (state.log_pxz - state.log_q0).double()
+                if t < num_steps:
+                    state, acc = _hmc(model, x, state, beta.to(x.dtype), start, step, leapfrog, noise,
+                                      num_chains)
+                    acc_sum += acc.double()
+                    step = torch.where(acc > TARGET_ACCEPTANCE, step * _ADAPT, step / _ADAPT).clamp(*_STEP_RANGE)
+                bar.update(b)
+            lse, lse2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
+            est = lse - math.log(num_chains)
+            out["log_px"].append(-est if reverse else est)
+            out["ess"].append((2 * lse - lse2).exp())
+            out["acceptance"].append(acc_sum / max(1, num_steps - 1))
+            out["step_size"].append(step.double())
     cat = {k: torch.cat(v).cpu() for k, v in out.items()}
     return AISResult(num_steps, num_chains, cat["log_px"], cat["ess"], cat["acceptance"], cat["step_size"], reverse)
 

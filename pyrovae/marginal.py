@@ -98,6 +98,22 @@ def check_images(model, images, what: str = "images") -> None:
                              "binarise them first (pyrovae.data.static_binarized, or torch.bernoulli(x))")
 
 
+@contextlib.contextmanager
+def scoring(model, bar=None):
+    """How the estimators score a model: in eval mode (no dropout), with a private param store,
+    Pyro's argument checks off and the prior's components computed once; all restored, and the
+    progress ``bar`` closed, afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with isolated_params(), pyro.validation_enabled(False), frozen_prior(model):
+            yield
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+
+
 def frozen_prior(model) -> contextlib.AbstractContextManager:
     """The model's prior with its components computed once (:meth:`~pyrovae.priors.Prior.frozen`),
     for evaluation; a model without a prior module is left as it is."""
@@ -455,44 +471,38 @@ def estimate_log_px(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n, desc=f"log p(x), K={K}", unit="ex", disable=not progress, leave=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with isolated_params(), pyro.validation_enabled(False), frozen_prior(model):
-            for i, x in enumerate(images.split(batch)):
-                b = x.shape[0]
-                noise = None if seed is None else ExampleNoise(seed, first_index + i * batch, b, x.device)
-                proposal = _Proposal(model, x, min(per_pass, K), noise)
-                f64 = {"dtype": torch.float64, "device": x.device}
-                lse = torch.full((b,), -math.inf, **f64)  # logsumexp_k log w_k so far
-                lse2 = torch.full((b,), -math.inf, **f64)  # logsumexp_k 2 log w_k, for the ESS
-                sums = {key: torch.zeros(b, **f64) for key in ("log_w", "log_lik", "kl")}
-                log_w_all = torch.empty(K, b, **f64) if keep_log_w else None
-                for start in range(0, K, per_pass):
-                    s = min(per_pass, K - start)
-                    terms = _score(model, x, proposal.draw(s), s)  # (s, b) float32 each
-                    log_w = (terms["log_lik"] + terms["log_prior"] - terms["log_q"]).double()
-                    lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
-                    lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
-                    sums["log_w"] += log_w.sum(0)
-                    sums["log_lik"] += terms["log_lik"].double().sum(0)
-                    sums["kl"] += (terms["log_q"] - terms["log_prior"]).double().sum(0)
-                    if log_w_all is not None:
-                        log_w_all[start : start + s] = log_w
-                out["log_px"].append(lse - math.log(K))
-                out["elbo"].append(sums["log_w"] / K)
-                out["recon"].append(sums["log_lik"] / K)
-                out["kl"].append(sums["kl"] / K)
-                if diagnostics:
-                    out["ess"].append((2 * lse - lse2).exp())
-                    if log_w_all is not None:
-                        out["pareto_k"].append(torch.from_numpy(pareto_k(log_w_all.T.cpu().numpy())))
-                    else:
-                        out["pareto_k"].append(torch.full((b,), float("nan"), dtype=torch.float64))
-                bar.update(b)
-    finally:
-        bar.close()
-        model.train(was_training)
+    with scoring(model, bar):
+        for i, x in enumerate(images.split(batch)):
+            b = x.shape[0]
+            noise = None if seed is None else ExampleNoise(seed, first_index + i * batch, b, x.device)
+            proposal = _Proposal(model, x, min(per_pass, K), noise)
+            f64 = {"dtype": torch.float64, "device": x.device}
+            lse = torch.full((b,), -math.inf, **f64)  # logsumexp_k log w_k so far
+            lse2 = torch.full((b,), -math.inf, **f64)  # logsumexp_k 2 log w_k, for the ESS
+            sums = {key: torch.zeros(b, **f64) for key in ("log_w", "log_lik", "kl")}
+            log_w_all = torch.empty(K, b, **f64) if keep_log_w else None
+            for start in range(0, K, per_pass):
+                s = min(per_pass, K - start)
+                terms = _score(model, x, proposal.draw(s), s)  # (s, b) float32 each
+                log_w = (terms["log_lik"] + terms["log_prior"] - terms["log_q"]).double()
+                lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+                lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
+                sums["log_w"] += log_w.sum(0)
+                sums["log_lik"] += terms["log_lik"].double().sum(0)
+                sums["kl"] += (terms["log_q"] - terms["log_prior"]).double().sum(0)
+                if log_w_all is not None:
+                    log_w_all[start : start + s] = log_w
+            out["log_px"].append(lse - math.log(K))
+            out["elbo"].append(sums["log_w"] / K)
+            out["recon"].append(sums["log_lik"] / K)
+            out["kl"].append(sums["kl"] / K)
+            if diagnostics:
+                out["ess"].append((2 * lse - lse2).exp())
+                if log_w_all is not None:
+                    out["pareto_k"].append(torch.from_numpy(pareto_k(log_w_all.T.cpu().numpy())))
+                else:
+                    out["pareto_k"].append(torch.full((b,), float("nan"), dtype=torch.float64))
+            bar.update(b)
     cat = {k: torch.cat(v).cpu() if v else None for k, v in out.items()}
     return Estimate(num_samples, cat["log_px"], cat["elbo"], cat["recon"], cat["kl"], cat["pareto_k"], cat["ess"])
 

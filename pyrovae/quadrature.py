@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import torch
 
-from .marginal import check_images, default_chunk_size, frozen_prior, isolated_params, latent_sites, log_joint
+from .marginal import check_images, default_chunk_size, latent_sites, log_joint, scoring
 
 __all__ = ["quadrature_log_px", "QUADRATURE_RESOLUTION"]
 
@@ -86,40 +85,34 @@ def quadrature_log_px(model, images: torch.Tensor, *, resolution: int = QUADRATU
     from tqdm.auto import tqdm
 
     out = []
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=images.shape[0], desc=f"log p(x), quadrature {resolution}²", unit="ex", disable=not progress,
                leave=False)
-    try:
-        with isolated_params(), pyro.validation_enabled(False), frozen_prior(model):
-            _, loc, scale = model.prior.mixture()  # (K, 2)
-            prior_lo = (loc - 8 * scale).amin(0).double()
-            prior_hi = (loc + 8 * scale).amax(0).double()
-            for x in images.split(batch_size):
-                b = x.shape[0]
-                q_loc = model.encode(x).double()
-                q_scale = model.encoder(x)[1].exp().double()  # the base Gaussian's, with a flow guide
-                boxes = [(prior_lo.expand(b, 2), prior_hi.expand(b, 2)),
-                         (q_loc - 12 * q_scale.clamp_min(1e-3), q_loc + 12 * q_scale.clamp_min(1e-3))]
-                lo = torch.full((b, 2), math.inf, dtype=torch.float64, device=x.device)
-                hi = -lo
-                best = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
-                coarse = []
-                for box_lo, box_hi in boxes:
-                    pts, _ = _grid(box_lo, box_hi, _COARSE)
-                    lj = _log_joint_on(model, site, x, pts.to(x.dtype), chunk_size)  # (G, B)
-                    coarse.append((pts, lj, (box_hi - box_lo) / _COARSE))
-                    best = torch.maximum(best, lj.amax(0))
-                for pts, lj, cell in coarse:
-                    keep = lj > (best - margin)  # (G, B)
-                    inf = torch.tensor(math.inf, dtype=torch.float64, device=x.device)
-                    lo = torch.minimum(lo, torch.where(keep[..., None], pts, inf).amin(0) - 2 * cell)
-                    hi = torch.maximum(hi, torch.where(keep[..., None], pts, -inf).amax(0) + 2 * cell)
-                pts, log_cell = _grid(lo, hi, resolution)
-                lj = _log_joint_on(model, site, x, pts.to(x.dtype), chunk_size)
-                out.append(torch.logsumexp(lj, 0) + log_cell)
-                bar.update(b)
-    finally:
-        bar.close()
-        model.train(was_training)
+    with scoring(model, bar):
+        _, loc, scale = model.prior.mixture()  # (K, 2)
+        prior_lo = (loc - 8 * scale).amin(0).double()
+        prior_hi = (loc + 8 * scale).amax(0).double()
+        for x in images.split(batch_size):
+            b = x.shape[0]
+            q_loc = model.encode(x).double()
+            q_scale = model.encoder(x)[1].exp().double()  # the base Gaussian's, with a flow guide
+            boxes = [(prior_lo.expand(b, 2), prior_hi.expand(b, 2)),
+                     (q_loc - 12 * q_scale.clamp_min(1e-3), q_loc + 12 * q_scale.clamp_min(1e-3))]
+            lo = torch.full((b, 2), math.inf, dtype=torch.float64, device=x.device)
+            hi = -lo
+            best = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
+            coarse = []
+            for box_lo, box_hi in boxes:
+                pts, _ = _grid(box_lo, box_hi, _COARSE)
+                lj = _log_joint_on(model, site, x, pts.to(x.dtype), chunk_size)  # (G, B)
+                coarse.append((pts, lj, (box_hi - box_lo) / _COARSE))
+                best = torch.maximum(best, lj.amax(0))
+            for pts, lj, cell in coarse:
+                keep = lj > (best - margin)  # (G, B)
+                inf = torch.tensor(math.inf, dtype=torch.float64, device=x.device)
+                lo = torch.minimum(lo, torch.where(keep[..., None], pts, inf).amin(0) - 2 * cell)
+                hi = torch.maximum(hi, torch.where(keep[..., None], pts, -inf).amax(0) + 2 * cell)
+            pts, log_cell = _grid(lo, hi, resolution)
+            lj = _log_joint_on(model, site, x, pts.to(x.dtype), chunk_size)
+            out.append(torch.logsumexp(lj, 0) + log_cell)
+            bar.update(b)
     return torch.cat(out).cpu()

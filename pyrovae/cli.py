@@ -141,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--split", default=split_default, choices=("train", "val", "test", "all"),
                        help=f"(default: {split_default})")
 
+    def report_flags(p, what):
+        p.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
+        p.add_argument("--json", metavar="PATH", help=f"also write the {what} as JSON to PATH ('-' for stdout)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     e = run_command("evaluate", "ELBO, IWAE bound, log p(x) with diagnostics, KL, reconstruction",
                     "Score a run on a split: ELBO, the importance-weighted bound at K, log p(x) estimate with "
                     "standard error, KL, reconstruction term and errors, Pareto k-hat of the importance "
@@ -152,9 +157,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: 2048 per CPU thread, as larger chunks fall out of cache; 65536 on CUDA)")
     e.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
     estimator_flags(e)
-    e.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
-    e.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    report_flags(e, "report")
     e.set_defaults(func=_evaluate)
 
     cp = sub.add_parser("compare", help="score several runs on the same examples with the same seeds: one table",
@@ -173,11 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--num-samples", type=int, default=1000, help="importance samples K per example (default: 1000)")
     cp.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
     estimator_flags(cp)
-    cp.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
-    cp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON ('-' for stdout)")
+    report_flags(cp, "comparison")
     cp.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     cp.add_argument("--plot", metavar="PATH", help="also draw the paired differences with ±2 s.e. bars (PNG)")
-    cp.add_argument("--quiet", action="store_true", help="no progress bars")
     cp.set_defaults(func=_compare)
 
     bd = run_command("bdmc", "bidirectional Monte Carlo: lower and upper bounds on log p(x) of simulated data",
@@ -194,9 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     bd.add_argument("--init", default="guide", choices=("guide", "prior"), help="AIS start: q(z|x) (default) "
                     "or the prior")
     bd.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
-    bd.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
-    bd.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
-    bd.add_argument("--quiet", action="store_true", help="no progress bar")
+    report_flags(bd, "results")
     bd.set_defaults(func=_bdmc)
 
     s = run_command("sample", "PNG grid of images decoded from prior samples",

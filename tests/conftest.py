@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 import sys
@@ -92,3 +93,25 @@ def load_experiment(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def interrupted_at(epoch: int, *, after: bool = False):
+    """Training inside the block is stopped by a KeyboardInterrupt (as by Ctrl-C) at the start of
+    ``epoch``, or with ``after=True`` once that epoch's row is written; the block expects it."""
+    import pyrovae.training as training
+
+    original = training._Trainer._epoch
+
+    def interrupted(self, e, *args):
+        if e == epoch and not after:
+            raise KeyboardInterrupt
+        row = original(self, e, *args)
+        if e == epoch:
+            raise KeyboardInterrupt
+        return row
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training._Trainer, "_epoch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            yield

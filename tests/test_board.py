@@ -5,9 +5,9 @@ from __future__ import annotations
 import builtins
 
 import pytest
+from conftest import interrupted_at
 from tensorboard.backend.event_processing import event_accumulator
 
-import pyrovae.training as training
 from pyrovae import TrainConfig, train
 from pyrovae.board import SCALARS
 from pyrovae.runs import read_metrics
@@ -45,19 +45,9 @@ def test_a_resumed_run_has_each_epoch_once(tmp_path, monkeypatch):
     lands after an epoch's events but before its checkpoint): epoch 3 is not shown twice."""
     import shutil
 
-    original = training._Trainer._epoch
-
-    def interrupted(self, epoch, *args):
-        row = original(self, epoch, *args)
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return row
-
     train(_config(tmp_path, "two", epochs=2), progress=False)  # a checkpoint of epoch 2 of the same model
-    monkeypatch.setattr(training._Trainer, "_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(2, after=True):
         train(_config(tmp_path, "r"), progress=False)
-    monkeypatch.undo()
     run_dir = tmp_path / "r"
     assert [e.step for e in _events(run_dir).Scalars("elbo/val")] == [1, 2, 3]
     shutil.copy(tmp_path / "two" / "last.pt", run_dir / "last.pt")

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, interrupted_at
 from PIL import Image
 
 import pyrovae.marginal as marginal
@@ -200,21 +200,11 @@ def test_resume_may_change_patience_and_device(capsys, tmp_path):
 
 def test_a_study_continues_an_interrupted_run(tmp_path, monkeypatch):
     """train_or_reuse's three answers: trained, then (after an interruption) resumed, then reused."""
-    import pyrovae.training as training
 
     config = TrainConfig(dataset="digits", hidden_dims=(16,), latent_dim=3, epochs=3, out=str(tmp_path), name="s",
                          no_tensorboard=True)
-    original = training._Trainer._epoch
-
-    def interrupted(self, epoch, *args):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch, *args)
-
-    monkeypatch.setattr(training._Trainer, "_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(2):
         train_or_reuse(config, progress=False)
-    monkeypatch.undo()
     assert train_or_reuse(config, progress=False)[1] == "resumed"
     assert [r["epoch"] for r in read_metrics(tmp_path / "s" / "metrics.jsonl")] == [1, 2, 3]
     assert train_or_reuse(config, progress=False)[1] == "reused"

@@ -17,6 +17,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import interrupted_at
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 import pyrovae.training as training
@@ -346,17 +347,8 @@ EVERY_PRIOR = [
 @pytest.mark.parametrize("settings", EVERY_PRIOR, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_resume_with_every_prior_gives_the_uninterrupted_run(tmp_path, monkeypatch, settings):
     straight = train(_tiny(tmp_path, "straight", **settings), progress=False)
-    original = training._Trainer._epoch
-
-    def interrupted(self, epoch, *args):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch, *args)
-
-    monkeypatch.setattr(training._Trainer, "_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(2):
         train(_tiny(tmp_path, "split", **settings), progress=False)
-    monkeypatch.undo()
     resumed = train(_tiny(tmp_path, "split", **settings), resume=tmp_path / "split", progress=False)
     p1 = load_checkpoint(straight.run_dir / "last.pt")["model"]
     p2 = load_checkpoint(resumed.run_dir / "last.pt")["model"]

@@ -11,7 +11,8 @@ Each rung adds one thing to the one before, on mnist5k, with the same seed and e
 then, each on the default alone: convolutional encoder and decoder (``--net conv``; on 2 CPU
 cores an epoch costs 7 times the MLP's, so it is measured once rather than under every rung
 above it), encoder dropout, weight decay and free bits; and the ``best`` preset
-(``pyrovae train --preset best``, reusing the run of the same settings above). Every run stops after
+(``pyrovae train --preset best``: VampPrior K = 500 and the IAF guide on one stochastic layer,
+which ``--runs-from results/flows/runs`` reuses from ``experiments/flows.py``). Every run stops after
 ``--patience`` epochs without a better validation ELBO (the checkpoint kept is the best
 validation epoch either way; the patience only saves time).
 
@@ -99,7 +100,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(spec, shared: dict, quick: bool) -> dict:
-    own = preset_settings(spec.split(":", 1)[1]) if isinstance(spec, str) else spec
+    if isinstance(spec, str):  # a preset row is the preset as users train it: only the seed is shared
+        own, shared = preset_settings(spec.split(":", 1)[1]), {"seed": shared["seed"]}
+    else:
+        own = spec
     settings = {**shared, **own}
     if quick:
         if settings.get("prior") == "vamp":
@@ -135,7 +139,7 @@ def _main(args, argv) -> int:
     for name, _, spec in rows:
         config = TrainConfig.from_dict({**_settings(spec, shared, args.quick), "out": str(runs), "name": name})
         # the preset row reuses a rung with the same settings, if there is one
-        reuse = runs if isinstance(spec, str) and runs.is_dir() else args.runs_from
+        reuse = [f for f in (runs, args.runs_from) if f] if isinstance(spec, str) else args.runs_from
         run_dirs.append(train_or_reuse(config, progress=not args.quiet, fix=_FIX, reuse_from=reuse)[0])
     base = TrainConfig.from_dict(_settings({}, shared, args.quick)).resolved()
     test = prepare_data(base, "test", "cpu")

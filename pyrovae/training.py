@@ -247,29 +247,30 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
 
 
 def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "choose another --out",
-                   ignore: tuple[str, ...] = ("out", "name"), reuse_from: str | os.PathLike | None = None
-                   ) -> tuple[Path, str]:
+                   ignore: tuple[str, ...] = ("out", "name"),
+                   reuse_from: str | os.PathLike | list[str | os.PathLike] | None = None) -> tuple[Path, str]:
     """The run of ``config`` in ``config.out/config.name``, for studies that must survive an
     interruption: ``"reused"`` when it finished there before, ``"resumed"`` when it was
     interrupted (from ``last.pt``), ``"trained"`` otherwise. Returns ``(run_dir, how)``.
 
-    ``reuse_from``: a folder of runs (another study's ``runs/``); a finished run there with the
-    same settings (but those in ``ignore``) is used instead of training again (``"reused"``).
+    ``reuse_from``: a folder of runs (another study's ``runs/``), or a list of them searched in
+    order; a finished run there with the same settings (but those in ``ignore``) is used
+    instead of training again (``"reused"``).
 
     Refuses, with ``ValueError`` ending in ``fix``, a directory trained with other settings
     (any resolved setting but those in ``ignore``), and one holding files that are not a
     pyrovae run's; a run killed before its first checkpoint is started again.
     """
     wanted = config.resolved().to_dict()
-    if reuse_from is not None and Path(reuse_from).is_dir():
-        for candidate in sorted(Path(reuse_from).iterdir()):
-            if (candidate / "summary.json").is_file() and (candidate / "config.json").is_file():
-                try:
-                    stored = TrainConfig.load(candidate / "config.json").to_dict()
-                except (ValueError, FileNotFoundError):
-                    continue
-                if all(stored.get(k) == v for k, v in wanted.items() if k not in ignore):
-                    return candidate, "reused"
+    folders = reuse_from if isinstance(reuse_from, list) else [] if reuse_from is None else [reuse_from]
+    for candidate in (c for f in folders if Path(f).is_dir() for c in sorted(Path(f).iterdir())):
+        if (candidate / "summary.json").is_file() and (candidate / "config.json").is_file():
+            try:
+                stored = TrainConfig.load(candidate / "config.json").to_dict()
+            except (ValueError, FileNotFoundError):
+                continue
+            if all(stored.get(k) == v for k, v in wanted.items() if k not in ignore):
+                return candidate, "reused"
     run_dir = Path(config.out) / config.name
     if (run_dir / "config.json").is_file():
         stored = TrainConfig.load(run_dir / "config.json").to_dict()

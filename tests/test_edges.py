@@ -210,3 +210,10 @@ def test_a_study_continues_an_interrupted_run(tmp_path, monkeypatch):
     assert train_or_reuse(config, progress=False)[1] == "reused"
     with pytest.raises(ValueError, match="other settings"):
         train_or_reuse(TrainConfig(**{**config.to_dict(), "latent_dim": 4}), progress=False)
+    # another study's folders, searched in order: the finished run of the same settings is taken,
+    # whatever its name; a run of other settings there is not
+    elsewhere = TrainConfig(**{**config.to_dict(), "out": str(tmp_path / "other"), "name": "t"})
+    assert train_or_reuse(elsewhere, progress=False, reuse_from=[tmp_path / "none", tmp_path]) == (
+        tmp_path / "s", "reused")
+    fewer = TrainConfig(**{**elsewhere.to_dict(), "epochs": 2})
+    assert train_or_reuse(fewer, progress=False, reuse_from=[tmp_path])[1] == "trained"

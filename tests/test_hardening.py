@@ -25,6 +25,7 @@ from conftest import ROOT, cli, fake_mnist, idx_bytes
 import pyrovae.training as training
 from pyrovae import TrainConfig, estimate_log_px, load_run, train
 from pyrovae.data import read_idx
+from pyrovae.files import dumps
 from pyrovae.runs import load_checkpoint, read_metrics, save_checkpoint
 
 TINY = ["--dataset", "digits", "--hidden-dims", "16", "--latent-dim", "3", "--quiet"]
@@ -297,6 +298,26 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(capsys, monkeypatch, run, tm
     assert got == 130 and "epoch" not in one_line(err) and "nothing was written" in err
 
 
+def test_ctrl_c_in_the_middle_of_an_estimate_is_one_line_and_130_and_writes_nothing(capsys, monkeypatch, run,
+                                                                                   tmp_path):
+    import pyrovae.marginal as marginal
+
+    scored, score = [], marginal._score
+
+    def interrupted_on_the_second_chunk(*a, **k):
+        scored.append(1)
+        if len(scored) == 2:
+            raise KeyboardInterrupt
+        return score(*a, **k)
+
+    monkeypatch.setattr(marginal, "_score", interrupted_on_the_second_chunk)
+    got, out, err = cli(capsys, "evaluate", str(run), "--num-samples", "50", "--chunk-size", "50", "--quiet",
+                        "--json", str(tmp_path / "r.json"))
+    assert len(scored) == 2 and got == 130, err
+    assert "epoch" not in one_line(err) and "nothing was written" in err
+    assert not (tmp_path / "r.json").exists() and list(tmp_path.iterdir()) == []
+
+
 # --- 4, 13. a failed resume changes nothing; a successful one cleans up -------------------------------------------
 
 
@@ -434,9 +455,11 @@ def test_evaluate_on_another_file_does_not_take_the_runs_label_column(capsys, tm
     other = tmp_path / "other.npy"
     np.save(other, rng.random((30, 9)))
     got, out, err = cli(capsys, "evaluate", str(tmp_path / "c"), "--dataset", str(other), "--split", "all",
-                        "--num-samples", "5", "--quiet")
+                        "--num-samples", "5", "--quiet", "--json", str(tmp_path / "r.json"))
     assert got == 0, err
-    assert "examples  30" in " ".join(out.split()) or "30" in out
+    # all 30 rows of 9 values scored: had the label column leaked, column 0 would have been taken
+    # away (8 values per row, refused as the wrong width)
+    assert json.loads((tmp_path / "r.json").read_text())["num_examples"] == 30
 
 
 # --- 14. the Python API checks its arguments ------------------------------------------------------------------------
@@ -447,6 +470,8 @@ def test_evaluate_on_another_file_does_not_take_the_runs_label_column(capsys, tm
     (torch.zeros(64), "one example per row"),
     (torch.full((3, 64), math.nan), "NaN"),
     (torch.full((3, 64), 0.5), "Bernoulli"),
+    (torch.full((3, 64), 2.0), "Bernoulli"),
+    (torch.full((3, 64), -1.0), "Bernoulli"),
     (torch.zeros(3, 64, dtype=torch.long), "floating point"),
     (torch.zeros(3, 10), "values per example"),
     (np.zeros((3, 64), dtype=np.float32), "torch tensor"),
@@ -483,6 +508,10 @@ def test_every_json_file_is_strict_and_undefined_values_are_null_with_a_reason(c
     assert report["pareto_k"]["mean"] is None and report["null_values"]["pareto_k.mean"] == "nan"
     for name in ("config.json", "summary.json"):
         _strict((run / name).read_text())
+    # the issue's own example: an infinite k-hat (and its negative) is null too, with the reason
+    text = dumps({"pareto_k": {"max": math.inf, "per_example": [0.3, -math.inf]}}, explain=True)
+    assert _strict(text) == {"pareto_k": {"max": None, "per_example": [0.3, None]},
+                             "null_values": {"pareto_k.max": "inf", "pareto_k.per_example[1]": "-inf"}}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         _strict(line)
 

@@ -575,10 +575,12 @@ class _Trainer:
         row["val_components_used"] = usage["components_used"]
         if usage["components_used"] < k and not self._warned_components and self.env.main:
             self._warned_components = True
+            # (k-means is advice only for priors that have it and do not use it already)
+            kmeans = "kmeans" in prior.inits and self.config.prior_init != "kmeans"
             print(f"pyrovae train: warning: epoch {row['epoch']}: only {usage['components_used']} of the prior's {k} "
                   f"components hold {100 * COMPONENT_SHARE / k:.2g}% or more of the validation data (a tenth of an "
                   "even share); the mixture is effectively smaller (val_components_used in metrics.jsonl; "
-                  "--prior-init kmeans or fewer components keep them in use)", file=sys.stderr)
+                  f"{'--prior-init kmeans or ' if kmeans else ''}fewer components keep them in use)", file=sys.stderr)
 
     def _val_scores(self) -> dict:
         """Mean validation scores, with fixed noise; in a data-parallel run every process

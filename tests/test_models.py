@@ -216,7 +216,7 @@ def test_encoder_dropout_acts_in_training_only():
 # --- mixture priors keep their components -----------------------------------------------------------------
 
 
-def test_a_mixture_that_loses_components_says_so(tmp_path, capsys):
+def test_a_mixture_that_loses_components_says_so(tmp_path, capsys, monkeypatch):
     code, out, err = cli(capsys, "train", "--dataset", "digits", "--hidden-dims", "16", "--latent-dim", "2",
                          "--prior", "mog", "--prior-components", "30", "--prior-init", "random", "--epochs", "3",
                          "--out", str(tmp_path), "--name", "m", "--quiet")
@@ -224,7 +224,15 @@ def test_a_mixture_that_loses_components_says_so(tmp_path, capsys):
     rows = read_metrics(tmp_path / "m" / "metrics.jsonl")
     used = [r["val_components_used"] for r in rows]
     assert all(1 <= u <= 30 for u in used) and min(used) < 30
-    assert err.count("warning:") == 1 and "components hold" in err
+    assert err.count("warning:") == 1 and "components hold" in err and "--prior-init kmeans or fewer" in err
+    # a VampPrior has no k-means start: its line does not advise one (its components made to starve here)
+    import pyrovae.training as training
+
+    monkeypatch.setattr(training, "component_usage", lambda resp, share: {"components_used": 1})
+    code, out, err = cli(capsys, "train", "--dataset", "digits", "--hidden-dims", "16", "--latent-dim", "2",
+                         "--prior", "vamp", "--prior-components", "20", "--epochs", "2",
+                         "--out", str(tmp_path), "--name", "v", "--quiet")
+    assert code == 0 and err.count("warning:") == 1 and "kmeans" not in err and "fewer components" in err, err
 
 
 @pytest.mark.slow

@@ -235,3 +235,22 @@ def test_fast_softplus_equals_torchs_in_value_and_gradient():
     x32 = 5 * torch.randn(1000, 784)
     err = (softplus(x32).double() - torch.logaddexp(x32.double(), torch.zeros((), dtype=torch.float64))).abs().max()
     assert err < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_floored_log_sum_exp_equals_torchs_within_its_bound(dtype):
+    """Terms 80 nats or more below the largest are floored there (no subnormal exp): the result
+    and the gradient equal torch.logsumexp's up to K e^-80 relative, with and without a graph."""
+    from pyrovae.distributions import _logsumexp
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.randn(64, 500, generator=g, dtype=torch.float64) * 60,  # gaps far beyond 80 nats
+                   torch.full((64, 3), -math.inf, dtype=torch.float64)], -1)  # and zero-weight terms
+    ref, rtol = torch.logsumexp(a, -1), 1e-6 if dtype == torch.float32 else 1e-12
+    with torch.no_grad():
+        assert torch.allclose(_logsumexp(a.clone(), dtype).double(), ref, rtol=rtol)
+    leaf = a.clone().requires_grad_()
+    ours = _logsumexp(leaf, dtype)
+    assert torch.allclose(ours.double(), ref, rtol=rtol)
+    (grad,) = torch.autograd.grad(ours.sum(), leaf)
+    assert torch.allclose(grad, torch.softmax(a, -1), atol=1e-6)

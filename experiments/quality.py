@@ -139,11 +139,11 @@ def _main(args, argv) -> int:
     runs = out / "runs"
     shared = {"seed": args.seed, "patience": args.patience}
     num_samples = 50 if args.quick else args.num_samples
+    # a row whose settings some finished run has (a rung here, another study's run) reuses it
+    reuse = [f for f in (runs, args.runs_from) if f]
     run_dirs = []
     for name, _, spec in rows:
         config = TrainConfig.from_dict({**_settings(spec, shared, args.quick), "out": str(runs), "name": name})
-        # the preset row reuses a rung with the same settings, if there is one
-        reuse = [f for f in (runs, args.runs_from) if f] if isinstance(spec, str) else args.runs_from
         run_dirs.append(train_or_reuse(config, progress=not args.quiet, fix=_FIX, reuse_from=reuse)[0])
     base = TrainConfig.from_dict(_settings({}, shared, args.quick)).resolved()
     test = prepare_data(base, "test", "cpu")

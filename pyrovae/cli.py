@@ -256,7 +256,9 @@ def _train(args) -> int:
     if result.run_dir is None:  # not the main process of a data-parallel run
         return 0
     print(f"run: {result.run_dir}")
-    early = ", stopped early" if result.stopped_early else ""
+    early = {"patience": ", stopped early", "epochs": "",
+             "time_limit": f", the {result.planned_epochs} that fit in --time-limit {config.time_limit}"}
+    early = early[result.stopped_by]
     print(f"epochs: {result.epochs_done} (best {result.best_epoch}{early}), {result.seconds:.1f} s")
     if result.test is not None and result.test.get("elbo") is not None:
         t = result.test

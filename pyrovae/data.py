@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "DataError", "load_dataset", "binarize", "STATIC_BINARIZE_SEED"]
+from .config import PREBINARIZED
+
+__all__ = ["Dataset", "DataError", "load_dataset", "binarize", "read_amat", "download_binarized_mnist",
+           "STATIC_BINARIZE_SEED", "PREBINARIZED"]
 
 SPLITS = ("train", "val", "test")
 #: Seed of static binarisation: fixed, so that val/test numbers compare across runs.
@@ -110,12 +113,18 @@ def load_dataset(
     - ``digits``: scikit-learn's 1,797 8x8 digits, stratified 1437/180/180.
     - ``mnist``, ``fashion-mnist``, ``kmnist``: IDX files; train/val are the first 55,000 /
       last 5,000 of the training file, test is the ``t10k`` file (needs only those two files).
+    - ``binarized-mnist``: the literature's statically binarised MNIST (Larochelle & Murray
+      2011), ``binarized_mnist_{train,valid,test}.amat`` (plain or gzipped) in ``data_dir``:
+      train 50,000, val the 10,000 of the valid file, test the test file; no labels. Its pixels
+      were sampled once by its authors and are never resampled here (:data:`PREBINARIZED`).
     - a ``.npy``/``.npz``/``.csv`` path: 80/10/10, stratified when labels exist.
     """
     if split not in SPLITS + ("all",):
         raise DataError(f"split must be one of train, val, test, all (got {split!r})")
     if name in _IDX_SETS:
         return _load_idx_split(name, split, Path(data_dir), download)
+    if name == "binarized-mnist":
+        return _load_binarized_mnist(split, Path(data_dir), download)
     if name == "mnist5k":
         x, y = _mnist5k()
         return _split_arrays("mnist5k", x, y, split, (28, 28), n_val=500, n_test=500)
@@ -135,7 +144,7 @@ def load_dataset(
         n_val = n_test = max(1, n // 10)
         return _split_arrays(str(path), x, y, split, _image_shape(x.shape[1]), n_val=n_val, n_test=n_test)
     raise DataError(
-        f"unknown dataset {name!r}: use mnist5k, digits, mnist, fashion-mnist, kmnist, "
+        f"unknown dataset {name!r}: use mnist5k, digits, mnist, fashion-mnist, kmnist, binarized-mnist, "
         "or a path ending in .npy, .npz or .csv"
     )
 
@@ -404,3 +413,133 @@ def read_idx(path: Path, kind: str) -> torch.Tensor:
         plain.write_bytes(header + body)
         t = read_sn3_pascalvincent_tensor(str(plain), strict=True)
     return t.clone()
+
+
+# --- statically binarised MNIST (.amat) ---------------------------------------------------
+
+#: where the literature's code (Larochelle's, used by the IWAE and VampPrior papers) fetches the files;
+#: the environment variable ``PYROVAE_BINARIZED_MNIST_URL`` points ``--download`` elsewhere (a mirror, or a
+#: ``file://`` folder)
+BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+#: split -> (file stem, number of images); every line holds 784 values "0"/"1" separated by single spaces
+_AMAT_FILES = {"train": ("binarized_mnist_train", 50_000), "val": ("binarized_mnist_valid", 10_000),
+               "test": ("binarized_mnist_test", 10_000)}
+_AMAT_PIXELS = 784
+#: bytes of one canonical line: 784 digits, 783 spaces and a newline
+_AMAT_LINE = 2 * _AMAT_PIXELS
+
+
+def _load_binarized_mnist(split: str, data_dir: Path, download: bool) -> Dataset:
+    if download:
+        download_binarized_mnist(data_dir)
+    if split == "all":
+        parts = [_load_binarized_mnist(s, data_dir, False).images for s in ("train", "val")]
+        return Dataset("binarized-mnist", "all", torch.cat(parts), None, (28, 28))
+    stem, _ = _AMAT_FILES[split]
+    for candidate in (data_dir / f"{stem}.amat", data_dir / f"{stem}.amat.gz"):
+        if candidate.is_file():
+            x = read_amat(candidate)
+            return Dataset("binarized-mnist", split, x, None, (28, 28))
+    raise FileNotFoundError(
+        f"{stem}.amat (or {stem}.amat.gz) not found in {data_dir}/: download it from {BINARIZED_MNIST_URL} "
+        f"into {data_dir}/, or add --download where there is internet")
+
+
+def read_amat(path: str | os.PathLike) -> torch.Tensor:
+    r"""Read a binarised-MNIST ``.amat`` file (plain, or gzipped when it ends in ``.gz``) into a
+    float32 tensor ``(N, 784)`` of 0/1 values.
+
+    Each line is one image: 784 values ``0``/``1`` separated by whitespace. The usual layout
+    (single spaces, ``\n`` line ends) is parsed in one vectorised pass; any other layout line by
+    line. A line with another number of values, a value other than 0 or 1, or a truncated gzip
+    stream raises :class:`DataError` naming the file and the first bad line (counted from 1).
+    """
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            raw = f.read()
+    except EOFError:
+        raise DataError(f"{path}: the gzip stream ends early (truncated download?); download the file again") \
+            from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: not a valid gzip file ({e}); download the file again") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); check the file") from None
+    if not raw.strip():
+        raise DataError(f"{path}: the file holds no images; download it again")
+    a = np.frombuffer(raw, dtype=np.uint8)
+    n = a.size // _AMAT_LINE
+    if a.size == n * _AMAT_LINE:  # the published layout: check every byte at once
+        rows = a.reshape(n, _AMAT_LINE)
+        values, gaps = rows[:, 0::2], rows[:, 1::2]
+        ok = ((values == ord("0")) | (values == ord("1"))).all(1) & (gaps[:, :-1] == ord(" ")).all(1) \
+            & (gaps[:, -1] == ord("\n"))
+        if ok.all():
+            return torch.from_numpy(values == ord("1")).float()
+    return _read_amat_lines(raw, path)
+
+
+def _read_amat_lines(raw: bytes, path: Path) -> torch.Tensor:
+    """The slow path of :func:`read_amat`, for other whitespace, and to name the first bad line."""
+    lines = raw.decode("ascii", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = np.empty((len(lines), _AMAT_PIXELS), dtype=np.float32)
+    for i, line in enumerate(lines):
+        values = line.split()
+        if len(values) != _AMAT_PIXELS:
+            raise DataError(f"{path}: line {i + 1} holds {len(values)} values, expected {_AMAT_PIXELS} (a 28x28 "
+                            "image); the file is damaged or not binarised MNIST: download it again")
+        bad = next((v for v in values if v not in ("0", "1")), None)
+        if bad is not None:
+            shown = bad if len(bad) <= 12 else bad[:12] + "..."
+            raise DataError(f"{path}: line {i + 1} holds the value {shown!r}; binarised MNIST holds only 0 and 1: "
+                            "download the file again")
+        out[i] = np.fromiter((v == "1" for v in values), dtype=np.float32, count=_AMAT_PIXELS)
+    return torch.from_numpy(out)
+
+
+def download_binarized_mnist(data_dir: str | os.PathLike, base_url: str | None = None,
+                             splits: tuple[str, ...] = ("train", "val", "test"), progress: bool = True) -> None:
+    """Fetch ``binarized_mnist_{train,valid,test}.amat`` into ``data_dir`` (files already there
+    with the right size are kept). Each file is written to a temporary file, checked against its
+    published size (78,400,000 bytes for train, 15,680,000 for valid and test) and renamed only
+    then, so an interrupted or cut-off transfer leaves no file. ``base_url`` defaults to
+    ``$PYROVAE_BINARIZED_MNIST_URL`` or :data:`BINARIZED_MNIST_URL`; ``file://`` URLs work."""
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    base = base_url or os.environ.get("PYROVAE_BINARIZED_MNIST_URL") or BINARIZED_MNIST_URL
+    base = base if base.endswith("/") else base + "/"
+    data_dir = Path(data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--data-dir {data_dir}: cannot be created ({e.strerror}); choose another --data-dir") \
+            from None
+    for split in splits:
+        stem, count = _AMAT_FILES[split]
+        name, size = f"{stem}.amat", count * _AMAT_LINE
+        target = data_dir / name
+        if target.is_file() and target.stat().st_size == size:
+            continue
+        tmp = data_dir / f".{name}.part"
+        try:
+            with urllib.request.urlopen(base + name, timeout=60) as response, open(tmp, "wb") as out, \
+                    tqdm(total=size, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            got = tmp.stat().st_size
+            if got != size:
+                raise DataError(f"--download of {name} from {base} stopped at {got:,} of {size:,} bytes (cut off); "
+                                "run the command again, or copy the file into --data-dir by hand")
+            os.replace(tmp, target)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            raise DataError(f"--download of {name} from {base} failed ({reason}); where there is no internet, "
+                            f"copy the .amat files into {data_dir}/ by hand") from None
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -11,6 +11,13 @@ and leaves a run directory::
     runs/<name>/elbo.png        the curves
     runs/<name>/summary.json    best epoch, test-split ELBO, wall time
 
+A wall-clock budget (``--time-limit``): the run times its first :data:`PROBE_EPOCHS` epochs,
+fixes how many epochs fit in the budget (``planned_epochs``, at most ``--epochs``), anneals the
+learning-rate schedule over exactly those and stops there. The plan and the seconds spent are
+kept in every checkpoint, so ``--resume`` continues the same plan within what is left of the
+budget, or, given a larger ``--time-limit``, plans again from the epochs' measured pace.
+``summary.json`` records what ended the run (``stopped_by``).
+
 Randomness: data order and dynamic binarisation come from generators seeded by
 ``(seed, epoch)``; the guide's noise from torch's global generator, whose state every
 checkpoint keeps. A resumed run therefore continues exactly as the uninterrupted run would.
@@ -38,7 +45,7 @@ import torch.distributed as tdist
 from pyro.infer import SVI
 
 from .board import Board
-from .config import RESUMABLE, TrainConfig
+from .config import PREBINARIZED, RESUMABLE, TrainConfig, parse_duration
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
 from .files import TMP_SUFFIX, OutputError, dumps, write_json, write_text_atomic
 from .marginal import derive_seed, isolated_params
@@ -62,6 +69,9 @@ __all__ = ["train", "train_or_reuse", "TrainResult", "TrainingDiverged", "resolv
 TEST_NUM_SAMPLES = 10
 #: seed of the validation ELBO's noise: every epoch is scored with the same draws
 VAL_SEED = 97
+#: epochs timed before a --time-limit run fixes how many epochs fit (after a first one, whose one-off
+#: set-up is spent from the budget but not taken as the pace)
+PROBE_EPOCHS = 3
 #: a mixture component of K counts as in use while it holds at least this share of 1/K of the
 #: validation codes' responsibility (a tenth of an even share: 1% for K = 10)
 COMPONENT_SHARE = 0.1
@@ -80,6 +90,10 @@ class TrainResult:
     test: dict | None
     seconds: float
     stopped_early: bool
+    #: what ended the run: "epochs" (--epochs reached), "patience" or "time_limit"
+    stopped_by: str = "epochs"
+    #: with --time-limit: the epochs that fit in the budget
+    planned_epochs: int | None = None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -226,6 +240,10 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
                       "ended): starting it again from epoch 0 with its config.json", file=sys.stderr)
             config = dataclasses.replace(config, out=str(run_dir.parent), name=run_dir.name)
             resume = None
+    if (config.dataset in PREBINARIZED and config.binarize in ("dynamic", "static")
+            and int(os.environ.get("RANK", "0")) == 0 and resume is None):
+        print(f"pyrovae train: note: {config.dataset} is binary already (sampled once by its authors); it is "
+              f"used as it is, not resampled by --binarize {config.binarize}", file=sys.stderr)
     config = config.resolved()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.batch_size % world:  # before joining the process group, so that no process waits for the others
@@ -258,8 +276,9 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
     instead of training again (``"reused"``).
 
     Refuses, with ``ValueError`` ending in ``fix``, a directory trained with other settings
-    (any resolved setting but those in ``ignore``), and one holding files that are not a
-    pyrovae run's; a run killed before its first checkpoint is started again.
+    (any resolved setting but those in ``ignore``, and those a resume may change: a run whose
+    ``--time-limit`` or ``--epochs`` was raised is resumed), and one holding files that are not
+    a pyrovae run's; a run killed before its first checkpoint is started again.
     """
     wanted = config.resolved().to_dict()
     folders = reuse_from if isinstance(reuse_from, list) else [] if reuse_from is None else [reuse_from]
@@ -272,12 +291,15 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
             if all(stored.get(k) == v for k, v in wanted.items() if k not in ignore):
                 return candidate, "reused"
     run_dir = Path(config.out) / config.name
+    raised = False  # only settings a resume may change differ (a raised --time-limit or --epochs): resume
     if (run_dir / "config.json").is_file():
         stored = TrainConfig.load(run_dir / "config.json").to_dict()
         changed = sorted(k for k in wanted if k not in ignore and stored.get(k) != wanted[k])
-        if changed:
-            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): {fix}")
-    if (run_dir / "summary.json").is_file():
+        fixed = [k for k in changed if k not in RESUMABLE]
+        if fixed:
+            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(fixed)}): {fix}")
+        raised = bool(changed) and (run_dir / "last.pt").is_file()
+    if (run_dir / "summary.json").is_file() and not raised:
         return run_dir, "reused"
     if (run_dir / "last.pt").is_file():
         train(config, resume=run_dir, progress=progress)
@@ -306,6 +328,10 @@ class _Trainer:
         self._pending_resume = False
         self.start_epoch, self.global_step = 0, 0
         self.best_val, self.best_epoch, self.since_best = -math.inf, 0, 0
+        #: seconds of training epochs so far (over every session of a resumed run), and the --time-limit plan
+        self.train_seconds, self.planned_epochs, self.planned_budget = 0.0, None, None
+        self.budget = parse_duration(config.time_limit) if config.time_limit is not None else None
+        self._probe_seconds: list[float] = []  # seconds of this session's epochs, until the plan is made
         self.resume_state = resume_state
         if resume_state is not None:
             missing = [k for k in _RESUME_KEYS if k not in resume_state]
@@ -318,6 +344,9 @@ class _Trainer:
             self.best_val = float(resume_state["best_val_elbo"])
             self.best_epoch = int(resume_state["best_epoch"])
             self.since_best = int(resume_state["epochs_since_best"])
+            self.train_seconds = float(resume_state.get("train_seconds", 0.0))
+            self.planned_epochs = resume_state.get("planned_epochs")
+            self.planned_budget = resume_state.get("planned_budget")
             ranks = resume_state["rng"]
             if len(ranks) == env.world:
                 _set_rng_state(ranks[env.rank], self.device)
@@ -433,10 +462,30 @@ class _Trainer:
         return self.data.train_fixed
 
     def _lr(self, epoch: int) -> float:
+        """The schedule's learning rate of ``epoch``: cosine over --epochs, or over the planned epochs of a
+        --time-limit run (while its first epochs are timed, the schedule's start, --lr)."""
         c = self.config
-        if c.lr_schedule == "constant":
+        horizon = c.epochs if self.budget is None else self.planned_epochs
+        if c.lr_schedule == "constant" or horizon is None:
             return c.lr
-        return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * epoch / c.epochs))
+        return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * min(epoch, horizon) / horizon))
+
+    def _plan(self, epochs_done: int, seconds_per_epoch: float) -> None:
+        """Fix how many epochs fit in the --time-limit budget at ``seconds_per_epoch``."""
+        left = max(0.0, self.budget - self.train_seconds)
+        fit = int(left // seconds_per_epoch) if seconds_per_epoch > 0 else self.config.epochs
+        self.planned_epochs = max(epochs_done, min(self.config.epochs, epochs_done + fit))
+        self.planned_budget = self.budget
+
+    def _replan_on_resume(self) -> None:
+        """A resumed --time-limit run keeps its plan; with another budget it plans again from the pace of
+        the epochs it has run (their mean seconds), over what is left."""
+        if self.budget is None or self.planned_epochs is None or self.planned_budget == self.budget:
+            return
+        pace = self.train_seconds / self.start_epoch if self.start_epoch else 0.0
+        self._plan(self.start_epoch, pace)
+
+
 
     def _kl_scale(self, steps_per_epoch: int) -> float:
         w = self.config.warmup_epochs
@@ -452,17 +501,28 @@ class _Trainer:
         if c.model == "pca":
             return self._fit_pca(t_start)
         svi, elbo, optim = self._objective()
-        bar = tqdm(total=c.epochs, initial=self.start_epoch, desc="train", unit="epoch", disable=not self.progress)
-        stopped_early, epoch = False, self.start_epoch
+        self._replan_on_resume()
+        bar = tqdm(total=self.planned_epochs or c.epochs, initial=self.start_epoch, desc="train", unit="epoch",
+                   disable=not self.progress)
+        stopped_early, epochs_done, stopped_by = False, self.start_epoch, "epochs"
+        if self.planned_epochs is not None and self.start_epoch >= self.planned_epochs:
+            stopped_by = "time_limit"  # resumed with nothing left of the budget
         try:
             with pyro.get_param_store().scope():
-                for epoch in range(self.start_epoch, c.epochs):
+                for epoch in range(self.start_epoch, c.epochs if stopped_by == "epochs" else self.start_epoch):
                     row = self._epoch(epoch, svi, elbo, optim)
+                    epochs_done = epoch + 1
                     bar.update(1)
                     bar.set_postfix(val_elbo=f"{row['val_elbo']:.2f}", best=f"{self.best_val:.2f}")
                     if c.patience and self.since_best >= c.patience:
-                        stopped_early = True
+                        stopped_early, stopped_by = True, "patience"
                         break
+                    if self.planned_epochs is not None and epochs_done >= self.planned_epochs:
+                        stopped_by = "time_limit"
+                        break
+                    if self.planned_epochs is not None and bar.total != self.planned_epochs:
+                        bar.total = self.planned_epochs
+                        bar.refresh()
         except KeyboardInterrupt:
             bar.close()
             self.board.close()
@@ -473,8 +533,7 @@ class _Trainer:
             self.board.close()
             raise
         bar.close()
-        epochs_done = epoch + 1 if c.epochs > self.start_epoch else self.start_epoch
-        return self._finish(t_start, epochs_done, stopped_early)
+        return self._finish(t_start, epochs_done, stopped_early, stopped_by)
 
     def _objective(self) -> tuple[SVI, object, Optimizer]:
         c = self.config
@@ -536,6 +595,17 @@ class _Trainer:
         else:
             self.since_best += 1
         t_save = time.perf_counter()
+        # the budget's clock: the mean over processes, so that every process makes the same plan
+        seconds = self.env.sum([t_save - t0])[0] / self.env.world
+        self.train_seconds += seconds
+        self._probe_seconds.append(seconds)
+        if self.budget is not None and self.planned_epochs is None and (
+                len(self._probe_seconds) > PROBE_EPOCHS or self.train_seconds >= self.budget):
+            probe = self._probe_seconds[1:] or self._probe_seconds  # the first epoch of a session includes set-up
+            self._plan(epoch + 1, sum(probe) / len(probe))
+        row["planned_epochs"] = self.planned_epochs if self.budget is not None else None
+        if row["planned_epochs"] is None:
+            del row["planned_epochs"]
         rng = self.env.gather(_rng_state(self.device))
         if self.write:
             if hasattr(model, "fit_code_distribution"):
@@ -612,6 +682,9 @@ class _Trainer:
             "best_val_elbo": self.best_val,
             "best_epoch": self.best_epoch,
             "epochs_since_best": self.since_best,
+            "train_seconds": self.train_seconds,
+            "planned_epochs": self.planned_epochs,
+            "planned_budget": self.planned_budget,
             "rng": rng,
         }
 
@@ -627,10 +700,10 @@ class _Trainer:
             save_checkpoint(self._state(1, None, self.env.gather(_rng_state(self.device))), self.run_dir / "last.pt")
             link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
         self.last_row = row
-        return self._finish(t_start, 1, False)
+        return self._finish(t_start, 1, False, "epochs")
 
     # --- the end ---------------------------------------------------------------------------
-    def _finish(self, t_start: float, epochs_done: int, stopped_early: bool) -> TrainResult:
+    def _finish(self, t_start: float, epochs_done: int, stopped_early: bool, stopped_by: str) -> TrainResult:
         test = None
         if self.env.main:
             if self.write:
@@ -641,11 +714,15 @@ class _Trainer:
             test = self._test_scores()
         seconds = time.perf_counter() - t_start
         result = TrainResult(self.run_dir if self.write else None, epochs_done, self.best_epoch, self.best_val, test,
-                             seconds, stopped_early)
+                             seconds, stopped_early, stopped_by, self.planned_epochs)
         if self.write:
             self._plot()
             summary = {"epochs_done": epochs_done, "best_epoch": self.best_epoch, "best_val_elbo": self.best_val,
-                       "stopped_early": stopped_early, "test": test, "seconds": seconds}
+                       "stopped_early": stopped_early, "stopped_by": stopped_by, "test": test, "seconds": seconds,
+                       "train_seconds": self.train_seconds, "peak_rss_mb": _peak_rss_mb()}
+            if self.budget is not None:
+                summary.update(time_limit=self.config.time_limit, time_limit_seconds=self.budget,
+                               planned_epochs=self.planned_epochs)
             write_json(self.run_dir / "summary.json", summary)
             self.board.finish(self.config.to_dict(), {"best_val_elbo": self.best_val, "epochs_done": epochs_done,
                                                       **({"test_elbo": test["elbo"]} if test and test.get("elbo")
@@ -669,6 +746,17 @@ class _Trainer:
         rows = read_metrics(self.run_dir / "metrics.jsonl")
         if rows:
             plot_training_curves(rows, self.run_dir / "elbo.png")
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB (``None`` where the platform does not say)."""
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+    except (ImportError, OSError):
+        return None
 
 
 @torch.no_grad()

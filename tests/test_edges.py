@@ -210,6 +210,12 @@ def test_a_study_continues_an_interrupted_run(tmp_path, monkeypatch):
     assert train_or_reuse(config, progress=False)[1] == "reused"
     with pytest.raises(ValueError, match="other settings"):
         train_or_reuse(TrainConfig(**{**config.to_dict(), "latent_dim": 4}), progress=False)
+    # a setting a resume may change (more epochs, a larger --time-limit) continues the finished run
+    more = TrainConfig(**{**config.to_dict(), "epochs": 4})
+    assert train_or_reuse(more, progress=False)[1] == "resumed"
+    assert [r["epoch"] for r in read_metrics(tmp_path / "s" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert train_or_reuse(more, progress=False)[1] == "reused"
+    config = more
     # another study's folders, searched in order: the finished run of the same settings is taken,
     # whatever its name; a run of other settings there is not
     elsewhere = TrainConfig(**{**config.to_dict(), "out": str(tmp_path / "other"), "name": "t"})

@@ -1,0 +1,107 @@
+r"""``--time-limit``: the run times its first epochs, fixes how many fit, anneals over exactly those,
+stops there, and ``--resume`` continues within what is left (or a raised budget).
+
+The training loop's clock is replaced by one that advances one second per reading, so that every
+epoch lasts exactly 3 s (it reads the clock three times from its start to the budget's stop watch) and
+the plan is known in advance: with a budget of 30 s the first four epochs are timed (12 s), then
+:math:`\lfloor (30 - 12) / 3 \rfloor = 6` more fit, 10 in all. No test reads the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+from conftest import cli, interrupted_at
+
+import pyrovae.training as training
+from pyrovae import TrainConfig, train
+from pyrovae.config import parse_duration
+from pyrovae.runs import load_checkpoint, read_metrics
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    ticks = {"now": 0.0}
+
+    def perf_counter():
+        ticks["now"] += 1.0
+        return ticks["now"]
+
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    return ticks
+
+
+def config(tmp_path, name="r", **kw) -> TrainConfig:
+    return TrainConfig(**{"dataset": "digits", "hidden_dims": (16,), "latent_dim": 3, "epochs": 1000,
+                          "time_limit": "30s", "out": str(tmp_path), "name": name, "no_tensorboard": True, **kw})
+
+
+def cosine(c: TrainConfig, epoch: int, horizon: int) -> float:
+    c = c.resolved()
+    return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * epoch / horizon))
+
+
+def test_the_run_plans_from_its_first_epochs_anneals_over_the_plan_and_stops_there(tmp_path, clock):
+    c = config(tmp_path)
+    result = train(c, progress=False)
+    assert (result.epochs_done, result.planned_epochs, result.stopped_by) == (10, 10, "time_limit")
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert len(rows) == 10
+    assert [r.get("planned_epochs") for r in rows] == [None] * 3 + [10] * 7  # the plan is made after epoch 4
+    assert [r["lr"] for r in rows[:4]] == [c.resolved().lr] * 4  # the schedule's start while it is timed
+    assert [r["lr"] for r in rows[4:]] == pytest.approx([cosine(c, e, 10) for e in range(4, 10)])
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["stopped_by"] == "time_limit" and summary["planned_epochs"] == 10
+    assert summary["train_seconds"] == 30.0 <= summary["time_limit_seconds"] == 30.0
+    state = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert (state["planned_epochs"], state["planned_budget"], state["train_seconds"]) == (10, 30.0, 30.0)
+
+
+def test_a_budget_spent_while_timing_stops_at_once(tmp_path, clock):
+    result = train(config(tmp_path, time_limit="5s"), progress=False)
+    assert (result.epochs_done, result.planned_epochs, result.stopped_by) == (2, 2, "time_limit")
+
+
+def test_an_interrupted_run_resumes_the_same_plan_to_the_same_numbers(tmp_path, clock):
+    whole = train(config(tmp_path, name="whole"), progress=False)
+    with interrupted_at(6, after=True):
+        train(config(tmp_path, name="cut"), progress=False)
+    assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 7
+    resumed = train(config(tmp_path, name="cut"), resume=tmp_path / "cut", progress=False)
+    assert (resumed.epochs_done, resumed.planned_epochs, resumed.stopped_by) == (10, 10, "time_limit")
+    a, b = (read_metrics(tmp_path / n / "metrics.jsonl") for n in ("whole", "cut"))
+    assert [r["val_elbo"] for r in a] == [r["val_elbo"] for r in b] and whole.best_val_elbo == resumed.best_val_elbo
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["train_seconds"] == 30.0
+
+
+def test_a_raised_budget_plans_again_from_the_measured_pace(tmp_path, clock, capsys):
+    train(config(tmp_path), progress=False)
+    code, out, err = cli(capsys, "train", "--resume", str(tmp_path / "r"), "--time-limit", "45s", "--quiet")
+    assert code == 0, err
+    assert "epochs: 15 (best" in out and "fit in --time-limit 45s" in out  # (45 - 30) // 3 = 5 more
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert len(rows) == 15 and rows[-1]["planned_epochs"] == 15
+    c = config(tmp_path)
+    assert [r["lr"] for r in rows[10:]] == pytest.approx([cosine(c, e, 15) for e in range(10, 15)])
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert (summary["time_limit"], summary["planned_epochs"], summary["stopped_by"]) == ("45s", 15, "time_limit")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["time_limit"] == "45s"
+    # nothing left of the budget: a resume trains nothing and says so
+    code, out, err = cli(capsys, "train", "--resume", str(tmp_path / "r"), "--quiet")
+    assert code == 0 and "epochs: 15" in out and len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 15
+
+
+@pytest.mark.parametrize("text, seconds", [("900", 900), ("900s", 900), ("45m", 2700), ("1.5h", 5400),
+                                           (" 2H ", 7200)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "m", "-5m", "0s", "45 minutes", "1e3s", "nan", "inf", "2d", "9999h"])
+def test_a_bad_time_limit_is_one_line_and_exit_2(bad, capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--dataset", "digits", f"--time-limit={bad}", "--out", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--time-limit" in err and "45m" in err, err
+    assert not any(tmp_path.iterdir())

@@ -3,7 +3,8 @@ baselines the notes argue from, behind one small interface.
 
 Model kinds (``--model``), all with ``encode``/``decode``/``sample_codes`` for pictures:
 
-- :class:`VAE`: the VAE of the notes.
+- :class:`VAE`: the VAE of the notes (with ``--lower-latent-dims``, Burda et al.'s stack), or
+  :class:`TwoLevelVAE`, the VampPrior paper's two-level model (``--hierarchy two-level``).
 - :class:`Autoencoder`: the same networks and model with a point-mass guide and the prior
   masked out, so that training optimises the reconstruction term alone.
 - :class:`PCAModel`: scikit-learn's PCA, the linear autoencoder of the notes' section 1.
@@ -27,10 +28,10 @@ from torch import nn
 from .distributions import BernoulliImages
 from .flows import InverseAutoregressiveFlow
 from .likelihoods import GaussianLikelihood, build_likelihood
-from .nets import Decoder, Encoder
+from .nets import Decoder, Encoder, JointNet
 from .priors import Prior, build_prior
 
-__all__ = ["VAE", "Autoencoder", "PCAModel", "MixtureModel", "MODEL_KINDS", "build_model"]
+__all__ = ["VAE", "TwoLevelVAE", "Autoencoder", "PCAModel", "MixtureModel", "MODEL_KINDS", "build_model"]
 
 
 class _MeanPath(nn.Module):
@@ -214,6 +215,9 @@ class VAE(nn.Module):
     @classmethod
     def from_config(cls, config, *, data_dim: int, train_images: torch.Tensor | None = None,
                     image_shape: tuple[int, int] | None = None) -> "VAE":
+        if getattr(config, "hierarchy", "stack") == "two-level" and cls is VAE:
+            return TwoLevelVAE.from_config(config, data_dim=data_dim, train_images=train_images,
+                                           image_shape=image_shape)
         iaf = getattr(config, "guide", "gaussian") == "iaf"
         context_dim = config.flow_context_dim if iaf else 0
         dims = [*getattr(config, "lower_latent_dims", ()), config.latent_dim]  # bottom up
@@ -227,9 +231,11 @@ class VAE(nn.Module):
                           dropout)
         decoder = Decoder(dims[0], config.hidden_dims, data_dim, config.activation, net, image_shape)
         hidden = getattr(config, "layer_hidden_dims", ())
-        upper_encoders = nn.ModuleList([Encoder(a, hidden, b, config.activation, context_dim, dropout=dropout)
+        upper_net = "gated" if net == "gated" else "mlp"
+        upper_encoders = nn.ModuleList([Encoder(a, hidden, b, config.activation, context_dim, upper_net,
+                                                dropout=dropout) for a, b in zip(dims[:-1], dims[1:])])
+        upper_decoders = nn.ModuleList([Encoder(b, hidden, a, config.activation, net=upper_net)
                                         for a, b in zip(dims[:-1], dims[1:])])
-        upper_decoders = nn.ModuleList([Encoder(b, hidden, a, config.activation) for a, b in zip(dims[:-1], dims[1:])])
         upper_flows = nn.ModuleList([flow(b) for b in dims[1:]]) if iaf and len(dims) > 1 else None
         bottom_flow = flow(dims[0]) if iaf else None
         top = encoder if len(dims) == 1 else _MeanPath(
@@ -238,6 +244,96 @@ class VAE(nn.Module):
         prior = build_prior(config, latent_dim=config.latent_dim, encoder=top, train_images=train_images)
         likelihood = build_likelihood(config.likelihood, data_dim, config.likelihood_scale)
         return cls(encoder, decoder, prior, likelihood, bottom_flow, upper_encoders, upper_decoders, upper_flows)
+
+
+class TwoLevelVAE(VAE):
+    r"""The two-level VAE of the VampPrior paper (Tomczak & Welling 2018, section 3.2; their
+    ``HVAE_2level``), ``--hierarchy two-level``:
+
+    .. math::
+
+        \text{model:}\quad z \sim p(z),\;\; z_1 \mid z \sim \mathcal{N}(\mu(z), \mathrm{diag}\,\sigma^2(z)),
+        \;\; x \mid z_1, z \sim p_\theta(x \mid z_1, z)
+
+        \text{guide:}\quad q(z \mid x)\; q(z_1 \mid x, z)
+
+    The top code z (their :math:`z_2`) keeps the site name ``"z"`` and takes any prior (with
+    ``--prior vamp``, :math:`p(z) = \frac{1}{K}\sum_k q(z \mid u_k)`, the encoder of z read at the
+    pseudo-inputs); ``"z1"`` is the lower layer. Unlike the bottom-up stack, the decoder sees both
+    layers and the guide infers z first, from x alone. :math:`p(x|z_1, z)` and
+    :math:`q(z_1|x, z)` are :class:`~pyrovae.nets.JointNet` networks; every conditional is a
+    diagonal Gaussian whose log-scale a network outputs (the paper clips log-variances to
+    [-6, 2]; here they are free).
+    """
+
+    def __init__(self, encoder: Encoder, z1_encoder: JointNet, z1_prior: Encoder, decoder: JointNet, prior: Prior,
+                 likelihood: nn.Module):
+        super().__init__(encoder, decoder, prior, likelihood)
+        self.z1_encoder, self.z1_prior = z1_encoder, z1_prior
+        self.sites = ["z1", "z"]
+
+    def model(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
+        for name in ("decoder", "prior", "likelihood", "z1_prior"):
+            pyro.module(name, getattr(self, name))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            with self._latent_weight(kl_scale):
+                z = pyro.sample("z", self.prior.dist())
+                z1 = pyro.sample("z1", self._gaussian(self.z1_prior(z)))
+            pyro.sample("x", self.likelihood(self.decoder(z1, z)), obs=x)
+
+    def guide(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
+        for name in ("encoder", "z1_encoder"):
+            pyro.module(name, getattr(self, name))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            with self._latent_weight(kl_scale):
+                z = pyro.sample("z", self.posterior(x))
+                pyro.sample("z1", self.z1_posterior(x, z))
+
+    @staticmethod
+    def _gaussian(loc_log_scale) -> dist.TorchDistribution:
+        loc, log_scale = loc_log_scale
+        return dist.Normal(loc, log_scale.exp()).to_event(1)
+
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        r""":math:`q(z|x)`, the top layer's Gaussian, event shape ``(D,)``."""
+        return self._gaussian(self.encoder(x))
+
+    def z1_posterior(self, x: torch.Tensor, z: torch.Tensor) -> dist.TorchDistribution:
+        r""":math:`q(z_1|x, z)`, a diagonal Gaussian; x ``(B, D)`` broadcasts against z ``(..., B, d)``."""
+        return self._gaussian(self.z1_encoder(x, z).chunk(2, dim=-1))
+
+    @property
+    def latent_dim(self) -> int:
+        return self.encoder.latent_dim
+
+    @property
+    def latent_dims(self) -> dict[str, int]:
+        return {"z1": self.z1_prior.latent_dim, "z": self.encoder.latent_dim}
+
+    def encode_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The guide's means, bottom up: z1's given x and the mean of z."""
+        z = self.encoder(x)[0]
+        return {"z1": self.z1_posterior(x, z).mean, "z": z}
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixel means of p(x|z1, z) at z1 = the mean of p(z1|z)."""
+        return self.likelihood.mean(self.decoder(self.z1_prior(z)[0], z))
+
+    def exact_marginal(self) -> None:
+        return None
+
+    @classmethod
+    def from_config(cls, config, *, data_dim: int, train_images: torch.Tensor | None = None,
+                    image_shape: tuple[int, int] | None = None) -> "TwoLevelVAE":
+        (d1,), d = config.lower_latent_dims, config.latent_dim
+        h, act, net = tuple(config.hidden_dims), config.activation, config.net
+        encoder = Encoder(data_dim, h, d, act, 0, net, image_shape, getattr(config, "encoder_dropout", 0.0))
+        z1_encoder = JointNet([data_dim, d], h, 2 * d1, act, net)
+        z1_prior = Encoder(d, h, d1, act, net=net)
+        decoder = JointNet([d1, d], h, data_dim, act, net)
+        prior = build_prior(config, latent_dim=d, encoder=encoder, train_images=train_images)
+        likelihood = build_likelihood(config.likelihood, data_dim, config.likelihood_scale)
+        return cls(encoder, z1_encoder, z1_prior, decoder, prior, likelihood)
 
 
 class Autoencoder(VAE):

@@ -3,13 +3,14 @@ r"""Encoder and decoder networks: multilayer perceptrons, or small convolutional
 With ``hidden_dims=()`` the MLPs are single affine maps, which makes the VAE with a Gaussian
 likelihood exactly probabilistic PCA (Tipping & Bishop 1999).
 
-``net="conv"`` (``--net conv``) puts two stride-2 convolutions (16 and 32 channels, 4x4
-kernels) in front of the encoder's MLP and two stride-2 transposed convolutions after the
-decoder's, with ReLU units (:data:`CONV_ACTIVATION`), for images whose height and width are
-multiples of 4 (28x28, 8x8): the images are
-``(N, H*W)`` rows everywhere else in pyrovae, and the networks reshape them. Either kind
-keeps the same shapes outside, ``(..., D)`` in and ``(..., out)`` out, so models never see
-the kind.
+``net="gated"`` (``--net gated``) makes every hidden layer a gated dense layer
+(:class:`GatedDense`, the MLP of the VampPrior paper). ``net="conv"`` (``--net conv``) puts two
+stride-2 convolutions (16 and 32 channels, 4x4 kernels) in front of the encoder's MLP and two
+stride-2 transposed convolutions after the decoder's, with ReLU units (:data:`CONV_ACTIVATION`),
+for images whose height and width are multiples of 4 (28x28, 8x8): the images are ``(N, H*W)``
+rows everywhere else in pyrovae, and the networks reshape them. Every kind keeps the same
+shapes outside, ``(..., D)`` in and ``(..., out)`` out, so models never see the kind.
+:class:`JointNet` takes several inputs (the two-level model's networks).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from torch import nn
 
 from .distributions import softplus
 
-__all__ = ["Encoder", "Decoder", "set_autocast", "NETS"]
+__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "set_autocast", "NETS"]
 
 #: values of ``--net``
-NETS = ("mlp", "conv")
+NETS = ("mlp", "gated", "conv")
 #: channels of the two convolutions of ``--net conv``
 CONV_CHANNELS = (16, 32)
 #: the units of ``--net conv``, whatever ``--activation`` says: with softplus units the convolutional
@@ -49,14 +50,38 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def _mlp(sizes: list[int], activation: str, dropout: float = 0.0, last_activation: bool = False) -> list[nn.Module]:
+class GatedDense(nn.Module):
+    r"""A gated dense layer (Dauphin et al. 2017; the hidden layers of Tomczak & Welling 2018):
+
+    .. math:: h = (W_1 x + b_1) \odot \sigma(W_2 x + b_2)
+
+    The gate is the layer's nonlinearity. Both maps are one ``nn.Linear`` of twice the width,
+    so a layer costs one matrix product."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, 2 * out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.linear(x).chunk(2, dim=-1)
+        return h * torch.sigmoid(gate)
+
+
+def _mlp(sizes: list[int], activation: str, dropout: float = 0.0, last_activation: bool = False,
+         gated: bool = False) -> list[nn.Module]:
+    """Layers from ``sizes[0]`` to ``sizes[-1]``: hidden layers are affine + ``activation``, or
+    :class:`GatedDense` with ``gated``; the last is affine (hidden too, with ``last_activation``)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2 or last_activation:
-            layers.append(_activation(activation))
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+        hidden = i < len(sizes) - 2 or last_activation
+        if hidden and gated:
+            layers.append(GatedDense(a, b))
+        else:
+            layers.append(nn.Linear(a, b))
+            if hidden:
+                layers.append(_activation(activation))
+        if hidden and dropout > 0:
+            layers.append(nn.Dropout(dropout))
     return layers
 
 
@@ -139,7 +164,7 @@ class Encoder(_Net):
         if net == "conv":
             layers = _conv_encoder(image_shape, hidden_dims, out, CONV_ACTIVATION, dropout)
         else:
-            layers = _mlp([data_dim, *hidden_dims, out], activation, dropout)
+            layers = _mlp([data_dim, *hidden_dims, out], activation, dropout, gated=net == "gated")
         super().__init__(layers, data_dim)
         self.latent_dim, self.context_dim = latent_dim, context_dim
 
@@ -159,11 +184,45 @@ class Decoder(_Net):
         if net == "conv":
             layers = _conv_decoder(image_shape, hidden_dims, latent_dim, CONV_ACTIVATION)
         else:
-            layers = _mlp([latent_dim, *reversed(hidden_dims), data_dim], activation)
+            layers = _mlp([latent_dim, *reversed(hidden_dims), data_dim], activation, gated=net == "gated")
         super().__init__(layers, latent_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self._run(z)
+
+
+class JointNet(nn.Module):
+    r"""A network of several inputs, ``(u_1, ..., u_n) -> (..., out)``: each input passes a first
+    hidden layer of its own (``hidden_dims[0]`` units), their concatenation the remaining hidden
+    layers and an affine output. These are the VampPrior paper's :math:`q(z_1 \mid x, z_2)` and
+    :math:`p(x \mid z_1, z_2)` (Tomczak & Welling 2018, appendix). With ``hidden_dims=()`` it is
+    one affine map of the concatenation. Leading (sample, batch) dimensions broadcast, and each
+    input's first layer runs before broadcasting, so x is not copied per sample of z.
+    """
+
+    def __init__(self, in_dims: list[int], hidden_dims: tuple[int, ...], out_dim: int, activation: str = "softplus",
+                 net: str = "mlp"):
+        super().__init__()
+        gated = net == "gated"
+        if hidden_dims:
+            self.branches = nn.ModuleList(_Net(_mlp([d, hidden_dims[0]], activation, last_activation=True,
+                                                    gated=gated), d) for d in in_dims)
+            joint_in = len(in_dims) * hidden_dims[0]
+            self.joint = _Net(_mlp([joint_in, *hidden_dims[1:], out_dim], activation, gated=gated), joint_in)
+        else:
+            self.branches = None
+            self.joint = _Net([nn.Linear(sum(in_dims), out_dim)], sum(in_dims))
+        self.in_dims, self.out_dim = list(in_dims), out_dim
+
+    @property
+    def linear_maps(self) -> list[nn.Linear]:
+        """The affine maps after the concatenation, in order (the last one gives the outputs)."""
+        return self.joint.linear_maps
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        h = inputs if self.branches is None else [b._run(u) for b, u in zip(self.branches, inputs)]
+        lead = torch.broadcast_shapes(*(t.shape[:-1] for t in h))
+        return self.joint._run(torch.cat([t.expand(*lead, t.shape[-1]) for t in h], dim=-1))
 
 
 def set_autocast(module: nn.Module, dtype: torch.dtype | None) -> None:

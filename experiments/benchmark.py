@@ -1,0 +1,275 @@
+r"""The literature's benchmark on a CPU budget: statically binarised MNIST, every row trained for fixed minutes.
+
+Each row trains on the 50,000 training images of ``binarized-mnist`` with ``--time-limit`` (the
+run times its first epochs, fixes how many fit, anneals its learning rate over exactly those and
+keeps the best validation epoch), then is scored the same way:
+
+- log p(x) by importance sampling at K = 5000 (``--num-samples``) on the 10,000 validation images
+  (and on the test images where ``binarized_mnist_test.amat`` is present) ± standard error, the
+  ELBO, KL, active units, the share of images with Pareto k̂ > 0.7;
+- epochs reached, training minutes, the training process's peak memory;
+- AIS at ``pyrovae evaluate``'s defaults (T = 500, 4 chains, 5 leapfrog steps) on 1,000 validation
+  images for the two rows with the best log p(x);
+- the published figure for the same model, with its source.
+
+Rows (``ROWS``): the standard VAE (45 minutes), the IWAE bound (k = 5), MoG priors with K = 10
+and K = 500, the VampPrior with K = 500 (90 minutes), the IAF guide, the two-level model with the
+VampPrior, and the best recipe found (``--preset bmnist-best``, 2 hours); the other rows train for
+``--minutes`` (15). One figure, ``elbo_vs_minutes.png``: validation ELBO against training minutes,
+one line per row.
+
+Each row trains in a process of its own (so that its peak memory is its own) under
+``OUT/runs/<row>``; a rerun reuses finished rows and their scores and resumes an interrupted one
+from its last checkpoint, within what is left of its budget. Rows run one after another: two at
+once would share the cores and each would fit fewer epochs into its minutes.
+
+Usage::
+
+    python experiments/benchmark.py --data-dir DIR                      # every row (about 7 hours)
+    python experiments/benchmark.py --data-dir DIR --rows vae,vamp-500  # some rows
+    python experiments/benchmark.py --data-dir DIR --quick              # tiny nets, seconds per row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a clone
+    sys.path.insert(0, str(ROOT))
+
+from pyrovae import TrainConfig  # noqa: E402
+from pyrovae.cli import exit_code_of  # noqa: E402
+from pyrovae.compare import compare_runs, markdown_table  # noqa: E402
+from pyrovae.config import preset_settings  # noqa: E402
+from pyrovae.files import write_json, write_text_atomic  # noqa: E402
+from pyrovae.runs import read_metrics  # noqa: E402
+from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
+
+VAMP = {"prior": "vamp", "prior_components": 500}
+#: (name, what, settings on top of the defaults or "preset:NAME", minutes or None for --minutes, published)
+ROWS = [
+    ("vae", "standard VAE, 784-400-50 (the bmnist-45m preset)", "preset:bmnist-45m", 45,
+     "−89.9 (VAE, Rezende & Mohamed 2015, as listed in pythae's reproduction table)"),
+    ("iwae-5", "IWAE bound, k = 5", {"elbo": "iwae", "num_particles": 5}, None,
+     "−87.6 (IWAE k = 5, Burda et al. 2015, as listed in pythae's reproduction table)"),
+    ("mog-10", "MoG prior, K = 10", {"prior": "mog", "prior_components": 10}, None, "—"),
+    ("mog-500", "MoG prior, K = 500", {"prior": "mog", "prior_components": 500}, None, "—"),
+    ("vamp-500", "VampPrior, K = 500", VAMP, 90,
+     "−85.57 (VampPrior K = 500, Tomczak & Welling 2018, Table 2; up to 2,000 GPU epochs)"),
+    ("iaf", "IAF guide, 4 steps", {"guide": "iaf", "flow_steps": 4}, None,
+     "—"),
+    ("hvae-vamp", "two levels (40/40, gated 300-300) + VampPrior K = 500",
+     {**VAMP, "hierarchy": "two-level", "lower_latent_dims": [40], "latent_dim": 40, "net": "gated",
+      "hidden_dims": [300, 300], "warmup_epochs": 10}, None,
+     "−83.19 (HVAE + VampPrior, Tomczak & Welling 2018, Table 2)"),
+    ("best", "the best recipe found (the bmnist-best preset)", "preset:bmnist-best", 120,
+     "−83.19 (the same model's published figure)"),
+]
+_FIX = "rerun with another --out"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="experiments/benchmark.py",
+        description="Train the ladder of models on statically binarised MNIST, each row for a fixed wall-clock "
+        "budget, and report validation log p(x) (K importance samples), ELBO, KL, active units, Pareto k-hat, "
+        "epochs, minutes, peak memory, AIS for the best two rows, and the published figure beside each.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="folder holding binarized_mnist_{train,valid}.amat (and "
+                   "_test.amat where you have it), plain or .gz")
+    p.add_argument("--minutes", type=float, default=15, help="training minutes of each row without a budget of "
+                   "its own (the vae, vamp-500 and best rows have 45, 90 and 120)")
+    p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="comma-separated subset of rows")
+    p.add_argument("--num-samples", type=int, default=5000, help="importance samples K per image")
+    p.add_argument("--ais-examples", type=int, default=1000, help="validation images scored by AIS for the best "
+                   "two rows (0 = no AIS)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run and of the evaluation")
+    p.add_argument("--quick", action="store_true", help="tiny networks, a few seconds per row, K=20 on 50 images: "
+                   "checks that everything runs (numbers mean nothing)")
+    p.add_argument("--out", default="results/benchmark", help="output folder (runs under OUT/runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--train-row", help=argparse.SUPPRESS)  # internal: train one row in this process
+    return p
+
+
+def row_settings(name: str, args) -> dict:
+    """The training settings of row ``name``: its own (or its preset's), the data, the seed and its budget."""
+    _, _, spec, minutes, _ = next(r for r in ROWS if r[0] == name)
+    own = preset_settings(spec.split(":", 1)[1]) if isinstance(spec, str) else dict(spec)
+    settings = {"epochs": 100000, **own, "dataset": "binarized-mnist", "data_dir": str(args.data_dir),
+                "seed": args.seed}
+    if args.quick:
+        settings.update(hidden_dims=[32] if settings.get("hierarchy") != "two-level" else [16, 16], latent_dim=4,
+                        flow_hidden_dims=[16], flow_context_dim=8, batch_size=100, time_limit="3s", epochs=4)
+        if settings.get("lower_latent_dims"):
+            settings["lower_latent_dims"] = [3]
+        if settings.get("prior_components", 1) > 20:
+            settings["prior_components"] = 20
+        settings["warmup_epochs"] = min(settings.get("warmup_epochs", 0), 1)
+    else:
+        settings["time_limit"] = f"{minutes or args.minutes:g}m"
+    return settings
+
+
+def _config(name: str, args) -> TrainConfig:
+    return TrainConfig.from_dict({**row_settings(name, args), "out": str(Path(args.out) / "runs"), "name": name})
+
+
+def _train_row(name: str, args) -> Path:
+    """Train (or reuse, or resume: within what is left of its budget, or a raised one) one row in a child
+    process, so that its peak memory is its own."""
+    run_dir = Path(args.out) / "runs" / name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--train-row", name, "--data-dir", str(args.data_dir),
+           "--minutes", f"{args.minutes:g}", "--seed", str(args.seed), "--out", str(args.out)]
+    cmd += ["--quick"] * args.quick + ["--quiet"] * args.quiet
+    done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise ValueError(f"row {name} did not train: {last}")
+    return run_dir
+
+
+def _published_and_what(name: str) -> tuple[str, str]:
+    row = next(r for r in ROWS if r[0] == name)
+    return row[1], row[4]
+
+
+def _curve(run_dir: Path) -> tuple[list[float], list[float]]:
+    """(training minutes at the end of each epoch, validation ELBO) of a run."""
+    minutes, elbo, total = [], [], 0.0
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        total += r.get("epoch_seconds", 0.0)
+        minutes.append(total / 60)
+        elbo.append(r["val_elbo"])
+    return minutes, elbo
+
+
+def _plot(curves: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyrovae.files import write_atomic
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for name, (minutes, elbo) in curves.items():
+        ax.plot(minutes, elbo, label=name, lw=1.2)
+    finite = [e for _, es in curves.values() for e in es if math.isfinite(e)]
+    if finite:  # the first epochs are far below: show the last 15 nats of the race
+        top = max(finite)
+        ax.set_ylim(top - 15, top + 1)
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("validation ELBO (nats)")
+    ax.set_title("binarized MNIST: time to quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return exit_code_of("experiments/benchmark.py", _main, args, argv)
+
+
+def _main(args, argv) -> int:
+    if args.train_row:
+        train_or_reuse(_config(args.train_row, args), progress=not args.quiet, fix=_FIX)
+        return 0
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in [r[0] for r in ROWS]]
+    if unknown:
+        raise ValueError(f"--rows: unknown rows {', '.join(unknown)}; choose from {', '.join(r[0] for r in ROWS)}")
+    if not names:
+        raise ValueError("--rows names no row; choose from " + ", ".join(r[0] for r in ROWS))
+    if not math.isfinite(args.minutes) or args.minutes <= 0:
+        raise ValueError(f"--minutes must be a positive number (got {args.minutes:g})")
+    out = Path(args.out)
+    base = _config(names[0], args).resolved()
+    val = prepare_data(base, "val", "cpu")  # a missing data file stops the study before any training
+    run_dirs = [_train_row(name, args) for name in names]
+
+    quick = args.quick
+    num_samples = 20 if quick else args.num_samples
+    if quick:
+        val = val.subset(50)
+    score = {"num_samples": num_samples, "seed": args.seed, "cache": True, "progress": not args.quiet}
+    result = compare_runs(run_dirs, val, names=names, **score)
+    try:
+        test = prepare_data(base, "test", "cpu")
+        test = test.subset(50) if quick else test
+    except FileNotFoundError:
+        test = None
+    test_result = compare_runs(run_dirs, test, names=names, **score) if test is not None else None
+
+    ranked = sorted((r for r in result["rows"]), key=lambda r: -r["report"]["log_px"])[:2]
+    ais_rows = {}
+    if args.ais_examples > 0:
+        ais_data = val.subset(min(args.ais_examples, len(val)))
+        ais_options = {"num_steps": 10, "num_chains": 2} if quick else {}
+        for r in ranked:
+            ais = compare_runs([Path(r["report"]["run"])], ais_data, names=[r["name"]], num_samples=num_samples,
+                               seed=args.seed, cache=True, progress=not args.quiet, estimator="ais",
+                               ais_options=ais_options)["rows"][0]["report"]
+            ais_rows[r["name"]] = {"num_examples": len(ais_data), "log_px": ais["log_px"],
+                                   "log_px_se": ais["log_px_se"], "is_log_px": ais.get("is_log_px"),
+                                   "diagnostics": ais.get("ais")}
+
+    for row, run_dir in zip(result["rows"], run_dirs):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        row["what"], row["published"] = _published_and_what(row["name"])
+        row["summary"] = {k: summary.get(k) for k in ("epochs_done", "best_epoch", "stopped_by", "train_seconds",
+                                                        "time_limit", "planned_epochs", "peak_rss_mb")}
+        row["settings"] = TrainConfig.load(run_dir / "config.json").to_dict()
+        if test_result is not None:
+            t = next(x for x in test_result["rows"] if x["name"] == row["name"])["report"]
+            row["test"] = {"log_px": t["log_px"], "log_px_se": t["log_px_se"], "elbo": t["elbo"]}
+        if row["name"] in ais_rows:
+            row["ais"] = ais_rows[row["name"]]
+
+    table = markdown_table(result, extra=[
+        ("epochs (best)", lambda r: f"{r['summary']['epochs_done']} ({r['summary']['best_epoch']})"),
+        ("minutes", lambda r: f"{r['summary']['train_seconds'] / 60:.1f} of {r['summary']['time_limit']}"),
+        ("peak memory", lambda r: f"{r['summary']['peak_rss_mb'] / 1024:.1f} GiB"
+         if r["summary"].get("peak_rss_mb") else "—"),
+        ("AIS (1,000 images)" if not quick else "AIS",
+         lambda r: f"{r['ais']['log_px']:.2f} ± {r['ais']['log_px_se']:.2f}" if "ais" in r else "—"),
+        ("test log p(x)", lambda r: f"{r['test']['log_px']:.2f} ± {r['test']['log_px_se']:.2f}" if "test" in r
+         else "—"),
+        ("published (test split)", lambda r: r["published"]),
+    ])
+    curves = {name: _curve(d) for name, d in zip(names, run_dirs)}
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(curves, out / "elbo_vs_minutes.png")
+    command = "python experiments/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"# binarized MNIST on a CPU budget ({val.split} split, {len(val)} images)", "", table, "",
+             *[f"- **{r['name']}**: {r['what']}" for r in result["rows"]], "",
+             "- Training: the 50,000 training images, each row for the minutes shown (`--time-limit`), the best "
+             "validation epoch kept; minutes are the epochs' own seconds on 2 CPU cores.",
+             f"- log p(x): importance sampling with each run's q(z|x), K = {num_samples} per image, the same per-image "
+             "noise streams for every row; Δ: paired over the same images, ± its standard error. The validation "
+             "split also chose each row's best epoch, so its figures are slightly optimistic; the test column is "
+             "clean where the test file is present.",
+             "- AIS: `pyrovae evaluate --estimator ais` defaults (T = 500, 4 chains, 5 leapfrog steps) for the two "
+             "rows with the best log p(x).",
+             "- Published figures are on the test split, after hundreds to thousands of GPU epochs.",
+             "", "![validation ELBO against training minutes](elbo_vs_minutes.png)", "", f"Command: `{command}`", ""]
+    text = "\n".join(lines)
+    write_text_atomic(out / "benchmark.md", text)
+    write_json(out / "benchmark.json", {"command": command, "validation": result, "test": test_result,
+                                        "rows": [{k: v for k, v in r.items() if k != "report"}
+                                                 for r in result["rows"]]})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""experiments/benchmark.py runs end to end in its --quick mode on small .amat files, reuses what it
+finished, and refuses bad input in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import load_experiment
+from PIL import Image
+
+
+def _amat_dir(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 200), ("valid", 60), ("test", 30)):
+        x = (rng.random((n, 784)) < 0.15).astype(np.uint8)
+        (folder / f"binarized_mnist_{name}.amat").write_text("".join(" ".join(map(str, r)) + "\n" for r in x))
+    return folder
+
+
+def test_benchmark_quick_trains_scores_and_reuses(tmp_path, capsys):
+    study = load_experiment("benchmark")
+    data, out = _amat_dir(tmp_path / "data"), tmp_path / "b"
+    args = ["--quick", "--quiet", "--data-dir", str(data), "--out", str(out), "--rows", "vae,hvae-vamp",
+            "--ais-examples", "10"]
+    assert study.main(args) == 0
+    result = json.loads((out / "benchmark.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["vae", "hvae-vamp"]
+    for r in rows.values():
+        assert r["summary"]["stopped_by"] in ("epochs", "time_limit") and r["summary"]["epochs_done"] >= 1
+        assert r["summary"]["peak_rss_mb"] > 50  # the child process's own peak
+        assert r["settings"]["dataset"] == "binarized-mnist" and r["settings"]["time_limit"] == "3s"
+        assert "ais" in r and r["ais"]["num_examples"] == 10  # the best two rows: here both
+        assert "test" in r and r["test"]["log_px"] < 0
+    assert rows["hvae-vamp"]["settings"]["hierarchy"] == "two-level"
+    assert "−89.9" in rows["vae"]["published"] and "−83.19" in rows["hvae-vamp"]["published"]
+    assert result["validation"]["num_examples"] == 50 and result["test"]["num_examples"] == 30
+    text = (out / "benchmark.md").read_text()
+    assert "| vae |" in text and "| hvae-vamp |" in text and "Command: `python experiments/benchmark.py" in text
+    with Image.open(out / "elbo_vs_minutes.png") as im:
+        assert im.size[0] > 400
+    trained = (out / "runs" / "vae" / "metrics.jsonl").stat().st_mtime_ns
+    assert study.main(args[:-3] + ["vae", "--ais-examples", "0"]) == 0  # a rerun reuses the finished row
+    assert (out / "runs" / "vae" / "metrics.jsonl").stat().st_mtime_ns == trained
+    capsys.readouterr()
+    assert study.main(args[:-3] + ["vae,nope"]) == 2
+    assert "unknown rows nope" in capsys.readouterr().err
+    assert study.main(["--quick", "--data-dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "binarized_mnist_valid.amat" in capsys.readouterr().err

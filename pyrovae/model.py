@@ -554,6 +554,10 @@ def check_sizes(config, data_dim: int) -> None:
         fh = list(config.flow_hidden_dims)
         flows = config.flow_steps * len(dims) * sum(a * b for a, b in zip(
             [max(dims) + config.flow_context_dim, *fh], [*fh, 2 * max(dims)]))
+    # a gated layer holds two maps; the two-level model's guide and decoder see x or z twice
+    widen = (2 if getattr(config, "net", "mlp") == "gated" else 1) * (
+        2 if getattr(config, "hierarchy", "stack") == "two-level" else 1)
+    mlp, upper = widen * mlp, widen * upper
     width = max([data_dim, *h, *layer, *dims])
     rows = config.batch_size * config.num_particles
     code_flag = "--lower-latent-dims" if len(dims) > 1 else "--latent-dim"

@@ -13,12 +13,12 @@ shows all runs side by side:
 
 A resumed run continues the same run: events from epochs after the checkpoint (written
 before a kill) are purged, so each epoch appears once. Only rank 0 of a data-parallel run
-writes. Without the tensorboard package, one line says how to get it and training goes on.
+writes. Without the tensorboard package training goes on without events, and ``pyrovae train``'s
+summary says how to get them.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -46,9 +46,7 @@ class Board:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            print("pyrovae train: TensorBoard logging is off: the tensorboard package is not installed "
-                  "(pip install 'pyrovae[tensorboard]'; --no-tensorboard silences this)", file=sys.stderr)
+        except ImportError:  # said once, in the run's summary (pyrovae.cli), not as a warning here
             return
 
         # opened at the first finished epoch, so that a resume that fails earlier changes nothing;

@@ -119,7 +119,7 @@ def render(run_dirs: list, path, names: list[str] | None = None) -> Path:
     from tensorboard.backend.event_processing import event_accumulator
 
     from .files import write_atomic
-    from .plots import _figure
+    from .plots import figure
 
     names = names or [Path(r).name for r in run_dirs]
     accs = []
@@ -127,7 +127,7 @@ def render(run_dirs: list, path, names: list[str] | None = None) -> Path:
         ea = event_accumulator.EventAccumulator(str(r), size_guidance={"images": 0, "scalars": 0})
         ea.Reload()
         accs.append(ea)
-    fig = _figure(13, 7)
+    fig = figure(13, 7)
     grid = fig.add_gridspec(2, 3)
     panels = [("elbo/val", "validation ELBO (nats)"), ("kl/val", "validation KL (nats)"), ("lr", "learning rate")]
     for i, (tag, label) in enumerate(panels):

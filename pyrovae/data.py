@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "DataError", "load_dataset", "binarize", "STATIC_BINARIZE_SEED"]
+__all__ = ["Dataset", "DataError", "load_dataset", "binarize", "static_binarized", "STATIC_BINARIZE_SEED"]
 
 SPLITS = ("train", "val", "test")
 #: Seed of static binarisation: fixed, so that val/test numbers compare across runs.

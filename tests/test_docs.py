@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -132,7 +133,9 @@ def test_docs_build_strictly_with_the_tutorial_executed_and_every_public_name_in
     out = tmp_path / "html"
     proc = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "-d",
                            str(tmp_path / "doctrees"), str(DOCS), str(out)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYROVAE_DOCS_EXECUTE": "force", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYROVAE_DOCS_EXECUTE": "force", "OMP_NUM_THREADS": "1",
+                               # this environment's kernel, not one a user registered elsewhere
+                               "JUPYTER_DATA_DIR": str(tmp_path / "jupyter")})
     assert proc.returncode == 0, proc.stderr[-5000:]
     tutorial = (out / "tutorial.html").read_text()
     assert "nats per image (K = 1000)" in tutorial and tutorial.count("<img") >= 2  # executed, with its figures

@@ -73,9 +73,6 @@ def _cache_datasets() -> None:
     """Every arm builds a real ``_Trainer``, which loads its data; load each split once."""
     import functools
 
-    import pyrovae.data
-
-    pyrovae.data._mnist5k = functools.lru_cache(maxsize=None)(pyrovae.data._mnist5k)  # parsed once, not per split
     load = functools.lru_cache(maxsize=None)(_training.load_dataset)
     _training.load_dataset = lambda name, split="train", **kw: load(name, split, **kw)
 

@@ -44,7 +44,7 @@ from pyrovae.ais import ais_log_px, bdmc  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.compare import paired_difference  # noqa: E402
 from pyrovae.files import write_atomic, write_json, write_text_atomic  # noqa: E402
-from pyrovae.plots import _figure  # noqa: E402
+from pyrovae.plots import figure  # noqa: E402
 from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
 
 #: (name, what, settings on top of the defaults)
@@ -110,7 +110,7 @@ def _cached(cache: Path, key: str, compute) -> dict:
 
 
 def _plot(results: dict, path: Path) -> Path:
-    fig = _figure(8, 4.5)
+    fig = figure(8, 4.5)
     ax = fig.subplots()
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     for color, (name, r) in zip(colors, results.items()):

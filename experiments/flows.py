@@ -43,7 +43,7 @@ from pyrovae import TrainConfig  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.compare import compare_runs, markdown_table  # noqa: E402
 from pyrovae.files import write_atomic, write_json, write_text_atomic  # noqa: E402
-from pyrovae.plots import _figure  # noqa: E402
+from pyrovae.plots import figure  # noqa: E402
 from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
 
 #: (row name, what it is, settings on top of the shared ones)
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plot(result: dict, path: Path) -> Path:
     rows = [r for r in result["rows"] if "log_px_diff" in r]
-    fig = _figure(10, 3.8)
+    fig = figure(10, 3.8)
     ax1, ax2 = fig.subplots(1, 2)
     xs = list(range(len(rows)))
     for key, label, shift in (("log_px_diff", "log p(x)", -0.1), ("elbo_diff", "ELBO", 0.1)):

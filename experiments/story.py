@@ -70,7 +70,7 @@ from pyrovae.data import static_binarized
 from pyrovae.marginal import estimate_log_px, isolated_params
 from pyrovae.metrics import reconstruction_errors
 from pyrovae.pictures import interpolation, sample_images
-from pyrovae.plots import save_image_grid
+from pyrovae.plots import figure, save_image_grid
 from pyrovae.training import train_or_reuse
 
 KINDS = ("pca", "ae", "vae")
@@ -305,12 +305,7 @@ def knn_accuracy(train_codes, train_labels, test_codes, test_labels, k: int = 5)
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=90)
-    FigureCanvasAgg(fig)
-    return fig
+    return figure(width, height, dpi=90)
 
 
 def _save(fig, path: Path) -> None:

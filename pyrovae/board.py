@@ -13,12 +13,12 @@ shows all runs side by side:
 
 A resumed run continues the same run: events from epochs after the checkpoint (written
 before a kill) are purged, so each epoch appears once. Only rank 0 of a data-parallel run
-writes. Without the tensorboard package, one line says how to get it and training goes on.
+writes. Without the tensorboard package training goes on without events, and ``pyrovae train``'s
+summary says how to get them.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -46,9 +46,7 @@ class Board:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            print("pyrovae train: TensorBoard logging is off: the tensorboard package is not installed "
-                  "(pip install 'pyrovae[tensorboard]'; --no-tensorboard silences this)", file=sys.stderr)
+        except ImportError:  # said once, in the run's summary (pyrovae.cli), not as a warning here
             return
 
         # opened at the first finished epoch, so that a resume that fails earlier changes nothing;
@@ -121,7 +119,7 @@ def render(run_dirs: list, path, names: list[str] | None = None) -> Path:
     from tensorboard.backend.event_processing import event_accumulator
 
     from .files import write_atomic
-    from .plots import _figure
+    from .plots import figure
 
     names = names or [Path(r).name for r in run_dirs]
     accs = []
@@ -129,7 +127,7 @@ def render(run_dirs: list, path, names: list[str] | None = None) -> Path:
         ea = event_accumulator.EventAccumulator(str(r), size_guidance={"images": 0, "scalars": 0})
         ea.Reload()
         accs.append(ea)
-    fig = _figure(13, 7)
+    fig = figure(13, 7)
     grid = fig.add_gridspec(2, 3)
     panels = [("elbo/val", "validation ELBO (nats)"), ("kl/val", "validation KL (nats)"), ("lr", "learning rate")]
     for i, (tag, label) in enumerate(panels):

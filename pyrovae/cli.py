@@ -265,6 +265,11 @@ def _train(args) -> int:
         what = "ELBO" if config.model in ("vae",) else "score (the bound it optimises)"
         print(f"test {what}: {t['elbo']:.2f} nats per example ({t['num_examples']} examples, "
               f"{t['num_samples']} samples each)")
+    if not config.no_tensorboard:  # the one place a run mentions TensorBoard unasked
+        if any(result.run_dir.glob("events.out.tfevents.*")):
+            print(f"tensorboard: tensorboard --logdir {result.run_dir.parent}")
+        else:
+            print("tensorboard: off (pip install 'pyrovae[tensorboard]' to log this run)")
     return 0
 
 

@@ -168,10 +168,10 @@ def markdown_table(result: dict, extra: list[tuple[str, callable]] = ()) -> str:
 def plot_differences(result: dict, path: str | Path, title: str = "") -> Path:
     """A PNG of each run's paired log p(x) difference to the baseline, with ±2 s.e. bars."""
     from .files import write_atomic
-    from .plots import _figure
+    from .plots import figure
 
     rows = [r for r in result["rows"] if "log_px_diff" in r]
-    fig = _figure(1.6 + 0.9 * max(1, len(rows)), 3.6)
+    fig = figure(1.6 + 0.9 * max(1, len(rows)), 3.6)
     ax = fig.subplots()
     xs = range(len(rows))
     ax.errorbar(list(xs), [r["log_px_diff"][0] for r in rows], yerr=[2 * r["log_px_diff"][1] for r in rows],

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "preset_settings", "parse_duration", "PREBINARIZED"]
 
 
 def _setting(default, help: str, choices: tuple[str, ...] | None = None):

@@ -24,8 +24,8 @@ import torch
 
 from .config import PREBINARIZED
 
-__all__ = ["Dataset", "DataError", "load_dataset", "binarize", "read_amat", "download_binarized_mnist",
-           "STATIC_BINARIZE_SEED", "PREBINARIZED"]
+__all__ = ["Dataset", "DataError", "load_dataset", "binarize", "static_binarized", "read_amat",
+           "download_binarized_mnist", "STATIC_BINARIZE_SEED"]
 
 SPLITS = ("train", "val", "test")
 #: Seed of static binarisation: fixed, so that val/test numbers compare across runs.
@@ -116,7 +116,8 @@ def load_dataset(
     - ``binarized-mnist``: the literature's statically binarised MNIST (Larochelle & Murray
       2011), ``binarized_mnist_{train,valid,test}.amat`` (plain or gzipped) in ``data_dir``:
       train 50,000, val the 10,000 of the valid file, test the test file; no labels. Its pixels
-      were sampled once by its authors and are never resampled here (:data:`PREBINARIZED`).
+      were sampled once by its authors and are never resampled here
+      (:data:`pyrovae.config.PREBINARIZED`).
     - a ``.npy``/``.npz``/``.csv`` path: 80/10/10, stratified when labels exist.
     """
     if split not in SPLITS + ("all",):

@@ -60,6 +60,8 @@ class GaussianLikelihood(nn.Module):
 
 
 def build_likelihood(name: str, data_dim: int, scale: str = "shared") -> nn.Module:
+    """The likelihood of ``--likelihood name``: :class:`BernoulliLikelihood`, or :class:`GaussianLikelihood`
+    over ``data_dim`` values with one learned scale (``scale="shared"``) or one per value (``"pixel"``)."""
     if name == "bernoulli":
         return BernoulliLikelihood()
     if name == "gaussian":

@@ -42,7 +42,8 @@ from pyro.poutine.util import prune_subsample_sites
 from .config import memory_bytes
 
 __all__ = ["log_weight_terms", "estimate_log_px", "Estimate", "active_units", "pareto_k", "default_chunk_size",
-           "ExampleNoise", "derive_seed", "log_joint", "latent_sites", "active_units_by_layer", "check_images"]
+           "ExampleNoise", "derive_seed", "log_joint", "latent_sites", "active_units_by_layer", "check_images",
+           "isolated_params"]
 
 #: the PSIS threshold above which an importance-sampling estimate is unreliable
 PARETO_K_THRESHOLD = 0.7

@@ -527,6 +527,7 @@ class MixtureModel(nn.Module):
         return cls(config.prior_components, data_dim, likelihood, train_images, config.seed)
 
 
+#: values of ``--model`` -> the class that builds it (``build_model`` looks the kind up here)
 MODEL_KINDS: dict[str, type[nn.Module]] = {
     "vae": VAE,
     "ae": Autoencoder,

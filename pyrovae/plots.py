@@ -8,7 +8,7 @@ import torch
 
 from .files import write_atomic
 
-__all__ = ["save_image_grid", "plot_training_curves", "plot_latent_2d"]
+__all__ = ["save_image_grid", "plot_training_curves", "plot_latent_2d", "figure"]
 
 
 def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: str | Path, nrow: int = 8) -> Path:
@@ -22,11 +22,13 @@ def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: st
     return write_atomic(path, lambda f: save_image(grid, f, nrow=nrow, padding=2, pad_value=0.5, format=fmt))
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float, dpi: int = 100):
+    """A matplotlib ``Figure`` of ``width`` x ``height`` inches at ``dpi`` on the Agg canvas: no GUI backend, no
+    global ``pyplot`` state, so that it is safe in scripts, tests and worker processes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
@@ -41,7 +43,7 @@ def _plot_columns(ax, rows: list[dict], epochs: list[int], columns) -> None:
 
 def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
     """ELBO (train and validation) and KL per epoch, from ``metrics.jsonl`` rows."""
-    fig = _figure(9, 3.5)
+    fig = figure(9, 3.5)
     ax1, ax2 = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in rows]
     _plot_columns(ax1, rows, epochs, (("train_elbo", "train"), ("val_elbo", "validation")))
@@ -69,7 +71,7 @@ def plot_latent_2d(codes: torch.Tensor, labels: torch.Tensor | None, path: str |
     from matplotlib.patches import Ellipse
 
     codes = codes.detach().cpu()
-    fig = _figure(5.5, 5)
+    fig = figure(5.5, 5)
     ax = fig.subplots()
     c = None if labels is None else labels.cpu().numpy()
     # a colormap only where there are labels to colour by (matplotlib warns otherwise)

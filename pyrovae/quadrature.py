@@ -13,7 +13,7 @@ component's mean ± 8 standard deviations) and one around q(z|x) (mean ± 12 sta
 deviations) locate where :math:`\log p(x, z)` is within ``margin`` nats of its largest value;
 the fine grid then covers that box, widened by two coarse cells on every side. Any decoder,
 likelihood or prior works: :math:`\log p(x, z)` comes from the model's own trace
-(:func:`pyrovae.marginal.log_joint`). Cost: ``resolution``² decoder passes per example.
+(:func:`pyrovae.marginal.log_joint`). Cost: ``resolution ** 2`` decoder passes per example.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def quadrature_log_px(model, images: torch.Tensor, *, resolution: int = QUADRATU
     ----------
     model : a model with one 2-D latent site (``--latent-dim 2``), any prior, likelihood, guide.
     images : ``(N, D)``, on the model's device, binarised if the likelihood needs it.
-    resolution : points per side of each example's fine grid (``resolution``² decoder passes).
+    resolution : points per side of each example's fine grid (``resolution ** 2`` decoder passes).
     margin : the fine grid covers where :math:`\log p(x, z)` is within this many nats of its
         largest value on the coarse grids (beyond it the integrand adds less than
         :math:`e^{-\text{margin}}` per cell).

@@ -97,6 +97,8 @@ class TrainResult:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of ``--device name`` (``auto``, ``cpu`` or ``cuda``; ``auto`` picks CUDA where there is one),
+    the GPU of ``local_rank`` for CUDA; ``ValueError`` for ``cuda`` without a visible device."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":

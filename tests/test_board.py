@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from pyrovae import TrainConfig, train
 from pyrovae.board import SCALARS
+from pyrovae.cli import main
 from pyrovae.runs import read_metrics
 
 
@@ -61,6 +62,14 @@ def test_a_resumed_run_has_each_epoch_once(tmp_path, monkeypatch):
 def test_no_tensorboard_writes_no_events_and_a_missing_package_is_one_line(tmp_path, capsys, monkeypatch):
     result = train(_config(tmp_path, "off", no_tensorboard=True, epochs=1), progress=False)
     assert not list(result.run_dir.glob("events.out.tfevents.*"))
+    _block_tensorboard(monkeypatch)
+    capsys.readouterr()
+    result = train(_config(tmp_path, "missing", epochs=1), progress=False)
+    assert capsys.readouterr().err == "" and result.epochs_done == 1  # no warning: the CLI's summary says it
+    assert not list(result.run_dir.glob("events.out.tfevents.*"))
+
+
+def _block_tensorboard(monkeypatch):
     real_import = builtins.__import__
 
     def no_tensorboard(name, *args, **kwargs):
@@ -69,8 +78,23 @@ def test_no_tensorboard_writes_no_events_and_a_missing_package_is_one_line(tmp_p
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    capsys.readouterr()
-    result = train(_config(tmp_path, "missing", epochs=1), progress=False)
-    err = capsys.readouterr().err
-    assert err.count("pip install 'pyrovae[tensorboard]'") == 1 and result.epochs_done == 1
-    assert not list(result.run_dir.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_train_without_tensorboard_prints_nothing_to_stderr_and_says_so_in_its_summary(tmp_path, capsys, monkeypatch,
+                                                                                     installed):
+    """`pyrovae train` as a user runs it (progress bar on): stderr holds the bar and nothing else; the summary's
+    last line says how to get TensorBoard, or how to look at the events."""
+    if not installed:
+        _block_tensorboard(monkeypatch)
+    code = main(["train", "--dataset", "digits", "--hidden-dims", "16", "--latent-dim", "2", "--epochs", "1",
+                 "--out", str(tmp_path), "--name", "r"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    bar = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert bar and all(line.startswith("train:") for line in bar), err  # the progress bar only
+    last = out.splitlines()[-1]
+    if installed:
+        assert last == f"tensorboard: tensorboard --logdir {tmp_path}"
+    else:
+        assert last == "tensorboard: off (pip install 'pyrovae[tensorboard]' to log this run)"

@@ -1,4 +1,4 @@
-"""The README's commands are the ones CI runs, and its numbers come from named commands."""
+"""The README's commands are the ones CI runs, and the Python example of the docs runs."""
 
 from __future__ import annotations
 
@@ -25,16 +25,16 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
 
 
 def test_python_api_example_runs_and_its_two_estimates_agree(tmp_path, monkeypatch):
-    """The README's Python example, at 1 epoch and K = 10, in a scratch folder: it trains, and
+    """The Python example of Getting started, at 1 epoch and K = 10, in a scratch folder: it trains, and
     evaluate's log p(x) and estimate_log_px's, under the same seed, are the same number."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    section = text.split("## The Python API", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
     code = code.replace("epochs=50", "epochs=1").replace("num_samples=1000", "num_samples=10")
     assert "epochs=1" in code and code.count("num_samples=10") == 2
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/getting-started.md", "exec"), scope)
     report, est = scope["report"], scope["est"]
     assert report["num_examples"] == est.log_px.numel() == 500
     assert report["components"]["num_components"] == 10

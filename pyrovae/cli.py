@@ -497,7 +497,9 @@ def _compare(args) -> int:
             matches = [0]
         baseline = matches[0]
     if args.plot is not None:
-        _image_path("--plot", args.plot, (".png",))
+        from .plots import image_path
+
+        image_path("--plot", args.plot, (".png",))  # before the runs are scored
     first = load_run(runs[baseline], which=args.checkpoint)
     ds = _split(args, first)
     _check_work(args, first.model, ds.images, len(ds), _estimator_work(args))
@@ -537,20 +539,10 @@ def _bdmc(args) -> int:
     return 0
 
 
-#: image files a --output may name (what PIL writes)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def _image_path(flag: str, path: str | Path, suffixes: tuple[str, ...]) -> Path:
-    """``path`` of an image flag, refused unless its name ends in one of ``suffixes``."""
-    path = Path(path)
-    if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{flag} {path}: the file name must end in an image type ({', '.join(suffixes)})")
-    return path
-
-
 def _picture_out(args, default: Path) -> Path:
-    return _image_path("--output", args.output if args.output is not None else default, IMAGE_SUFFIXES)
+    from .plots import image_path
+
+    return image_path("--output", args.output if args.output is not None else default)
 
 
 def _picture_size(flag: str, count: int, run) -> None:

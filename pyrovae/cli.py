@@ -407,7 +407,8 @@ def _split(args, run):
     elif args.data_dir is not None or args.label_column is not None:
         config = dataclasses.replace(config, **{k: getattr(args, k) for k in ("data_dir", "label_column")
                                                 if getattr(args, k) is not None})
-    ds = prepare_data(config, args.split, run.device)
+    ds = prepare_data(config, args.split, run.device,
+                      fix="the run was trained on binary data with --binarize none: give it binary data (--dataset)")
     if ds.data_dim != run.data_dim:
         raise ValueError(f"{config.dataset} has {ds.data_dim} values per example but the run was trained on "
                          f"{run.data_dim} ({run.config.dataset}): evaluate it on data of that shape")

@@ -79,15 +79,14 @@ def static_binarized(ds: Dataset) -> Dataset:
     return Dataset(ds.name, ds.split, binarize(ds.images, seed), ds.labels, ds.image_shape)
 
 
-def check_likelihood(ds: Dataset, likelihood: str, binarize_mode: str) -> None:
-    """Refuse data whose values the likelihood cannot score."""
+def check_likelihood(ds: Dataset, likelihood: str, binarize_mode: str, fix: str | None = None) -> None:
+    """Refuse data whose values the likelihood cannot score; the error ends in ``fix`` (by default
+    training's remedy)."""
     if likelihood == "bernoulli" and binarize_mode == "none":
         x = ds.images
         if not bool(((x == 0) | (x == 1)).all()):
-            raise DataError(
-                f"{ds.name}: --likelihood bernoulli needs binary pixels but the data has grey values; "
-                "use --binarize dynamic|static, or --likelihood gaussian"
-            )
+            raise DataError(f"{ds.name}: --likelihood bernoulli needs binary pixels but the data has grey values; "
+                            f"{fix or 'use --binarize dynamic|static, or --likelihood gaussian'}")
 
 
 # ---------------------------------------------------------------------------------------

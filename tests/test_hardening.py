@@ -611,6 +611,18 @@ def test_bdmc_errors_name_bdmcs_flags(capsys, run, flags, flag):
     assert got == 2 and line.startswith(f"pyrovae bdmc: error: {flag} ") and "--ais-" not in line, line
 
 
+def test_evaluate_on_grey_data_names_its_own_remedy_not_trainings_flags(capsys, tmp_path):
+    from sklearn.datasets import load_digits
+
+    np.save(tmp_path / "binary.npy", (load_digits().data / 16.0 > 0.5).astype(np.float32))
+    train(TrainConfig(dataset=str(tmp_path / "binary.npy"), binarize="none", hidden_dims=(8,), latent_dim=2,
+                      epochs=1, out=str(tmp_path), name="b", no_tensorboard=True), progress=False)
+    got, _, err = cli(capsys, "evaluate", str(tmp_path / "b"), "--dataset", "digits", "--num-samples", "5", "--quiet")
+    line = one_line(err)
+    assert got == 2 and "grey values" in line and "give it binary data (--dataset)" in line
+    assert "--binarize dynamic" not in line  # a training flag: evaluate has no --binarize
+
+
 HUGE = "1" + "0" * 400
 
 

@@ -37,6 +37,7 @@ between steps.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -46,7 +47,8 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
-from .marginal import ExampleNoise, check_images, isolated_params, log_joint, scoring
+from .config import most_raised, refuse_if_too_big, whole
+from .marginal import ExampleNoise, check_images, isolated_params, log_joint, pass_bytes, scoring
 
 __all__ = ["AISResult", "ais_log_px", "sigmoidal_schedule", "simulate", "bdmc", "format_bdmc", "TARGET_ACCEPTANCE"]
 
@@ -55,6 +57,13 @@ TARGET_ACCEPTANCE = 0.65
 #: the step size's multiplicative change after each transition
 _ADAPT = 1.02
 _STEP_RANGE = (1e-4, 2.0)
+#: the settings of :func:`ais_log_px` that ``evaluate(ais_options=...)`` passes on to it
+AIS_OPTIONS = ("num_steps", "num_chains", "leapfrog", "init", "step_size", "batch_size")
+#: the names errors give AIS's settings: ``evaluate --estimator ais``'s flags, and ``pyrovae bdmc``'s
+_EVALUATE_FLAGS = {"num_steps": "--ais-steps", "num_chains": "--ais-chains", "leapfrog": "--ais-leapfrog",
+                   "init": "--ais-init", "batch_size": "--batch-size", "command": "--estimator ais"}
+_BDMC_FLAGS = {"num_steps": "--steps", "num_chains": "--chains", "leapfrog": "--leapfrog", "init": "--init",
+               "batch_size": "--batch-size", "command": "pyrovae bdmc"}
 
 
 def sigmoidal_schedule(num_steps: int, delta: float = 4.0, dtype=torch.float64) -> torch.Tensor:
@@ -233,16 +242,10 @@ def ais_log_px(model, images: torch.Tensor, *, num_steps: int = 500, num_chains:
     -------
     :class:`AISResult`. Cost: about ``N * C * T * L`` decoder forward and backward passes.
     """
-    if init not in ("guide", "prior"):
-        raise ValueError(f"--ais-init must be guide or prior (got {init!r})")
-    for name, value in (("--ais-chains", num_chains), ("--ais-leapfrog", leapfrog), ("--batch-size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1 (got {value})")
-    if not step_size > 0:
-        raise ValueError(f"--ais-step-size must be positive (got {step_size})")
-    if not getattr(model, "has_posterior", False):
-        raise ValueError(f"--estimator ais needs a VAE (a model with a guide); a {model.kind} model has none")
-    check_images(model, images)
+    _check_ais(model, images.shape[0] if isinstance(images, torch.Tensor) else 0, _EVALUATE_FLAGS,
+               num_steps=num_steps, num_chains=num_chains, leapfrog=leapfrog, init=init, batch_size=batch_size,
+               step_size=step_size)
+    images = check_images(model, images)
     betas = sigmoidal_schedule(num_steps).to(images.device)
     reverse = start_values is not None
     from tqdm.auto import tqdm
@@ -287,6 +290,31 @@ def ais_log_px(model, images: torch.Tensor, *, num_steps: int = 500, num_chains:
     return AISResult(num_steps, num_chains, cat["log_px"], cat["ess"], cat["acceptance"], cat["step_size"], reverse)
 
 
+def _check_ais(model, num_examples: int, flags: dict[str, str] = _EVALUATE_FLAGS, **options) -> None:
+    """Refuse, naming the command's own ``flags``, settings of :func:`ais_log_px` (``options``, the
+    others at their defaults) that AIS cannot run with on ``num_examples`` examples: counts that are
+    not whole numbers of at least 1, an unknown start, a model without a guide, and chains and steps
+    whose tensors would not fit in memory (one batch's chains through the networks with their
+    gradients, and the schedule), before anything is allocated or computed."""
+    defaults = {k: v.default for k, v in inspect.signature(ais_log_px).parameters.items()}
+    o = {k: options.get(k, defaults[k]) for k in AIS_OPTIONS}
+    num_steps, num_chains, batch_size = (whole(o[k], flags[k]) for k in ("num_steps", "num_chains", "batch_size"))
+    whole(o["leapfrog"], flags["leapfrog"])
+    if o["init"] not in ("guide", "prior"):
+        raise ValueError(f"{flags['init']} must be guide or prior (got {o['init']!r})")
+    step_size = o["step_size"]
+    if isinstance(step_size, bool) or not (isinstance(step_size, (int, float)) and 0 < step_size < math.inf):
+        raise ValueError(f"step_size must be a positive number (got {step_size!r})")
+    if not getattr(model, "has_posterior", False):
+        raise ValueError(f"{flags['command']} needs a VAE (a model with a guide); a "
+                         f"{getattr(model, 'kind', type(model).__name__)} model has none")
+    rows = max(1, min(batch_size, num_examples))
+    chains_or_batch = most_raised({flags["num_chains"]: (num_chains, defaults["num_chains"]),
+                                   flags["batch_size"]: (rows, defaults["batch_size"])})
+    refuse_if_too_big({chains_or_batch: num_chains * rows * pass_bytes(model),
+                       flags["num_steps"]: 32.0 * (num_steps + 1)}, "AIS")
+
+
 @torch.no_grad()
 def simulate(model, num_examples: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""``num_examples`` pairs from the model itself: :math:`z^* \sim p(z)`, :math:`x \sim p(x|z^*)`.
@@ -313,6 +341,18 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _check_bdmc(model, num_examples, steps: list, num_chains, leapfrog, init: str, batch_size) -> None:
+    """:func:`bdmc`'s settings checked as :func:`_check_ais` checks AIS's, with bdmc's flag names, and the
+    simulated examples (drawn all at once) checked against memory."""
+    whole(num_examples, "--num-examples")
+    if not steps:
+        raise ValueError("--steps needs at least one number of AIS steps, such as 10,100,1000")
+    for t in steps:
+        _check_ais(model, num_examples, _BDMC_FLAGS, num_steps=t, num_chains=num_chains, leapfrog=leapfrog,
+                   init=init, batch_size=batch_size)
+    refuse_if_too_big({"--num-examples": num_examples * pass_bytes(model)}, "simulating the examples")
+
+
 def bdmc(model, *, num_examples: int = 100, steps=(10, 100, 1000), num_chains: int = 4, leapfrog: int = 5,
          init: str = "guide", seed: int = 0, batch_size: int = 100, progress: bool = False) -> dict:
     r"""Bidirectional Monte Carlo on ``num_examples`` examples simulated from the model: for each
@@ -321,11 +361,8 @@ def bdmc(model, *, num_examples: int = 100, steps=(10, 100, 1000), num_chains: i
     and the gap upper − lower (mean, its standard error, largest per example)."""
     import time
 
-    if num_examples < 1:
-        raise ValueError(f"--num-examples must be at least 1 (got {num_examples})")
-    steps = [int(t) for t in steps]
-    if any(t < 1 for t in steps):
-        raise ValueError(f"--steps must be positive numbers of AIS steps (got {','.join(map(str, steps))})")
+    steps = list(steps)
+    _check_bdmc(model, num_examples, steps, num_chains, leapfrog, init, batch_size)
     x, z_star = simulate(model, num_examples, seed=seed)
     rows = []
     for t in steps:

@@ -15,7 +15,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import RESUMABLE  # (config imports no torch: --help stays fast)
+from .config import RESUMABLE, WHOLE_LIMIT  # (config imports no torch: --help stays fast)
 
 __all__ = ["main", "exit_code_of"]
 
@@ -41,15 +41,55 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _cut(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def _whole(text: str) -> int:
+    """A whole-number flag's value; one of 2^63 or more is no size or count (and would overflow the
+    float arithmetic of the memory and time checks)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {_cut(text)}") from None
+    if abs(value) >= WHOLE_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a whole number below 2^63, got {_cut(text)}")
+    return value
+
+
+def _path(text: str) -> str:
+    """A file or folder flag's value: an empty one is refused, not read as "not given"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a file or folder name, got an empty one")
+    return text
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     text = text.strip()
     if not text:
         return ()
     try:
-        return tuple(int(v) for v in text.split(","))
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 400 or 500,500, got {text!r}") \
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 400 or 500,500, got {_cut(text)}") \
             from None
+    if any(abs(v) >= WHOLE_LIMIT for v in values):
+        raise argparse.ArgumentTypeError(f"expected sizes below 2^63, got {_cut(text)}")
+    return values
+
+
+#: defaults of the flags that size an estimate: the work check names, of the flags that multiply
+#: into the largest cost, the one raised furthest above its default
+_SIZE_DEFAULTS = {"--num-samples": 1000, "--ais-steps": 500, "--ais-chains": 4, "--ais-leapfrog": 5,
+                 "--quadrature-resolution": 256, "--num-examples": 100, "--steps": (10, 100, 1000), "--chains": 4,
+                 "--leapfrog": 5}
+
+
+def _size_flag(p, flag: str, help: str, type=None) -> None:
+    """A flag of :data:`_SIZE_DEFAULTS`, with its default there."""
+    default = _SIZE_DEFAULTS[flag]
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    p.add_argument(flag, type=type or _whole, default=default, help=f"{help} (default: {shown})")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -74,6 +114,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             kind = next(a for a in args if a is not type(None))
         else:
             kind = tp
+        kind = _whole if kind is int else kind
         choices = choices_from_registry.get(f.name, f.metadata.get("choices"))
         p.add_argument(flag, type=kind, choices=choices, help=help_text,
                        metavar=f.name.upper() if not choices else None)
@@ -85,13 +126,12 @@ def estimator_flags(p: argparse.ArgumentParser) -> None:
                    help="log p(x) by importance sampling with q(z|x) (is, default; K = --num-samples), annealed "
                    "importance sampling with HMC (ais: a tighter stochastic lower bound; find its --ais-steps "
                    "with pyrovae bdmc), or quadrature over a 2-D latent (exact up to grid error)")
-    p.add_argument("--ais-steps", type=int, default=500, help="ais: intermediate distributions T (default: 500)")
-    p.add_argument("--ais-chains", type=int, default=4, help="ais: chains per example (default: 4)")
-    p.add_argument("--ais-leapfrog", type=int, default=5, help="ais: leapfrog steps per HMC transition (default: 5)")
+    _size_flag(p, "--ais-steps", "ais: intermediate distributions T")
+    _size_flag(p, "--ais-chains", "ais: chains per example")
+    _size_flag(p, "--ais-leapfrog", "ais: leapfrog steps per HMC transition")
     p.add_argument("--ais-init", default="guide", choices=("guide", "prior"),
                    help="ais: start from q(z|x) (default; a flow guide's Gaussian base) or the prior")
-    p.add_argument("--quadrature-resolution", type=int, default=256,
-                   help="quadrature: grid points per side around each example's posterior (default: 256)")
+    _size_flag(p, "--quadrature-resolution", "quadrature: grid points per side around each example's posterior")
 
 
 def estimator_options(args) -> dict:
@@ -113,11 +153,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
     from .config import presets
 
-    t.add_argument("--config", metavar="FILE", help="read settings from a .json or .toml file of TrainConfig keys "
+    t.add_argument("--config", metavar="FILE", type=_path, help="read settings from a .json or .toml file of "
+                   "TrainConfig keys "
                    "(a run's config.json works; see docs/config-example.toml); flags given beside it override it")
     t.add_argument("--preset", metavar="NAME", help="start from a shipped preset (flags and --config override it): "
                    + "; ".join(f"{name}: {text}" for name, (_, text) in presets().items()))
-    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt (may change "
+    t.add_argument("--resume", metavar="RUN", type=_path, help="continue the run in RUN from its last.pt (may change "
                    f"{', '.join('--' + r.replace('_', '-') for r in RESUMABLE)})")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -128,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                        help="which checkpoint (default: best)")
         p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0); evaluate draws "
+        p.add_argument("--seed", type=_whole, default=0, help="seed of the sampling noise (default: 0); evaluate draws "
                        "each example's samples from a stream of its own, so its numbers do not depend on --chunk-size, "
                        "--batch-size or the number of processes")
         return p
@@ -136,14 +177,15 @@ def _parser() -> argparse.ArgumentParser:
     def data_flags(p, split_default="test"):
         p.add_argument("--dataset", help="dataset to use instead of the run's own (same shape); "
                        "a name or a .npy/.npz/.csv path")
-        p.add_argument("--data-dir", help="folder of IDX files (default: the run's)")
-        p.add_argument("--label-column", type=int, help="for a .csv dataset: the labels' column")
+        p.add_argument("--data-dir", type=_path, help="folder of IDX files (default: the run's)")
+        p.add_argument("--label-column", type=_whole, help="for a .csv dataset: the labels' column")
         p.add_argument("--split", default=split_default, choices=("train", "val", "test", "all"),
                        help=f"(default: {split_default})")
 
     def report_flags(p, what):
         p.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
-        p.add_argument("--json", metavar="PATH", help=f"also write the {what} as JSON to PATH ('-' for stdout)")
+        p.add_argument("--json", metavar="PATH", type=_path,
+                       help=f"also write the {what} as JSON to PATH ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = run_command("evaluate", "ELBO, IWAE bound, log p(x) with diagnostics, KL, reconstruction",
@@ -151,11 +193,11 @@ def _parser() -> argparse.ArgumentParser:
                     "standard error, KL, reconstruction term and errors, Pareto k-hat of the importance "
                     "weights, active units; component usage and cluster scores for mixture priors.")
     data_flags(e)
-    e.add_argument("--num-samples", type=int, default=1000, help="importance samples K per example (default: 1000)")
-    e.add_argument("--chunk-size", type=int, default=None,
+    _size_flag(e, "--num-samples", "importance samples K per example")
+    e.add_argument("--chunk-size", type=_whole, default=None,
                    help="at most this many (sample, example) pairs decoded at once: bounds memory "
                         "(default: 2048 per CPU thread, as larger chunks fall out of cache; 65536 on CUDA)")
-    e.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
+    e.add_argument("--batch-size", type=_whole, default=100, help="examples per pass (default: 100)")
     estimator_flags(e)
     report_flags(e, "report")
     e.set_defaults(func=_evaluate)
@@ -168,17 +210,19 @@ def _parser() -> argparse.ArgumentParser:
                         "run's test split unless --dataset/--split say otherwise; runs trained on data of another "
                         "shape are refused.")
     cp.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    cp.add_argument("--baseline", metavar="RUN", help="the run the others are compared with (default: the first)")
+    cp.add_argument("--baseline", metavar="RUN", type=_path,
+                    help="the run the others are compared with (default: the first)")
     cp.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
     cp.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
-    cp.add_argument("--seed", type=int, default=0, help="seed of every example's random stream (default: 0)")
+    cp.add_argument("--seed", type=_whole, default=0, help="seed of every example's random stream (default: 0)")
     data_flags(cp)
-    cp.add_argument("--num-samples", type=int, default=1000, help="importance samples K per example (default: 1000)")
-    cp.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
+    _size_flag(cp, "--num-samples", "importance samples K per example")
+    cp.add_argument("--batch-size", type=_whole, default=100, help="examples per pass (default: 100)")
     estimator_flags(cp)
     report_flags(cp, "comparison")
-    cp.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
-    cp.add_argument("--plot", metavar="PATH", help="also draw the paired differences with ±2 s.e. bars (PNG)")
+    cp.add_argument("--markdown", metavar="PATH", type=_path, help="also write the table as Markdown")
+    cp.add_argument("--plot", metavar="PATH", type=_path,
+                    help="also draw the paired differences with ±2 s.e. bars (a .png file)")
     cp.set_defaults(func=_compare)
 
     bd = run_command("bdmc", "bidirectional Monte Carlo: lower and upper bounds on log p(x) of simulated data",
@@ -187,40 +231,39 @@ def _parser() -> argparse.ArgumentParser:
                      "z*, an exact posterior draw (a stochastic upper bound), and report both and their gap "
                      "(Grosse et al. 2015). The T whose gap is small enough is the T to trust for "
                      "evaluate --estimator ais on real data.")
-    bd.add_argument("--num-examples", type=int, default=100, help="simulated examples (default: 100)")
-    bd.add_argument("--steps", type=_int_list, default=(10, 100, 1000), help="AIS steps T to try, comma "
-                    "separated (default: 10,100,1000)")
-    bd.add_argument("--chains", type=int, default=4, help="chains per example (default: 4)")
-    bd.add_argument("--leapfrog", type=int, default=5, help="leapfrog steps per HMC transition (default: 5)")
+    _size_flag(bd, "--num-examples", "simulated examples")
+    _size_flag(bd, "--steps", "AIS steps T to try, comma separated", type=_int_list)
+    _size_flag(bd, "--chains", "chains per example")
+    _size_flag(bd, "--leapfrog", "leapfrog steps per HMC transition")
     bd.add_argument("--init", default="guide", choices=("guide", "prior"), help="AIS start: q(z|x) (default) "
                     "or the prior")
-    bd.add_argument("--batch-size", type=int, default=100, help="examples per pass (default: 100)")
+    bd.add_argument("--batch-size", type=_whole, default=100, help="examples per pass (default: 100)")
     report_flags(bd, "results")
     bd.set_defaults(func=_bdmc)
 
     s = run_command("sample", "PNG grid of images decoded from prior samples",
                     "Decode codes drawn from the model's generative distribution (the prior; for ae/pca a Gaussian "
                     "fitted to the training codes).")
-    s.add_argument("--num-images", type=int, default=64, help="(default: 64)")
+    s.add_argument("--num-images", type=_whole, default=64, help="(default: 64)")
     s.add_argument("--by-component", action="store_true", help="one row per mixture component (heaviest first)")
-    s.add_argument("--components", type=int, default=10, help="with --by-component: rows (default: 10)")
-    s.add_argument("--output", help="PNG path (default: RUN/samples.png or RUN/samples-by-component.png)")
+    s.add_argument("--components", type=_whole, default=10, help="with --by-component: rows (default: 10)")
+    s.add_argument("--output", type=_path, help="PNG path (default: RUN/samples.png or RUN/samples-by-component.png)")
     s.set_defaults(func=_sample)
 
     r = run_command("reconstruct", "PNG: originals above their reconstructions", "Originals (top row) above "
                     "decode(encode(x)) (bottom row).")
     data_flags(r)
-    r.add_argument("--num-images", type=int, default=16, help="(default: 16)")
-    r.add_argument("--output", help="PNG path (default: RUN/reconstructions.png)")
+    r.add_argument("--num-images", type=_whole, default=16, help="(default: 16)")
+    r.add_argument("--output", type=_path, help="PNG path (default: RUN/reconstructions.png)")
     r.set_defaults(func=_reconstruct)
 
     i = run_command("interpolate", "PNG: decoded along the line between the codes of two images",
                     "The notes' full moon and half moon: decode the straight line between the codes of images "
                     "I and J of the split, originals at both ends.")
     data_flags(i)
-    i.add_argument("--pair", type=int, nargs=2, metavar=("I", "J"), required=True, help="indices into the split")
-    i.add_argument("--steps", type=int, default=10, help="images along the line (default: 10)")
-    i.add_argument("--output", help="PNG path (default: RUN/interpolate-I-J.png)")
+    i.add_argument("--pair", type=_whole, nargs=2, metavar=("I", "J"), required=True, help="indices into the split")
+    i.add_argument("--steps", type=_whole, default=10, help="images along the line (default: 10)")
+    i.add_argument("--output", type=_path, help="PNG path (default: RUN/interpolate-I-J.png)")
     i.set_defaults(func=_interpolate)
 
     for p in (t, e, cp, bd, s, r, i):
@@ -238,7 +281,7 @@ def _train(args) -> int:
     given = {f.name: getattr(args, f.name) for f, _ in setting_fields() if hasattr(args, f.name)}
     resume = getattr(args, "resume", None)
     config_file, preset = getattr(args, "config", None), getattr(args, "preset", None)
-    if resume is not None and (config_file or preset):
+    if resume is not None and (config_file is not None or preset is not None):
         raise ValueError(f"--resume continues {resume} with the settings in its config.json: "
                          "drop --config/--preset")
     if resume is not None:
@@ -277,8 +320,8 @@ def _base_config(preset: str | None, config_file: str | None):
     """The settings flags start from: the defaults, then the preset, then the file."""
     from .config import TrainConfig, preset_settings, read_settings_file
 
-    settings = preset_settings(preset) if preset else {}
-    if config_file:
+    settings = preset_settings(preset) if preset is not None else {}
+    if config_file is not None:
         settings.update(read_settings_file(config_file))
     return TrainConfig.from_dict(settings, source=config_file or f"preset {preset}")
 
@@ -302,36 +345,53 @@ def _load(args, device=None):
 LONG_WORK_SECONDS = 3600
 
 
-def _check_work(args, model, images, steps_per_example: int = 0) -> None:
-    """Estimate the decoder passes the command will make and, from a short timed probe, how long
-    that takes here; refuse work above :data:`LONG_WORK_SECONDS` unless --allow-long."""
+def _check_work(args, model, probe, n: int, terms: list[tuple[int, dict[str, int]]],
+                count_flag: str | None = None) -> None:
+    """Estimate the decoder passes the command will make, ``n`` examples times the sum of ``terms``
+    (a multiplier and the flags whose values multiply into the passes per example), and, from a short
+    timed probe on the examples ``probe``, how long that takes here; refuse work above
+    :data:`LONG_WORK_SECONDS` unless --allow-long, naming of the largest term's flags (and
+    ``count_flag``, the flag that sets ``n``) the one raised furthest above its default."""
+    import math
     import time
 
+    from .config import most_raised
     from .marginal import estimate_log_px
 
     if getattr(args, "allow_long", False) or not getattr(model, "has_posterior", False):
         return
-    n = images.shape[0]
-    estimator = getattr(args, "estimator", "is")
-    passes = {"is": args.num_samples if hasattr(args, "num_samples") else 0,
-              "ais": 3 * args.ais_chains * args.ais_steps * args.ais_leapfrog if estimator == "ais" else 0,
-              "quadrature": args.quadrature_resolution ** 2 if estimator == "quadrature" else 0}
-    per_example = passes["is"] + (passes[estimator] if estimator != "is" else 0) + steps_per_example
-    total = n * per_example
+    passes = [c * math.prod(flags.values()) for c, flags in terms]
+    total = n * sum(passes)
     if total < 2_000_000:  # seconds at any plausible rate: no probe needed
         return
-    probe = images[: min(n, 16)]
     k = 256
     t0 = time.perf_counter()
-    estimate_log_px(model, probe, k, diagnostics=False, seed=0)
-    rate = probe.shape[0] * k / max(time.perf_counter() - t0, 1e-6)
+    estimate_log_px(model, probe[:16], k, diagnostics=False, seed=0)
+    rate = min(n, 16) * k / max(time.perf_counter() - t0, 1e-6)
     seconds = total / rate
     if seconds > LONG_WORK_SECONDS:
-        flag = {"is": "--num-samples", "ais": "--ais-steps", "quadrature": "--quadrature-resolution"}[estimator]
-        if steps_per_example and estimator == "is":
-            flag = "--steps"
+        factors = dict(terms[passes.index(max(passes))][1], **({count_flag: n} if count_flag else {}))
+        flag = most_raised({f: (v, _default_size(f)) for f, v in factors.items()})
         raise ValueError(f"this would make {total:.3g} decoder passes ({n} examples): about {_duration(seconds)} at "
                          f"the {rate:,.0f} passes/s measured here; lower {flag}, or pass --allow-long to go on")
+
+
+def _default_size(flag: str) -> int:
+    default = _SIZE_DEFAULTS[flag]
+    return sum(default) if isinstance(default, tuple) else default
+
+
+def _estimator_work(args) -> list[tuple[int, dict[str, int]]]:
+    """The decoder passes per example of evaluate's and compare's estimators (see :func:`_check_work`):
+    importance sampling always, AIS (a forward and a backward pass per leapfrog step, and its
+    start) or the quadrature grid beside it."""
+    terms = [(1, {"--num-samples": args.num_samples})]
+    if args.estimator == "ais":
+        terms.append((3, {"--ais-chains": args.ais_chains, "--ais-steps": args.ais_steps,
+                          "--ais-leapfrog": args.ais_leapfrog}))
+    elif args.estimator == "quadrature":
+        terms.append((args.quadrature_resolution, {"--quadrature-resolution": args.quadrature_resolution}))
+    return terms
 
 
 def _duration(seconds: float) -> str:
@@ -354,7 +414,8 @@ def _split(args, run):
     elif args.data_dir is not None or args.label_column is not None:
         config = dataclasses.replace(config, **{k: getattr(args, k) for k in ("data_dir", "label_column")
                                                 if getattr(args, k) is not None})
-    ds = prepare_data(config, args.split, run.device)
+    ds = prepare_data(config, args.split, run.device,
+                      fix="the run was trained on binary data with --binarize none: give it binary data (--dataset)")
     if ds.data_dim != run.data_dim:
         raise ValueError(f"{config.dataset} has {ds.data_dim} values per example but the run was trained on "
                          f"{run.data_dim} ({run.config.dataset}): evaluate it on data of that shape")
@@ -362,21 +423,29 @@ def _split(args, run):
 
 
 def _evaluate(args) -> int:
-    from .metrics import evaluate, format_report
+    from .metrics import evaluate, format_report, shard_bounds
     from .pictures import code_prior
     from .plots import plot_latent_2d
     from .training import _Dist
 
     env = _Dist(args.device)  # under torchrun: one shard of the examples per process
+    finished = False
     try:
-        run = _load(args, device=env.device)
-        ds = _split(args, run)
-        _check_work(args, run.model, ds.images[env.rank :: env.world])
+        error = None
+        try:  # every process checks; all of them refuse if any does, before the first collective
+            run = _load(args, device=env.device)
+            ds = _split(args, run)
+            lo, hi = shard_bounds(len(ds), env.rank, env.world)
+            _check_work(args, run.model, ds.images[lo:hi] if hi > lo else ds.images, hi - lo, _estimator_work(args))
+        except BAD_INPUT as e:
+            error = " ".join(str(e).split())
+        env.raise_any(error)
         report = evaluate(run.model, ds.images, ds.labels, num_samples=args.num_samples, chunk_size=args.chunk_size,
                           batch_size=args.batch_size, progress=not args.quiet and env.main, seed=args.seed,
                           shard=(env.rank, env.world), per_example=bool(args.json), **estimator_options(args))
+        finished = True
     finally:
-        env.close()
+        env.close(finished)
     if report is None:  # not rank 0: its share went to rank 0
         return 0
     report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "dataset": ds.name, "split": ds.split,
@@ -435,9 +504,13 @@ def _compare(args) -> int:
             runs.insert(0, args.baseline)
             matches = [0]
         baseline = matches[0]
+    if args.plot is not None:
+        from .plots import image_path
+
+        image_path("--plot", args.plot, (".png",))  # before the runs are scored
     first = load_run(runs[baseline], which=args.checkpoint)
     ds = _split(args, first)
-    _check_work(args, first.model, ds.images)
+    _check_work(args, first.model, ds.images, len(ds), _estimator_work(args))
     options = estimator_options(args)
     result = compare_runs(runs, ds, baseline=baseline, num_samples=args.num_samples, seed=args.seed,
                           which=args.checkpoint, batch_size=args.batch_size, progress=not args.quiet,
@@ -454,39 +527,30 @@ def _compare(args) -> int:
 
 
 def _bdmc(args) -> int:
-    from .ais import bdmc, format_bdmc
+    import torch
+
+    from .ais import _check_bdmc, bdmc, format_bdmc
 
     run = _load(args)
-    steps = args.steps
-    if not steps:
-        raise ValueError("--steps needs at least one number of AIS steps, such as 10,100,1000")
-    if args.num_examples < 1:
-        raise ValueError(f"--num-examples must be at least 1 (got {args.num_examples})")
-    if not args.allow_long:
-        probe = argparse.Namespace(estimator="is", num_samples=0, allow_long=False)
-        import torch
-
-        dim = run.data_dim
-        _check_work(probe, run.model, torch.zeros(args.num_examples, dim, device=run.device),
-                    steps_per_example=6 * args.chains * sum(steps) * args.leapfrog)
-    result = bdmc(run.model, num_examples=args.num_examples, steps=steps, num_chains=args.chains,
-                  leapfrog=args.leapfrog, init=args.init, seed=args.seed, batch_size=args.batch_size,
-                  progress=not args.quiet)
+    settings = dict(num_examples=args.num_examples, steps=list(args.steps), num_chains=args.chains,
+                    leapfrog=args.leapfrog, init=args.init, batch_size=args.batch_size)
+    _check_bdmc(run.model, **settings)  # before the time check, which multiplies them
+    probe = torch.zeros(min(args.num_examples, 16), run.data_dim, device=run.device)  # not one per example
+    # forward and reverse AIS, each a forward and a backward pass per leapfrog step
+    _check_work(args, run.model, probe, args.num_examples,
+                [(6, {"--chains": args.chains, "--steps": sum(args.steps), "--leapfrog": args.leapfrog})],
+                "--num-examples")
+    result = bdmc(run.model, seed=args.seed, progress=not args.quiet, **settings)
     result = {"run": str(run.dir), "checkpoint": str(run.checkpoint), **result}
     print(format_bdmc(result))
     _write_json(args.json, result)
     return 0
 
 
-#: image files a --output may name (what PIL writes)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
 def _picture_out(args, default: Path) -> Path:
-    out = Path(args.output) if args.output else default
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"--output {out}: the file name must end in an image type ({', '.join(IMAGE_SUFFIXES)})")
-    return out
+    from .plots import image_path
+
+    return image_path("--output", args.output if args.output is not None else default)
 
 
 def _picture_size(flag: str, count: int, run) -> None:

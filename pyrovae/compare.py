@@ -166,10 +166,12 @@ def markdown_table(result: dict, extra: list[tuple[str, callable]] = ()) -> str:
 
 
 def plot_differences(result: dict, path: str | Path, title: str = "") -> Path:
-    """A PNG of each run's paired log p(x) difference to the baseline, with ±2 s.e. bars."""
+    """A PNG of each run's paired log p(x) difference to the baseline, with ±2 s.e. bars; ``path``
+    must end in .png."""
     from .files import write_atomic
-    from .plots import figure
+    from .plots import figure, image_path
 
+    path = image_path("--plot", path, (".png",))
     rows = [r for r in result["rows"] if "log_px_diff" in r]
     fig = figure(1.6 + 0.9 * max(1, len(rows)), 3.6)
     ax = fig.subplots()

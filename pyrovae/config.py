@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
 import os
 import typing
 from dataclasses import dataclass, field
@@ -186,9 +187,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
                                  f"(got {getattr(self, name)!r})")
         c = dataclasses.replace(self)
-        for f, tp in setting_fields():
-            if typing.get_origin(tp) is tuple:
-                setattr(c, f.name, tuple(int(h) for h in getattr(c, f.name)))
+        for f, tp in setting_fields():  # TrainConfig(...) from Python is typed as a settings file is
+            setattr(c, f.name, _checked(f.name, getattr(c, f.name), tp, None, "TrainConfig"))
         if c.prior_init_epochs is None:
             c.prior_init_epochs = min(10, c.epochs // 10)
         if c.dataset in PREBINARIZED:  # already 0/1 samples: scored as they are, never resampled
@@ -306,10 +306,8 @@ class TrainConfig:
         fields = dict((f.name, (f, tp)) for f, tp in setting_fields())
         unknown = sorted(set(d) - set(fields))
         if unknown:
-            close = [difflib.get_close_matches(k, fields, n=1) for k in unknown]
-            hint = "; ".join(f"{k!r} (did you mean {c[0]!r}?)" if c else repr(k) for k, c in zip(unknown, close))
-            raise ValueError(f"{source}: unknown setting {hint}: remove it (settings are listed by "
-                             "pyrovae train --help, with - for _)")
+            raise ValueError(f"{source}: unknown setting {unknown_keys(unknown, fields)}: remove it (settings are "
+                             "listed by pyrovae train --help, with - for _)")
         values = {}
         for key, value in d.items():
             f, tp = fields[key]
@@ -358,6 +356,12 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def unknown_keys(unknown, known) -> str:
+    """``unknown`` keys as an error names them, each with the closest of ``known`` where one is close."""
+    close = [difflib.get_close_matches(k, list(known), n=1) for k in unknown]
+    return "; ".join(f"{k!r} (did you mean {c[0]!r}?)" if c else repr(k) for k, c in zip(unknown, close))
+
+
 def read_settings_file(path: str | os.PathLike) -> dict:
     """The mapping in a ``.json`` or ``.toml`` settings file, or one-line ``ValueError``/
     ``FileNotFoundError`` naming the file."""
@@ -394,6 +398,17 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+#: whole-number settings and flags must lie below this in size: beyond it they are no size or count, and
+#: the memory and time estimates made from them would overflow float arithmetic
+WHOLE_LIMIT = 2**63
+
+
+def _shown(value) -> str:
+    """``repr(value)``, cut to 60 characters (a 400-digit number is not repeated whole)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _describe(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:
@@ -408,8 +423,10 @@ def _checked(key: str, value, tp, choices, source: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def bad():
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        return ValueError(f"{source}: setting {key!r} must be {_describe(tp)} (got {shown})")
+        return ValueError(f"{source}: setting {key!r} must be {_describe(tp)} (got {_shown(value)})")
+
+    def too_big():  # (far beyond any size or count: the memory checks' float arithmetic would overflow)
+        return ValueError(f"{source}: setting {key!r} must be a whole number below 2^63 (got {_shown(value)})")
 
     if origin is typing.Union:  # Optional[X]
         if value is None:
@@ -418,21 +435,28 @@ def _checked(key: str, value, tp, choices, source: str):
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise bad()
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
             raise bad()
-        return tuple(value)
+        if any(abs(v) >= WHOLE_LIMIT for v in value):
+            raise too_big()
+        return tuple(int(v) for v in value)
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if tp is int:  # (numpy's integers too, from Python)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise bad()
-        return value
+        if abs(value) >= WHOLE_LIMIT:
+            raise too_big()
+        return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise bad()
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise ValueError(f"{source}: setting {key!r} must be a finite number (got {_shown(value)})") from None
     if tp is str:
         if not isinstance(value, str):
             raise bad()
@@ -463,9 +487,32 @@ def memory_bytes() -> int:
         return 8 * 2**30
 
 
-def refuse_if_too_big(parts: dict[str, float], what: str) -> None:
-    """``parts`` maps flags to the bytes they are responsible for; when their sum exceeds half
-    of this machine's memory, raise ``ValueError`` naming the largest, before anything is allocated."""
+def most_raised(factors: dict[str, tuple[float, float]]) -> str:
+    """Of flags whose values multiply into one cost, given as flag -> (value, its default), the one
+    raised furthest above its default: the flag a refusal of that cost names."""
+    return max(factors, key=lambda flag: factors[flag][0] / max(factors[flag][1], 1))
+
+
+def whole(value, flag: str, at_least: int = 1) -> int:
+    """``value`` as an ``int`` when it is a whole number of at least ``at_least`` and below
+    :data:`WHOLE_LIMIT`, else ``ValueError`` naming ``flag`` (the Python API's check of a count or size
+    that the command line gets from argparse)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{flag} must be a whole number (got {_shown(value)})")
+    if not at_least <= value < WHOLE_LIMIT:
+        raise ValueError(f"{flag} must be at least {at_least} (got {_shown(value)})" if value < at_least
+                         else f"{flag} must be a whole number below 2^63 (got {_shown(value)})")
+    return int(value)
+
+
+def refuse_if_too_big(parts: dict[str, float] | list[tuple[str, float]], what: str) -> None:
+    """``parts`` maps flags to the bytes they are responsible for (as a dict, or as pairs where one
+    flag may appear more than once); when their sum exceeds half of this machine's memory, raise
+    ``ValueError`` naming the largest, before anything is allocated."""
+    if not isinstance(parts, dict):
+        pairs, parts = parts, {}
+        for flag, size in pairs:
+            parts[flag] = parts.get(flag, 0.0) + size
     total, budget = sum(parts.values()), memory_bytes() / 2
     if total > budget:
         flag = max(parts, key=parts.get)

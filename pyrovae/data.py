@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PREBINARIZED
 
 __all__ = ["Dataset", "DataError", "load_dataset", "binarize", "static_binarized", "read_amat",
            "download_binarized_mnist", "STATIC_BINARIZE_SEED"]
@@ -82,15 +81,14 @@ def static_binarized(ds: Dataset) -> Dataset:
     return Dataset(ds.name, ds.split, binarize(ds.images, seed), ds.labels, ds.image_shape)
 
 
-def check_likelihood(ds: Dataset, likelihood: str, binarize_mode: str) -> None:
-    """Refuse data whose values the likelihood cannot score."""
+def check_likelihood(ds: Dataset, likelihood: str, binarize_mode: str, fix: str | None = None) -> None:
+    """Refuse data whose values the likelihood cannot score; the error ends in ``fix`` (by default
+    training's remedy)."""
     if likelihood == "bernoulli" and binarize_mode == "none":
         x = ds.images
         if not bool(((x == 0) | (x == 1)).all()):
-            raise DataError(
-                f"{ds.name}: --likelihood bernoulli needs binary pixels but the data has grey values; "
-                "use --binarize dynamic|static, or --likelihood gaussian"
-            )
+            raise DataError(f"{ds.name}: --likelihood bernoulli needs binary pixels but the data has grey values; "
+                            f"{fix or 'use --binarize dynamic|static, or --likelihood gaussian'}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,12 +136,12 @@ def load_dataset(
         return _split_arrays("digits", x, y, split, (8, 8), n_val=180, n_test=180)
     path = Path(name)
     if path.suffix.lower() in (".npy", ".npz", ".csv"):
-        x, y = _load_array_file(path, label_column)
+        x, y, image_shape = _load_array_file(path, label_column)
         n = x.shape[0]
         if split != "all" and n < 10:
             raise DataError(f"{path}: {n} examples cannot be split into train/val/test; give at least 10")
         n_val = n_test = max(1, n // 10)
-        return _split_arrays(str(path), x, y, split, _image_shape(x.shape[1]), n_val=n_val, n_test=n_test)
+        return _split_arrays(str(path), x, y, split, image_shape, n_val=n_val, n_test=n_test)
     raise DataError(
         f"unknown dataset {name!r}: use mnist5k, digits, mnist, fashion-mnist, kmnist, binarized-mnist, "
         "or a path ending in .npy, .npz or .csv"
@@ -199,7 +197,10 @@ def _image_shape(d: int) -> tuple[int, int]:
 # --- user arrays -----------------------------------------------------------------------
 
 
-def _load_array_file(path: Path, label_column: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _load_array_file(path: Path, label_column: int | None) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                    tuple[int, int]]:
+    """Images ``(N, D)``, labels or ``None``, and the image shape (H, W): a 3-D array's own, else
+    square where D is a square, else one row of D."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found; check the path given to --dataset")
     suffix = path.suffix.lower()
@@ -225,10 +226,12 @@ def _load_array_file(path: Path, label_column: int | None) -> tuple[torch.Tensor
     if label_column is not None and suffix != ".csv":
         raise DataError(f"--label-column applies to .csv files only; {path} is {suffix[1:]} "
                         "(put labels in y= of an .npz)")
-    x = _validate_images(np.asarray(x), path)
+    x = np.asarray(x)
+    image_shape = tuple(int(d) for d in x.shape[1:]) if x.ndim == 3 else None
+    x = _validate_images(x, path)
     if y is not None:
         y = _validate_labels(np.asarray(y), x.shape[0], path)
-    return x, y
+    return x, y, image_shape or _image_shape(x.shape[1])
 
 
 #: labels must lie in this range (they index classes; far larger ones are a wrong column)

@@ -38,12 +38,13 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
+from torch import nn
 
-from .config import memory_bytes
+from .config import memory_bytes, refuse_if_too_big, whole
 
 __all__ = ["log_weight_terms", "estimate_log_px", "Estimate", "active_units", "pareto_k", "default_chunk_size",
            "ExampleNoise", "derive_seed", "log_joint", "latent_sites", "active_units_by_layer", "check_images",
-           "isolated_params"]
+           "isolated_params", "check_seed", "nonfinite_tensors", "pass_bytes"]
 
 #: the PSIS threshold above which an importance-sampling estimate is unreliable
 PARETO_K_THRESHOLD = 0.7
@@ -69,10 +70,39 @@ def data_dim_of(model) -> int:
     raise ValueError(f"{type(model).__name__} is not a pyrovae model")
 
 
-def check_images(model, images, what: str = "images") -> None:
-    """Raise ``ValueError`` with one line naming the problem and the fix unless ``images`` is a
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The floating-point tensors of ``tensors`` (a state dict) holding NaN or infinite values, as
+    ``"name"`` or ``"name and N more"``; ``None`` when every value is finite."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return f"{bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}" if bad else None
+
+
+def pass_bytes(model) -> float:
+    """About the bytes one (sample, example) pair takes in a pass through ``model`` and back (AIS
+    takes gradients): four bytes for the data and for every output of a linear or convolutional
+    layer (a stride-2 convolution's: a quarter of its channels per pixel), four times over (values,
+    gradients, temporaries). The memory checks of the estimators multiply it by their settings."""
+    d = data_dim_of(model)
+    width = d
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            width += m.out_features
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            width += m.out_channels * d / 4
+    return 4.0 * 4 * width
+
+
+def check_seed(seed) -> int | None:
+    """``seed`` (``None``: no seed) as the command line takes ``--seed``, or ``ValueError``."""
+    return None if seed is None else whole(seed, "--seed", at_least=0)
+
+
+def check_images(model, images, what: str = "images") -> torch.Tensor:
+    """Return ``images`` in the model's floating-point type (float64 data becomes float32), or
+    raise ``ValueError`` with one line naming the problem and the fix unless ``images`` is a
     floating-point ``(N, D)`` tensor of finite values with N >= 1, the model's D, on the model's
-    device, and binary where the model's likelihood is Bernoulli."""
+    device, and binary where the model's likelihood is Bernoulli, and the model's own weights are
+    finite (NaN weights would make every estimate NaN)."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{what}: expected a torch tensor of shape (N, D), got {type(images).__name__}; convert "
                          "with torch.as_tensor(x, dtype=torch.float32)")
@@ -90,6 +120,12 @@ def check_images(model, images, what: str = "images") -> None:
     device = next((p.device for p in model.parameters()), next((b.device for b in model.buffers()), images.device))
     if images.device != device:
         raise ValueError(f"{what} are on {images.device}, the model on {device}: move one of them with .to()")
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise ValueError(f"the model's weights hold NaN or infinite values ({bad}), so every estimate would be NaN: "
+                         "load them again from a checkpoint (pyrovae.load_run) or train again")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    images = images.to(dtype)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{what}: {int((~torch.isfinite(images)).sum())} values are NaN or infinite; clean the data")
     if type(getattr(model, "likelihood", None)).__name__ == "BernoulliLikelihood" or (
@@ -97,6 +133,7 @@ def check_images(model, images, what: str = "images") -> None:
         if not bool(((images == 0) | (images == 1)).all()):
             raise ValueError(f"{what}: the model's likelihood is Bernoulli but the values are not all 0 or 1; "
                              "binarise them first (pyrovae.data.static_binarized, or torch.bernoulli(x))")
+    return images
 
 
 @contextlib.contextmanager
@@ -451,15 +488,13 @@ def estimate_log_px(
     ``recon`` = :math:`\mathbb{E}_q \log p(x|z)`, ``kl`` = :math:`\mathbb{E}_q[\log q - \log p(z)]`,
     the last three averaged over the same K draws.
     """
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1 (got {num_samples})")
-    check_images(model, images)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(images.device)
-    if chunk_size < 1:
-        raise ValueError(f"--chunk-size must be at least 1 (got {chunk_size})")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1 (got {batch_size})")
+    num_samples = whole(num_samples, "--num-samples")
+    images = check_images(model, images)
+    given_chunk = chunk_size is not None
+    chunk_size = whole(chunk_size, "--chunk-size") if given_chunk else default_chunk_size(images.device)
+    batch_size = whole(batch_size, "--batch-size")
+    seed = check_seed(seed)
+    first_index = whole(first_index, "first_index", at_least=0)
     if not getattr(model, "has_posterior", False):
         raise ValueError(f"a {getattr(model, 'kind', type(model).__name__)} model has no q(z|x) density to sample from")
     if diagnostics and num_samples * 8 > memory_bytes() / 4:
@@ -468,6 +503,8 @@ def estimate_log_px(
     n, K = images.shape[0], num_samples
     keep_log_w = diagnostics and K > 1
     batch, per_pass = _layout(n, K, chunk_size, batch_size, keep_log_w)
+    if given_chunk:  # (the default is sized for this machine)
+        refuse_if_too_big({"--chunk-size": batch * per_pass * pass_bytes(model)}, "one pass of the estimator")
     out = {k: [] for k in ("log_px", "elbo", "recon", "kl", "pareto_k", "ess")}
     from tqdm.auto import tqdm
 

@@ -13,10 +13,11 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
-from .marginal import Estimate, active_units_by_layer, check_images, estimate_log_px, isolated_params
+from .config import unknown_keys, whole
+from .marginal import Estimate, active_units_by_layer, check_images, check_seed, estimate_log_px, isolated_params
 
 __all__ = ["split_scores", "evaluate", "reconstruction_errors", "component_usage", "cluster_scores",
-           "responsibilities"]
+           "responsibilities", "shard_bounds"]
 
 
 #: (sample, example) pairs scored per pass by :func:`split_scores`
@@ -170,24 +171,68 @@ def _quadrature_scores(model, images, first_index, *, progress, resolution) -> d
     return {"log_px": quadrature_log_px(model, images, resolution=resolution, progress=progress)}
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``(lo, hi)``: the contiguous share of ``n`` examples that process ``rank`` of ``world`` scores
+    (empty for some processes when there are fewer examples than processes)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
 def _sharded(fn, images: torch.Tensor, shard: tuple[int, int] | None):
     """``fn(images, first_index)`` (a dict of per-example CPU tensors) over all images, or, with
     ``shard = (rank, world)`` in a ``torch.distributed`` group, over this process's contiguous
     share, gathered on rank 0 (other ranks get ``None``). Per-example random streams make the
-    result the same as one process's."""
+    result the same as one process's. Every process joins the gather, a process with no share
+    and one whose share was refused (``ValueError``) included, and all of them raise the refusal:
+    a process that left early would leave the others waiting for it forever."""
     if shard is None or shard[1] == 1:
         return fn(images, 0)
     import torch.distributed as tdist
 
     rank, world = shard
-    n = images.shape[0]
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    part = fn(images[lo:hi], lo)
+    lo, hi = shard_bounds(images.shape[0], rank, world)
+    error, part = None, None
+    if hi > lo:
+        try:
+            part = {k: v.cpu() for k, v in fn(images[lo:hi], lo).items()}
+        except ValueError as e:
+            error = str(e)
     parts = [None] * world
-    tdist.all_gather_object(parts, {k: v.cpu() for k, v in part.items()})
+    tdist.all_gather_object(parts, (error, part))
+    errors = [e for e, _ in parts if e]
+    if errors:
+        raise ValueError(errors[0])
     if rank != 0:
         return None
-    return {k: torch.cat([p[k] for p in parts]) for k in part}
+    parts = [p for _, p in parts if p is not None]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _checked_ais_options(options) -> dict:
+    from .ais import AIS_OPTIONS
+
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"ais_options must be a dict with keys among {', '.join(AIS_OPTIONS)} "
+                         f"(got {type(options).__name__})")
+    unknown = sorted(set(options) - set(AIS_OPTIONS), key=str)
+    if unknown:
+        raise ValueError(f"ais_options: unknown key {unknown_keys(unknown, AIS_OPTIONS)}; the keys are "
+                         f"{', '.join(AIS_OPTIONS)}")
+    return dict(options)
+
+
+def _checked_labels(labels, n: int) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels: expected a torch tensor of shape ({n},), got {type(labels).__name__}; convert "
+                         "with torch.as_tensor(y)")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels: {n} images but labels of shape {tuple(labels.shape)}; give one label per image")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be whole numbers, got {labels.dtype}; use labels.long()")
+    return labels
 
 
 @torch.no_grad()
@@ -215,7 +260,24 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {estimator!r})")
-    check_images(model, images)
+    images = check_images(model, images)
+    labels = _checked_labels(labels, images.shape[0])
+    num_samples = whole(num_samples, "--num-samples")
+    seed = check_seed(seed)
+    ais_options = _checked_ais_options(ais_options)
+    if model.has_posterior and estimator == "ais":  # on every example, before any is scored (or sharded)
+        from .ais import _check_ais
+
+        _check_ais(model, images.shape[0], **ais_options)
+    elif model.has_posterior and estimator == "quadrature":
+        from .quadrature import _check_quadrature
+
+        _check_quadrature(model, images, quadrature_resolution)
+    if shard is not None:
+        rank, world = shard
+        whole(world, "shard's world size")
+        if not 0 <= rank < world:
+            raise ValueError(f"shard = (rank, world) needs 0 <= rank < world (got {shard})")
     report: dict = {"model": model.kind, "num_examples": int(images.shape[0])}
     was_training = model.training
     model.eval()

@@ -540,7 +540,7 @@ def check_sizes(config, data_dim: int) -> None:
     """Refuse, with one line naming the flag, a model whose parameters (with their gradients and
     Adam's two moments: 16 bytes each) or whose activations for one training step would not fit
     in half of this machine's memory: before anything is allocated."""
-    from .config import refuse_if_too_big
+    from .config import TrainConfig, most_raised, refuse_if_too_big
 
     h = list(config.hidden_dims)
     dims = [*getattr(config, "lower_latent_dims", ()), config.latent_dim]
@@ -550,23 +550,29 @@ def check_sizes(config, data_dim: int) -> None:
     upper = sum(sum(a * b for a, b in zip([lo, *layer], [*layer, 2 * hi])) for lo, hi in zip(dims[:-1], dims[1:]))
     k = config.prior_components if (config.prior != "standard" or config.model == "mixture") else 0
     per_component = data_dim if (config.prior == "vamp" or config.model == "mixture") else 2 * config.latent_dim
-    flows = 0
+    flows, flow_flag = 0, "--flow-hidden-dims"
     if getattr(config, "guide", "gaussian") == "iaf":
         fh = list(config.flow_hidden_dims)
         flows = config.flow_steps * len(dims) * sum(a * b for a, b in zip(
             [max(dims) + config.flow_context_dim, *fh], [*fh, 2 * max(dims)]))
+        # the steps multiply the MADE networks, whose first layer the context widens: name the one raised most
+        flow_flag = most_raised({"--flow-steps": (config.flow_steps, TrainConfig.flow_steps),
+                                 "--flow-context-dim": (config.flow_context_dim, TrainConfig.flow_context_dim),
+                                 "--flow-hidden-dims": (max(fh), max(TrainConfig.flow_hidden_dims))})
     # a gated layer holds two maps; the two-level model's guide and decoder see x or z twice
     widen = (2 if getattr(config, "net", "mlp") == "gated" else 1) * (
         2 if getattr(config, "hierarchy", "stack") == "two-level" else 1)
     mlp, upper = widen * mlp, widen * upper
     width = max([data_dim, *h, *layer, *dims])
-    rows = config.batch_size * config.num_particles
+    rows_flag = most_raised({"--num-particles": (config.num_particles, TrainConfig.num_particles),
+                             "--batch-size": (config.batch_size, TrainConfig.batch_size)})
     code_flag = "--lower-latent-dims" if len(dims) > 1 else "--latent-dim"
-    refuse_if_too_big({"--hidden-dims": 16.0 * 2 * mlp, code_flag: 16.0 * code, "--lower-latent-dims": 16.0 * 2 * upper,
-                       "--prior-components": 16.0 * k * per_component, "--flow-hidden-dims": 16.0 * flows},
-                      "the model")
-    refuse_if_too_big({"--num-particles": 4.0 * 8 * rows * width * (len(h) + 2),
-                       "--batch-size": 0.0}, "one training step")
+    upper_flag = most_raised({"--lower-latent-dims": (max(dims[:-1], default=0), 1),
+                              "--layer-hidden-dims": (max(layer, default=0), max(TrainConfig.layer_hidden_dims))})
+    refuse_if_too_big([("--hidden-dims", 16.0 * 2 * mlp), (code_flag, 16.0 * code), (upper_flag, 16.0 * 2 * upper),
+                       ("--prior-components", 16.0 * k * per_component), (flow_flag, 16.0 * flows)], "the model")
+    refuse_if_too_big({rows_flag: 4.0 * 8 * config.batch_size * config.num_particles * width * (len(h) + 2)},
+                      "one training step")
 
 
 def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = None,

@@ -8,7 +8,20 @@ import torch
 
 from .files import write_atomic
 
-__all__ = ["save_image_grid", "plot_training_curves", "plot_latent_2d", "figure"]
+__all__ = ["save_image_grid", "plot_training_curves", "plot_latent_2d", "figure", "image_path",
+           "IMAGE_SUFFIXES"]
+
+#: image files a picture may be written to (what PIL writes)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_path(flag: str, path: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Path:
+    """``path`` as a ``Path``, or ``ValueError`` naming ``flag`` unless its name ends in one of
+    ``suffixes`` (a picture is never written into a file whose name says it is something else)."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} {path}: the file name must end in an image type ({', '.join(suffixes)})")
+    return path
 
 
 def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: str | Path, nrow: int = 8) -> Path:

@@ -18,10 +18,12 @@ likelihood or prior works: :math:`\log p(x, z)` comes from the model's own trace
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 
+from .config import refuse_if_too_big, whole
 from .marginal import check_images, default_chunk_size, latent_sites, log_joint, scoring
 
 __all__ = ["quadrature_log_px", "QUADRATURE_RESOLUTION"]
@@ -30,6 +32,20 @@ __all__ = ["quadrature_log_px", "QUADRATURE_RESOLUTION"]
 QUADRATURE_RESOLUTION = 256
 #: points per side of the coarse grids that locate the posterior
 _COARSE = 96
+
+
+def _check_quadrature(model, images: torch.Tensor, resolution, batch_size=None) -> str:
+    """Refuse a resolution that is not a whole number of at least 8, a model without one 2-D latent,
+    and a fine grid that would not fit in memory (each batch's points, float64 and the model's
+    float32, and log p(x, z) at each, are kept whole); return the latent site's name."""
+    resolution = whole(resolution, "--quadrature-resolution", at_least=8)
+    if batch_size is None:
+        batch_size = inspect.signature(quadrature_log_px).parameters["batch_size"].default
+    batch_size = whole(batch_size, "batch_size")
+    site = _check_2d(model, images)
+    refuse_if_too_big({"--quadrature-resolution": 40.0 * resolution**2 * min(batch_size, images.shape[0])},
+                      "the quadrature grid")
+    return site
 
 
 def _check_2d(model, images: torch.Tensor) -> str:
@@ -77,11 +93,9 @@ def quadrature_log_px(model, images: torch.Tensor, *, resolution: int = QUADRATU
     batch_size : examples per pass; ``chunk_size``: at most this many (point, example) pairs decoded at
         once (default: 4 times the importance sampler's, :func:`~pyrovae.marginal.default_chunk_size`).
     """
-    if resolution < 8:
-        raise ValueError(f"--quadrature-resolution must be at least 8 (got {resolution})")
-    check_images(model, images)
-    site = _check_2d(model, images)
-    chunk_size = chunk_size or 4 * default_chunk_size(images.device)
+    images = check_images(model, images)
+    site = _check_quadrature(model, images, resolution, batch_size)
+    chunk_size = whole(chunk_size, "chunk_size") if chunk_size is not None else 4 * default_chunk_size(images.device)
     from tqdm.auto import tqdm
 
     out = []

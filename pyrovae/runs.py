@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .files import write_atomic
+from .marginal import nonfinite_tensors
 from .model import build_model
 
 __all__ = ["Run", "RunLock", "load_run", "save_checkpoint", "load_checkpoint", "read_metrics"]
@@ -104,11 +105,10 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         raise ValueError(f"{path}: a damaged pyrovae checkpoint (its model holds values that are not tensors); "
                          "use best.pt or last.pt of an intact run")
-    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(state["model"])
     if bad:
-        raise ValueError(f"{path}: the model's weights hold NaN or infinite values ({bad[0]}"
-                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run diverged before this "
-                         "checkpoint; use an earlier one or train again")
+        raise ValueError(f"{path}: the model's weights hold NaN or infinite values ({bad}): the run diverged before "
+                         "this checkpoint; use an earlier one or train again")
     return state
 
 

@@ -119,15 +119,16 @@ class _Data:
     train_labels: torch.Tensor | None
 
 
-def prepare_data(config: TrainConfig, split: str, device) -> Dataset:
+def prepare_data(config: TrainConfig, split: str, device, fix: str | None = None) -> Dataset:
     """Load ``split`` of the run's dataset, binarised the way the run scores data
-    (static for a binarised run, grey otherwise), checked against the likelihood, on ``device``."""
+    (static for a binarised run, grey otherwise), checked against the likelihood, on ``device``;
+    ``fix``: the advice of that check's error, where training's flags are not the remedy."""
     ds = load_dataset(config.dataset, split, data_dir=config.data_dir, label_column=config.label_column,
                       download=config.download)
     ds = ds.to(device)
     if config.binarize != "none":
         ds = static_binarized(ds)
-    check_likelihood(ds, config.likelihood, "static" if config.binarize != "none" else "none")
+    check_likelihood(ds, config.likelihood, "static" if config.binarize != "none" else "none", fix)
     return ds
 
 

@@ -79,7 +79,7 @@ def test_help_from_a_fresh_process():
     (["train", "--dataset", "mnist", "--data-dir", "/nonexistent"], "train-images-idx3-ubyte.gz"),
     (["train", "--prior", "mog", "--prior-components", "0"], "--prior-components must be at least 1"),
     (["train", "--epochs", "0"], "--epochs must be at least 1"),
-    (["train", "--epochs", "ten"], "invalid int value: 'ten'"),
+    (["train", "--epochs", "ten"], "--epochs: expected a whole number, got 'ten'"),
     (["train", "--hidden-dims", "4x"], "comma-separated sizes"),
     (["train", "--prior", "vamp", "--prior-init", "kmeans"], "--prior-init kmeans does not apply to --prior vamp"),
     (["train", "--dataset", "digits", "--prior", "vamp", "--prior-components", "5000"],

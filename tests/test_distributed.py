@@ -314,3 +314,38 @@ def test_torchrun_cli_trains_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert [row["epoch"] for row in read_metrics(tmp_path / "r" / "metrics.jsonl")] == [1, 2, 3]
     assert len(load_checkpoint(tmp_path / "r" / "last.pt")["rng"]) == 2
+
+
+def test_torchrun_evaluate_on_fewer_examples_than_processes_finishes_like_one_process(tmp_path, capsys):
+    """2 processes, 1 example: one process has no share of the examples, yet joins every collective
+    (it used to wait forever for a process that had already failed on its empty share)."""
+    import signal
+    import subprocess
+
+    from conftest import cli
+    from sklearn.datasets import load_digits
+
+    run = train(TrainConfig(dataset="digits", hidden_dims=(8,), latent_dim=2, epochs=1, out=str(tmp_path), name="r",
+                            no_tensorboard=True), progress=False).run_dir
+    one = tmp_path / "one.npy"
+    np.save(one, load_digits().data[:1] / 16.0)
+    args = ["-m", "pyrovae", "evaluate", str(run), "--dataset", str(one), "--split", "all", "--num-samples", "20",
+            "--quiet", "--json"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args,
+                          str(tmp_path / "two.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers
+        p.communicate()
+        pytest.fail(f"{WORLD} processes on 1 example did not finish within 180 s (a collective left waiting)")
+    assert p.returncode == 0, err[-3000:]
+    code, _, err = cli(capsys, *args[2:], str(tmp_path / "one.json"))
+    assert code == 0, err
+    two, single = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["processes"] == WORLD and two["num_examples"] == single["num_examples"] == 1
+    assert two["log_px"] == single["log_px"] and two["elbo"] == single["elbo"]  # the same per-example streams

@@ -526,3 +526,250 @@ def test_save_checkpoint_failure_keeps_the_old_file(tmp_path, monkeypatch):
         save_checkpoint({**full, "model": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3)) and len(list(tmp_path.iterdir())) == 1
+
+
+# --- third round: every estimator checked for memory and time, distributed evaluation, a strict API ----------------
+
+
+def _with_run(command: list[str], run: Path, out: Path) -> list[str]:
+    """``command`` with RUN standing for ``run``, and a training's --out in ``out``."""
+    command = [c.replace("RUN", str(run)) for c in command]
+    return command + ["--out", str(out)] if command[0] == "train" else command
+
+
+@pytest.fixture(scope="module")
+def runs_2d(tmp_path_factory):
+    """Runs with a 2-D latent (quadrature applies) of every model kind bdmc must refuse, and one with a
+    mixture prior (labels are scored against its components)."""
+    out = tmp_path_factory.mktemp("kinds")
+    common = dict(dataset="digits", hidden_dims=(16,), latent_dim=2, epochs=1, out=str(out), no_tensorboard=True)
+    for name, extra in (("vae", {}), ("pca", {"model": "pca"}), ("ae", {"model": "ae"}),
+                        ("mixture", {"model": "mixture", "prior_components": 3}),
+                        ("mog", {"prior": "mog", "prior_components": 3})):
+        train(TrainConfig(name=name, **common, **extra), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("command, flag, not_named", [
+    (["train", *TINY, "--guide", "iaf", "--flow-steps", "100000000"], "--flow-steps", "--flow-hidden-dims"),
+    (["train", *TINY, "--guide", "iaf", "--flow-context-dim", "1000000000"], "--flow-context-dim",
+     "--flow-hidden-dims"),
+    (["train", *TINY, "--batch-size", "1000000000"], "--batch-size", "--num-particles"),
+    (["evaluate", "RUN", "--estimator", "ais", "--ais-chains", "1000000000"], "--ais-chains", "--ais-steps"),
+    (["bdmc", "RUN", "--leapfrog", "100000000"], "--leapfrog", "--steps"),
+])
+def test_a_refusal_for_size_names_the_setting_that_causes_it(capsys, run, tmp_path, command, flag, not_named):
+    command = _with_run(command, run, tmp_path)
+    got, _, err = cli(capsys, *command)
+    line = one_line(err)
+    assert got == 2 and (f"lower {flag}" in line or f"smaller {flag}" in line), line
+    assert not_named not in line.replace(flag, "")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["evaluate", "VAE", "--estimator", "ais", "--ais-chains", "10000000000", "--allow-long"], "--ais-chains"),
+    (["evaluate", "VAE", "--estimator", "ais", "--ais-steps", "10000000000", "--allow-long"], "--ais-steps"),
+    (["evaluate", "VAE", "--estimator", "quadrature", "--quadrature-resolution", "1000000", "--allow-long"],
+     "--quadrature-resolution"),
+    (["evaluate", "VAE", "--num-samples", "100000000", "--chunk-size", "1000000000000", "--allow-long"],
+     "--chunk-size"),
+    (["bdmc", "VAE", "--num-examples", "10000000000"], "--num-examples"),
+    (["bdmc", "VAE", "--num-examples", "10000000000", "--allow-long"], "--num-examples"),
+])
+def test_estimator_sizes_beyond_memory_are_refused_before_allocating_even_with_allow_long(runs_2d, command, flag):
+    d = runs_2d / "vae"
+    before = snapshot(d)
+    code, err, peak = _peak_mb_of([c.replace("VAE", str(d)) for c in command])
+    line = one_line(err)
+    assert code == 2 and f"smaller {flag}" in line and "GiB" in line, line
+    assert peak < 1500
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("kind", ["pca", "mixture", "ae"])
+def test_bdmc_on_a_model_without_a_guide_is_one_line_in_its_own_words(capsys, runs_2d, kind):
+    d = runs_2d / kind
+    before = snapshot(d)
+    got, _, err = cli(capsys, "bdmc", str(d), "--num-examples", "2", "--steps", "2", "--quiet")
+    line = one_line(err)
+    assert got == 2 and "pyrovae bdmc needs a VAE" in line and f"a {kind} model" in line
+    assert "--estimator" not in line
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--chains", "0"], "--chains"),
+    (["--leapfrog", "0"], "--leapfrog"),
+    (["--steps", "3,0"], "--steps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--num-examples", "0"], "--num-examples"),
+])
+def test_bdmc_errors_name_bdmcs_flags(capsys, run, flags, flag):
+    got, _, err = cli(capsys, "bdmc", str(run), *flags, "--quiet")
+    line = one_line(err)
+    assert got == 2 and line.startswith(f"pyrovae bdmc: error: {flag} ") and "--ais-" not in line, line
+
+
+def test_evaluate_on_grey_data_names_its_own_remedy_not_trainings_flags(capsys, tmp_path):
+    from sklearn.datasets import load_digits
+
+    np.save(tmp_path / "binary.npy", (load_digits().data / 16.0 > 0.5).astype(np.float32))
+    train(TrainConfig(dataset=str(tmp_path / "binary.npy"), binarize="none", hidden_dims=(8,), latent_dim=2,
+                      epochs=1, out=str(tmp_path), name="b", no_tensorboard=True), progress=False)
+    got, _, err = cli(capsys, "evaluate", str(tmp_path / "b"), "--dataset", "digits", "--num-samples", "5", "--quiet")
+    line = one_line(err)
+    assert got == 2 and "grey values" in line and "give it binary data (--dataset)" in line
+    assert "--binarize dynamic" not in line  # a training flag: evaluate has no --binarize
+
+
+HUGE = "1" + "0" * 400
+
+
+@pytest.mark.parametrize("edit", [{"lr": 10**400}, {"lr_min": -(10**400)}, {"latent_dim": 10**400}])
+def test_a_huge_integer_in_a_run_or_settings_file_is_one_line(capsys, run, tmp_path, edit):
+    d = _copy(run, tmp_path / "r")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, **edit}))
+    key = next(iter(edit))
+    for command in (["evaluate", str(d), "--num-samples", "5", "--quiet"], ["sample", str(d)],
+                    ["train", "--resume", str(d), "--epochs", "3", "--quiet"],
+                    ["train", "--config", str(d / "config.json"), "--out", str(tmp_path / "new"), "--quiet"]):
+        before = snapshot(d)
+        got, _, err = cli(capsys, *command)
+        line = one_line(err)
+        assert got == 2 and (repr(key) in line or f"--{key.replace('_', '-')}" in line), (command, line)
+        assert "config.json" in line and "Error" not in line
+        assert snapshot(d) == before
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["train", *TINY, "--latent-dim", HUGE], "--latent-dim"),
+    (["train", *TINY, "--hidden-dims", f"16,{HUGE}"], "--hidden-dims"),
+    (["evaluate", "RUN", "--num-samples", HUGE], "--num-samples"),
+    (["evaluate", "RUN", "--estimator", "ais", "--ais-chains", HUGE, "--allow-long"], "--ais-chains"),
+    (["sample", "RUN", "--num-images", HUGE], "--num-images"),
+    (["bdmc", "RUN", "--steps", HUGE], "--steps"),
+])
+def test_a_huge_integer_flag_is_one_line_naming_it(capsys, run, tmp_path, command, flag):
+    command = _with_run(command, run, tmp_path)
+    before = snapshot(run)
+    got, _, err = cli(capsys, *command)
+    line = one_line(err)
+    assert got == 2 and flag in line and "below 2^63" in line and HUGE not in line, line
+    assert snapshot(run) == before and not list(tmp_path.iterdir())
+
+
+def test_a_3d_array_keeps_its_image_shape(capsys, tmp_path):
+    images = (np.random.default_rng(0).random((200, 4, 12)) > 0.5).astype(np.float32)
+    np.save(tmp_path / "wide.npy", images)
+    from pyrovae import load_dataset
+
+    ds = load_dataset(str(tmp_path / "wide.npy"), "all")
+    assert ds.image_shape == (4, 12) and torch.equal(ds.images, torch.from_numpy(images.reshape(200, 48)))
+    got, _, err = cli(capsys, "train", "--dataset", str(tmp_path / "wide.npy"), "--net", "conv", "--hidden-dims", "8",
+                      "--latent-dim", "2", "--epochs", "1", "--out", str(tmp_path), "--name", "c", "--quiet",
+                      "--no-tensorboard")
+    assert got == 0, err
+    assert load_checkpoint(tmp_path / "c" / "last.pt")["image_shape"] == [4, 12]
+    got, _, err = cli(capsys, "sample", str(tmp_path / "c"), "--num-images", "4")
+    assert got == 0, err
+    from PIL import Image
+
+    with Image.open(tmp_path / "c" / "samples.png") as grid:  # 2 x 2 images 3 times as wide as high
+        assert grid.width > 2 * grid.height
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--plot", "OUT/diff.txt"], "--plot"),
+    (["--plot", ""], "--plot"),
+    (["--markdown", ""], "--markdown"),
+    (["--json", ""], "--json"),
+    (["--baseline", ""], "--baseline"),
+])
+def test_compare_refuses_a_plot_that_is_not_a_png_and_empty_paths_before_any_work(capsys, monkeypatch, run, tmp_path,
+                                                                                  flags, flag):
+    import pyrovae.compare as compare
+
+    monkeypatch.setattr(compare, "score_run", lambda *a, **k: pytest.fail("scored before the flags were checked"))
+    got, _, err = cli(capsys, "compare", str(run), str(run), "--num-samples", "5", "--quiet",
+                      *[f.replace("OUT", str(tmp_path)) for f in flags])
+    assert got == 2 and flag in one_line(err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_plot_differences_from_python_refuses_a_name_that_is_not_png(tmp_path):
+    from pyrovae.compare import plot_differences
+
+    with pytest.raises(ValueError, match=r"--plot .*d\.txt: the file name must end in an image type \(\.png\)"):
+        plot_differences({"rows": []}, tmp_path / "d.txt")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["train", *TINY, "--preset", ""], "--preset"),
+    (["train", *TINY, "--config", ""], "--config"),
+    (["train", "--resume", ""], "--resume"),
+    (["evaluate", "RUN", "--json", ""], "--json"),
+    (["evaluate", "RUN", "--data-dir", ""], "--data-dir"),
+    (["sample", "RUN", "--output", ""], "--output"),
+    (["reconstruct", "RUN", "--output", ""], "--output"),
+])
+def test_an_empty_name_is_refused_like_a_wrong_one(capsys, run, tmp_path, command, flag):
+    command = _with_run(command, run, tmp_path)
+    before = snapshot(run)
+    got, _, err = cli(capsys, *command)
+    assert got == 2 and flag in one_line(err)
+    assert snapshot(run) == before and not list(tmp_path.iterdir())
+
+
+def test_the_api_converts_float64_images_and_refuses_what_the_cli_would(runs_2d):
+    from pyrovae import evaluate
+    from pyrovae.training import prepare_data
+
+    mog = load_run(runs_2d / "mog")
+    model, images = mog.model, prepare_data(mog.config, "test", "cpu").images[:6]
+    single = estimate_log_px(model, images, 5, seed=0).log_px
+    assert torch.equal(estimate_log_px(model, images.double(), 5, seed=0).log_px, single)
+    report = evaluate(model, images.double(), torch.arange(6), num_samples=5, seed=0)
+    assert report["log_px"] == pytest.approx(float(single.mean()), rel=1e-12)
+    for call, message in [
+        (lambda: estimate_log_px(model, images, 2.5), "--num-samples must be a whole number"),
+        (lambda: evaluate(model, images, num_samples=2.5), "--num-samples must be a whole number"),
+        (lambda: evaluate(model, images, num_samples=5, seed=1.5), "--seed must be a whole number"),
+        (lambda: evaluate(model, images, num_samples=5, estimator="ais", ais_options={"steps": 3}),
+         "ais_options: unknown key 'steps'"),
+        (lambda: evaluate(model, images, num_samples=5, estimator="ais", ais_options={"num_chains": 0}),
+         "--ais-chains must be at least 1"),
+        (lambda: evaluate(model, images, torch.arange(5), num_samples=5), "6 images but labels of shape"),
+        (lambda: evaluate(model, images, torch.arange(7), num_samples=5), "6 images but labels of shape"),
+        (lambda: evaluate(model, images, torch.zeros(6), num_samples=5), "labels must be whole numbers"),
+        (lambda: evaluate(model, images, num_samples=5, estimator="quadrature", quadrature_resolution=2.5),
+         "--quadrature-resolution must be a whole number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_the_api_checks_a_train_configs_types_as_a_settings_file_is_checked():
+    for setting, value in (("num_particles", 2.5), ("batch_size", 32.0), ("lr", "0.1"), ("hidden_dims", 16)):
+        with pytest.raises(ValueError, match=f"setting '{setting}' must be"):
+            train(TrainConfig(dataset="digits", **{setting: value}), progress=False, write=False)
+
+
+def test_nan_weights_set_through_the_api_are_named_not_estimated(runs_2d):
+    from pyrovae import evaluate
+    from pyrovae.ais import ais_log_px
+    from pyrovae.quadrature import quadrature_log_px
+
+    run2 = load_run(runs_2d / "vae")
+    from pyrovae.training import prepare_data
+
+    images = prepare_data(run2.config, "test", "cpu").images[:4]
+    with torch.no_grad():
+        run2.model.decoder.linear_maps[-1].weight[0, 0] = math.nan
+    for call in (lambda: estimate_log_px(run2.model, images, 5), lambda: evaluate(run2.model, images, num_samples=5),
+                 lambda: ais_log_px(run2.model, images, num_steps=2), lambda: quadrature_log_px(run2.model, images)):
+        with pytest.raises(ValueError, match="weights hold NaN or infinite values .*decoder"):
+            call()

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 __all__ = ["Dataset", "DataError", "load_dataset", "binarize", "static_binarized", "read_amat",
            "download_binarized_mnist", "STATIC_BINARIZE_SEED"]
 

@@ -13,7 +13,9 @@ and leaves a run directory::
 
 A wall-clock budget (``--time-limit``): the run times its first :data:`PROBE_EPOCHS` epochs,
 fixes how many epochs fit in the budget (``planned_epochs``, at most ``--epochs``), anneals the
-learning-rate schedule over exactly those and stops there. The plan and the seconds spent are
+learning-rate schedule over exactly those and stops there; should the epochs slow down later (a
+busier machine) so that the plan would overrun its budget by more than :data:`OVERRUN`, the plan is
+shortened to what fits at the recent pace. The plan and the seconds spent are
 kept in every checkpoint, so ``--resume`` continues the same plan within what is left of the
 budget, or, given a larger ``--time-limit``, plans again from the epochs' measured pace.
 ``summary.json`` records what ended the run (``stopped_by``).
@@ -72,6 +74,10 @@ VAL_SEED = 97
 #: epochs timed before a --time-limit run fixes how many epochs fit (after a first one, whose one-off
 #: set-up is spent from the budget but not taken as the pace)
 PROBE_EPOCHS = 3
+#: a --time-limit plan is shortened when, at the pace of its last :data:`PACE_EPOCHS` epochs, it would end
+#: more than this share past its budget (the machine got busier after the plan was made); never lengthened
+OVERRUN = 0.05
+PACE_EPOCHS = 10
 #: a mixture component of K counts as in use while it holds at least this share of 1/K of the
 #: validation codes' responsibility (a tenth of an even share: 1% for K = 10)
 COMPONENT_SHARE = 0.1
@@ -334,7 +340,7 @@ class _Trainer:
         #: seconds of training epochs so far (over every session of a resumed run), and the --time-limit plan
         self.train_seconds, self.planned_epochs, self.planned_budget = 0.0, None, None
         self.budget = parse_duration(config.time_limit) if config.time_limit is not None else None
-        self._probe_seconds: list[float] = []  # seconds of this session's epochs, until the plan is made
+        self._session_seconds: list[float] = []  # seconds of this session's epochs (the pace of the plan)
         self.resume_state = resume_state
         if resume_state is not None:
             missing = [k for k in _RESUME_KEYS if k not in resume_state]
@@ -480,6 +486,23 @@ class _Trainer:
         self.planned_epochs = max(epochs_done, min(self.config.epochs, epochs_done + fit))
         self.planned_budget = self.budget
 
+    def _pace(self, last: int) -> float:
+        """Mean seconds of this session's last ``last`` epochs, without its first (whose one-off set-up
+        is spent from the budget but is not the pace)."""
+        epochs = self._session_seconds[1:] or self._session_seconds
+        epochs = epochs[-last:]
+        return sum(epochs) / len(epochs)
+
+    def _shorten_if_late(self, epochs_done: int) -> None:
+        """Shorten the plan to what fits at the recent pace when the planned epochs would end more than
+        :data:`OVERRUN` past the budget; the schedule then anneals over the shorter plan."""
+        left = self.planned_epochs - epochs_done
+        pace = self._pace(PACE_EPOCHS)
+        if left > 0 and self.train_seconds + left * pace > self.budget * (1 + OVERRUN):
+            planned = self.planned_epochs
+            self._plan(epochs_done, pace)
+            self.planned_epochs = min(self.planned_epochs, planned)
+
     def _replan_on_resume(self) -> None:
         """A resumed --time-limit run keeps its plan; with another budget it plans again from the pace of
         the epochs it has run (their mean seconds), over what is left."""
@@ -601,11 +624,12 @@ class _Trainer:
         # the budget's clock: the mean over processes, so that every process makes the same plan
         seconds = self.env.sum([t_save - t0])[0] / self.env.world
         self.train_seconds += seconds
-        self._probe_seconds.append(seconds)
+        self._session_seconds.append(seconds)
         if self.budget is not None and self.planned_epochs is None and (
-                len(self._probe_seconds) > PROBE_EPOCHS or self.train_seconds >= self.budget):
-            probe = self._probe_seconds[1:] or self._probe_seconds  # the first epoch of a session includes set-up
-            self._plan(epoch + 1, sum(probe) / len(probe))
+                len(self._session_seconds) > PROBE_EPOCHS or self.train_seconds >= self.budget):
+            self._plan(epoch + 1, self._pace(len(self._session_seconds)))
+        elif self.budget is not None and self.planned_epochs is not None:
+            self._shorten_if_late(epoch + 1)
         row["planned_epochs"] = self.planned_epochs if self.budget is not None else None
         if row["planned_epochs"] is None:
             del row["planned_epochs"]

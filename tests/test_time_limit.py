@@ -24,10 +24,10 @@ from pyrovae.runs import load_checkpoint, read_metrics
 
 @pytest.fixture
 def clock(monkeypatch):
-    ticks = {"now": 0.0}
+    ticks = {"now": 0.0, "step": 1.0}
 
     def perf_counter():
-        ticks["now"] += 1.0
+        ticks["now"] += ticks["step"]
         return ticks["now"]
 
     monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=perf_counter))
@@ -92,6 +92,24 @@ def test_a_raised_budget_plans_again_from_the_measured_pace(tmp_path, clock, cap
     # nothing left of the budget: a resume trains nothing and says so
     code, out, err = cli(capsys, "train", "--resume", str(tmp_path / "r"), "--quiet")
     assert code == 0 and "epochs: 15" in out and len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 15
+
+
+def test_a_run_that_slows_down_after_its_plan_shortens_the_plan_to_keep_its_budget(tmp_path, clock, monkeypatch):
+    """From epoch 7 on every epoch takes 9 s instead of 3: at epoch 7 the plan of 10 would end at 27 + 3 x 4
+    (the mean of the last epochs) = 39 s, past 30 s by more than 5%, so it shrinks to the 7 that fit."""
+    original = training._Trainer._epoch
+
+    def slower(self, e, *args):
+        clock["step"] = 3.0 if e >= 6 else 1.0
+        return original(self, e, *args)
+
+    monkeypatch.setattr(training._Trainer, "_epoch", slower)
+    result = train(config(tmp_path), progress=False)
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r.get("planned_epochs") for r in rows] == [None] * 3 + [10] * 3 + [7]
+    assert (result.epochs_done, result.planned_epochs, result.stopped_by) == (7, 7, "time_limit")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["train_seconds"] == 27.0 <= 30.0
 
 
 @pytest.mark.parametrize("text, seconds", [("900", 900), ("900s", 900), ("45m", 2700), ("1.5h", 5400),

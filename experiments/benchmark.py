@@ -249,7 +249,13 @@ def _main(args, argv) -> int:
     curves = {name: _curve(d) for name, d in zip(names, run_dirs)}
     out.mkdir(parents=True, exist_ok=True)
     _plot(curves, out / "elbo_vs_minutes.png")
-    command = "python experiments/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(given):  # the data's folder is the user's own: the report names it DIR
+        if a == "--data-dir" and i + 1 < len(given):
+            given[i + 1] = "DIR"
+        elif a.startswith("--data-dir="):
+            given[i] = "--data-dir=DIR"
+    command = "python experiments/benchmark.py " + " ".join(given)
     lines = [f"# binarized MNIST on a CPU budget ({val.split} split, {len(val)} images)", "", table, "",
              *[f"- **{r['name']}**: {r['what']}" for r in result["rows"]], "",
              "- Training: the 50,000 training images, each row for the minutes shown (`--time-limit`), the best "
@@ -264,7 +270,11 @@ def _main(args, argv) -> int:
              "", "![validation ELBO against training minutes](elbo_vs_minutes.png)", "", f"Command: `{command}`", ""]
     text = "\n".join(lines)
     write_text_atomic(out / "benchmark.md", text)
-    write_json(out / "benchmark.json", {"command": command, "validation": result, "test": test_result,
+    def slim(compared):  # per-example values stay in each run's scores-*.json
+        return compared and {**compared, "rows": [{**r, "report": {k: v for k, v in r["report"].items()
+                                                                  if k != "per_example"}} for r in compared["rows"]]}
+
+    write_json(out / "benchmark.json", {"command": command, "validation": slim(result), "test": slim(test_result),
                                         "rows": [{k: v for k, v in r.items() if k != "report"}
                                                  for r in result["rows"]]})
     print(text)

@@ -39,6 +39,7 @@ def test_benchmark_quick_trains_scores_and_reuses(tmp_path, capsys):
     assert result["validation"]["num_examples"] == 50 and result["test"]["num_examples"] == 30
     text = (out / "benchmark.md").read_text()
     assert "| vae |" in text and "| hvae-vamp |" in text and "Command: `python experiments/benchmark.py" in text
+    assert "--data-dir DIR" in text and str(data) not in text
     with Image.open(out / "elbo_vs_minutes.png") as im:
         assert im.size[0] > 400
     trained = (out / "runs" / "vae" / "metrics.jsonl").stat().st_mtime_ns

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import struct
 import sys
 from pathlib import Path
@@ -14,6 +15,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in one worker per core (pytest -n 2): one thread each, and each command a test
+    # starts inherits it, so that the workers do not oversubscribe the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ A wall-clock budget (``--time-limit``): the run times its first :data:`PROBE_EPO
 fixes how many epochs fit in the budget (``planned_epochs``, at most ``--epochs``), anneals the
 learning-rate schedule over exactly those and stops there; should the epochs slow down later (a
 busier machine) so that the plan would overrun its budget by more than :data:`OVERRUN`, the plan is
-shortened to what fits at the recent pace. The plan and the seconds spent are
+shortened to what fits at the session's pace. The plan and the seconds spent are
 kept in every checkpoint, so ``--resume`` continues the same plan within what is left of the
 budget, or, given a larger ``--time-limit``, plans again from the epochs' measured pace.
 ``summary.json`` records what ended the run (``stopped_by``).
@@ -74,10 +74,11 @@ VAL_SEED = 97
 #: epochs timed before a --time-limit run fixes how many epochs fit (after a first one, whose one-off
 #: set-up is spent from the budget but not taken as the pace)
 PROBE_EPOCHS = 3
-#: a --time-limit plan is shortened when, at the pace of its last :data:`PACE_EPOCHS` epochs, it would end
-#: more than this share past its budget (the machine got busier after the plan was made); never lengthened
+#: a --time-limit plan is shortened when, at the mean pace of this session's epochs so far, it would end
+#: more than this share past its budget (the machine got busier after the plan was made); never lengthened.
+#: The session's mean, not the last few epochs': a minute of other work on the machine must not cut a long
+#: plan short for good
 OVERRUN = 0.05
-PACE_EPOCHS = 10
 #: a mixture component of K counts as in use while it holds at least this share of 1/K of the
 #: validation codes' responsibility (a tenth of an even share: 1% for K = 10)
 COMPONENT_SHARE = 0.1
@@ -494,10 +495,10 @@ class _Trainer:
         return sum(epochs) / len(epochs)
 
     def _shorten_if_late(self, epochs_done: int) -> None:
-        """Shorten the plan to what fits at the recent pace when the planned epochs would end more than
+        """Shorten the plan to what fits at this session's pace when the planned epochs would end more than
         :data:`OVERRUN` past the budget; the schedule then anneals over the shorter plan."""
         left = self.planned_epochs - epochs_done
-        pace = self._pace(PACE_EPOCHS)
+        pace = self._pace(len(self._session_seconds))
         if left > 0 and self.train_seconds + left * pace > self.budget * (1 + OVERRUN):
             planned = self.planned_epochs
             self._plan(epochs_done, pace)

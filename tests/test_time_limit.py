@@ -96,7 +96,8 @@ def test_a_raised_budget_plans_again_from_the_measured_pace(tmp_path, clock, cap
 
 def test_a_run_that_slows_down_after_its_plan_shortens_the_plan_to_keep_its_budget(tmp_path, clock, monkeypatch):
     """From epoch 7 on every epoch takes 9 s instead of 3: at epoch 7 the plan of 10 would end at 27 + 3 x 4
-    (the mean of the last epochs) = 39 s, past 30 s by more than 5%, so it shrinks to the 7 that fit."""
+    (the mean of the session's epochs after its first) = 39 s, past 30 s by more than 5%, so it shrinks to the
+    7 that fit."""
     original = training._Trainer._epoch
 
     def slower(self, e, *args):

@@ -10,6 +10,7 @@ sentence naming the file, the problem and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import os
@@ -359,6 +360,19 @@ def _download(name: str, data_dir: Path) -> None:
                         "copy the IDX files there by hand") from None
 
 
+@contextlib.contextmanager
+def _opened(path: Path):
+    """``path`` open for reading bytes, through gzip when its name ends in ``.gz``; a truncated or
+    damaged gzip stream, whenever it is read, becomes one :class:`DataError` naming the file."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            yield f
+    except EOFError:
+        raise DataError(f"{path}: the gzip stream ends early (truncated download?); download the file again") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: not a valid gzip file ({e}); download the file again") from None
+
+
 #: at most this many bytes of data an IDX header may declare (60,000 28x28 images are 47 MB)
 IDX_MAX_BYTES = 2**31
 #: bytes read past the declared data to tell a longer file from a well-formed one
@@ -380,7 +394,7 @@ def read_idx(path: Path, kind: str) -> torch.Tensor:
     ndim = 3 if kind == "images" else 1
     header_size = 4 * (ndim + 1)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with _opened(path) as f:
             header = f.read(header_size)
             if len(header) < header_size:
                 raise DataError(f"{path}: {len(header)} bytes is too short for an IDX header (truncated?); "
@@ -400,9 +414,7 @@ def read_idx(path: Path, kind: str) -> torch.Tensor:
                                 "wrong or the file is not an IDX file")
             body = f.read(count * per_item)
             trailing = len(f.read(_TRAILING_PROBE))
-    except EOFError:
-        raise DataError(f"{path}: the gzip stream ends early (truncated download?); download the file again") from None
-    except (gzip.BadGzipFile, zlib.error, OSError) as e:
+    except OSError as e:
         raise DataError(f"{path}: not a valid gzip file ({e}); download the file again") from None
     held = len(body) // per_item
     if held < count:
@@ -459,13 +471,8 @@ def read_amat(path: str | os.PathLike) -> torch.Tensor:
     """
     path = Path(path)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with _opened(path) as f:
             raw = f.read()
-    except EOFError:
-        raise DataError(f"{path}: the gzip stream ends early (truncated download?); download the file again") \
-            from None
-    except (gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: not a valid gzip file ({e}); download the file again") from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e}); check the file") from None
     if not raw.strip():

@@ -487,18 +487,17 @@ class _Trainer:
         self.planned_epochs = max(epochs_done, min(self.config.epochs, epochs_done + fit))
         self.planned_budget = self.budget
 
-    def _pace(self, last: int) -> float:
-        """Mean seconds of this session's last ``last`` epochs, without its first (whose one-off set-up
-        is spent from the budget but is not the pace)."""
+    def _pace(self) -> float:
+        """Mean seconds of this session's epochs, without its first (whose one-off set-up is spent from
+        the budget but is not the pace)."""
         epochs = self._session_seconds[1:] or self._session_seconds
-        epochs = epochs[-last:]
         return sum(epochs) / len(epochs)
 
     def _shorten_if_late(self, epochs_done: int) -> None:
         """Shorten the plan to what fits at this session's pace when the planned epochs would end more than
         :data:`OVERRUN` past the budget; the schedule then anneals over the shorter plan."""
         left = self.planned_epochs - epochs_done
-        pace = self._pace(len(self._session_seconds))
+        pace = self._pace()
         if left > 0 and self.train_seconds + left * pace > self.budget * (1 + OVERRUN):
             planned = self.planned_epochs
             self._plan(epochs_done, pace)
@@ -511,8 +510,6 @@ class _Trainer:
             return
         pace = self.train_seconds / self.start_epoch if self.start_epoch else 0.0
         self._plan(self.start_epoch, pace)
-
-
 
     def _kl_scale(self, steps_per_epoch: int) -> float:
         w = self.config.warmup_epochs
@@ -532,11 +529,12 @@ class _Trainer:
         bar = tqdm(total=self.planned_epochs or c.epochs, initial=self.start_epoch, desc="train", unit="epoch",
                    disable=not self.progress)
         stopped_early, epochs_done, stopped_by = False, self.start_epoch, "epochs"
+        last = c.epochs
         if self.planned_epochs is not None and self.start_epoch >= self.planned_epochs:
-            stopped_by = "time_limit"  # resumed with nothing left of the budget
+            stopped_by, last = "time_limit", self.start_epoch  # resumed with nothing left of the budget
         try:
             with pyro.get_param_store().scope():
-                for epoch in range(self.start_epoch, c.epochs if stopped_by == "epochs" else self.start_epoch):
+                for epoch in range(self.start_epoch, last):
                     row = self._epoch(epoch, svi, elbo, optim)
                     epochs_done = epoch + 1
                     bar.update(1)
@@ -628,12 +626,11 @@ class _Trainer:
         self._session_seconds.append(seconds)
         if self.budget is not None and self.planned_epochs is None and (
                 len(self._session_seconds) > PROBE_EPOCHS or self.train_seconds >= self.budget):
-            self._plan(epoch + 1, self._pace(len(self._session_seconds)))
+            self._plan(epoch + 1, self._pace())
         elif self.budget is not None and self.planned_epochs is not None:
             self._shorten_if_late(epoch + 1)
-        row["planned_epochs"] = self.planned_epochs if self.budget is not None else None
-        if row["planned_epochs"] is None:
-            del row["planned_epochs"]
+        if self.planned_epochs is not None:
+            row["planned_epochs"] = self.planned_epochs
         rng = self.env.gather(_rng_state(self.device))
         if self.write:
             if hasattr(model, "fit_code_distribution"):
@@ -777,11 +774,20 @@ class _Trainer:
 
 
 def _peak_rss_mb() -> float | None:
-    """This process's peak resident memory in MiB (``None`` where the platform does not say)."""
+    """This process's peak resident memory in MiB: ``VmHWM`` where there is ``/proc`` (getrusage's
+    maximum would carry over a parent's peak across ``exec``, as for a study's child process),
+    else getrusage's; ``None`` where the platform says neither."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            hwm = next((line.split()[1] for line in f if line.startswith("VmHWM:")), None)
+        if hwm is not None:
+            return int(hwm) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
 
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         return kib / 1024 if sys.platform != "darwin" else kib / 2**20
     except (ImportError, OSError):
         return None

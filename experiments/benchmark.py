@@ -135,7 +135,7 @@ def _train_row(name: str, args) -> Path:
     return run_dir
 
 
-def _published_and_what(name: str) -> tuple[str, str]:
+def _what_and_published(name: str) -> tuple[str, str]:
     row = next(r for r in ROWS if r[0] == name)
     return row[1], row[4]
 
@@ -151,14 +151,11 @@ def _curve(run_dir: Path) -> tuple[list[float], list[float]]:
 
 
 def _plot(curves: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from pyrovae.files import write_atomic
+    from pyrovae.plots import figure
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    fig = figure(7.5, 4.5, dpi=110)
+    ax = fig.subplots()
     for name, (minutes, elbo) in curves.items():
         ax.plot(minutes, elbo, label=name, lw=1.2)
     finite = [e for _, es in curves.values() for e in es if math.isfinite(e)]
@@ -172,7 +169,6 @@ def _plot(curves: dict[str, tuple[list[float], list[float]]], path: Path) -> Non
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +221,7 @@ def _main(args, argv) -> int:
 
     for row, run_dir in zip(result["rows"], run_dirs):
         summary = json.loads((run_dir / "summary.json").read_text())
-        row["what"], row["published"] = _published_and_what(row["name"])
+        row["what"], row["published"] = _what_and_published(row["name"])
         row["summary"] = {k: summary.get(k) for k in ("epochs_done", "best_epoch", "stopped_by", "train_seconds",
                                                         "time_limit", "planned_epochs", "peak_rss_mb")}
         row["settings"] = TrainConfig.load(run_dir / "config.json").to_dict()

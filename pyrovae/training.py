@@ -13,9 +13,9 @@ and leaves a run directory::
 
 A wall-clock budget (``--time-limit``): the run times its first :data:`PROBE_EPOCHS` epochs,
 fixes how many epochs fit in the budget (``planned_epochs``, at most ``--epochs``), anneals the
-learning-rate schedule over exactly those and stops there; should the epochs slow down later (a
-busier machine) so that the plan would overrun its budget by more than :data:`OVERRUN`, the plan is
-shortened to what fits at the session's pace. The plan and the seconds spent are
+learning-rate schedule over exactly those and stops there; should the epochs slow down or speed up
+later (a busier or an idler machine) so that the plan would end more than :data:`OVERRUN` past or
+short of its budget, the plan is made again at the session's pace. The plan and the seconds spent are
 kept in every checkpoint, so ``--resume`` continues the same plan within what is left of the
 budget, or, given a larger ``--time-limit``, plans again from the epochs' measured pace.
 ``summary.json`` records what ended the run (``stopped_by``).
@@ -74,10 +74,10 @@ VAL_SEED = 97
 #: epochs timed before a --time-limit run fixes how many epochs fit (after a first one, whose one-off
 #: set-up is spent from the budget but not taken as the pace)
 PROBE_EPOCHS = 3
-#: a --time-limit plan is shortened when, at the mean pace of this session's epochs so far, it would end
-#: more than this share past its budget (the machine got busier after the plan was made); never lengthened.
-#: The session's mean, not the last few epochs': a minute of other work on the machine must not cut a long
-#: plan short for good
+#: a --time-limit plan is made again when, at the mean pace of this session's epochs so far (after its
+#: first, and only once :data:`PROBE_EPOCHS` of them are timed), it would end more than this share of the
+#: budget past it or short of it (the machine got busier or idler after the plan was made). The session's
+#: mean, not the last few epochs': a minute of other work must not move a long plan much
 OVERRUN = 0.05
 #: a mixture component of K counts as in use while it holds at least this share of 1/K of the
 #: validation codes' responsibility (a tenth of an even share: 1% for K = 10)
@@ -493,15 +493,20 @@ class _Trainer:
         epochs = self._session_seconds[1:] or self._session_seconds
         return sum(epochs) / len(epochs)
 
-    def _shorten_if_late(self, epochs_done: int) -> None:
-        """Shorten the plan to what fits at this session's pace when the planned epochs would end more than
-        :data:`OVERRUN` past the budget; the schedule then anneals over the shorter plan."""
-        left = self.planned_epochs - epochs_done
-        pace = self._pace()
-        if left > 0 and self.train_seconds + left * pace > self.budget * (1 + OVERRUN):
-            planned = self.planned_epochs
-            self._plan(epochs_done, pace)
-            self.planned_epochs = min(self.planned_epochs, planned)
+    def _follow_pace(self, epochs_done: int) -> None:
+        """Plan again at this session's pace when the planned epochs would end more than :data:`OVERRUN`
+        of the budget past it or short of it; the schedule then anneals over the new plan.
+
+        A session's pace counts only once it has :data:`PROBE_EPOCHS` epochs after its first: a resumed
+        run's first epoch carries the session's set-up and, taken alone, would cut the plan short for good.
+        """
+        if len(self._session_seconds) <= PROBE_EPOCHS or epochs_done >= self.planned_epochs:
+            return
+        end = self.train_seconds + (self.planned_epochs - epochs_done) * self._pace()
+        late = end > self.budget * (1 + OVERRUN)
+        early = end < self.budget * (1 - OVERRUN) and self.planned_epochs < self.config.epochs
+        if late or early:
+            self._plan(epochs_done, self._pace())
 
     def _replan_on_resume(self) -> None:
         """A resumed --time-limit run keeps its plan; with another budget it plans again from the pace of
@@ -628,7 +633,7 @@ class _Trainer:
                 len(self._session_seconds) > PROBE_EPOCHS or self.train_seconds >= self.budget):
             self._plan(epoch + 1, self._pace())
         elif self.budget is not None and self.planned_epochs is not None:
-            self._shorten_if_late(epoch + 1)
+            self._follow_pace(epoch + 1)
         if self.planned_epochs is not None:
             row["planned_epochs"] = self.planned_epochs
         rng = self.env.gather(_rng_state(self.device))

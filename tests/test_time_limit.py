@@ -113,6 +113,52 @@ def test_a_run_that_slows_down_after_its_plan_shortens_the_plan_to_keep_its_budg
     assert summary["train_seconds"] == 27.0 <= 30.0
 
 
+def test_a_resumed_sessions_slow_first_epoch_is_spent_but_does_not_set_the_pace(tmp_path, clock, monkeypatch):
+    """A 60 s budget: the first four epochs are timed (12 s) and 16 more fit, 20 in all. Interrupted after 7
+    epochs (21 s), the run resumes, and the resumed session's first epoch takes 9 s (its set-up). Taken as the
+    pace it would cut the plan to 11 (30 s spent + 3 x 9 s); the pace counts only from three epochs after
+    it, so at epoch 11 (39 s spent, 9 epochs left at 3 s: 66 s, past 63) the plan becomes the 18 that fit."""
+    with interrupted_at(6, after=True):
+        train(config(tmp_path, time_limit="60s"), progress=False)
+    original = training._Trainer._epoch
+
+    def slow_first(self, e, *args):
+        clock["step"] = 3.0 if e == 7 else 1.0
+        return original(self, e, *args)
+
+    monkeypatch.setattr(training._Trainer, "_epoch", slow_first)
+    result = train(config(tmp_path, time_limit="60s"), resume=tmp_path / "r", progress=False)
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r.get("planned_epochs") for r in rows[3:]] == [20] * 7 + [18] * 8
+    assert (result.epochs_done, result.stopped_by) == (18, "time_limit")
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["train_seconds"] == 60.0
+
+
+def test_a_run_that_speeds_up_after_its_plan_lengthens_the_plan_to_use_its_budget(tmp_path, clock, monkeypatch):
+    """The first four epochs take 6 s (24 s of a 60 s budget): 6 more fit at that pace, 10 in all. From
+    epoch 5 on every epoch takes 3 s. The session's mean pace (after its first epoch) falls, and the plan is
+    made again whenever it would end more than 5% short of the budget: after epoch 5 the mean is 5.25 s, 27 s
+    are spent and 5 epochs left would end at 53.25 s, under 57, so the plan becomes 5 + 33 // 5.25 = 11; and
+    so on. The run ends inside the 5% band, having spent 57 s in 15 epochs (at the first pace, 60 s in 10).
+    The schedule anneals over the plan in force at each epoch."""
+    original = training._Trainer._epoch
+
+    def faster(self, e, *args):
+        clock["step"] = 2.0 if e < 4 else 1.0
+        return original(self, e, *args)
+
+    monkeypatch.setattr(training._Trainer, "_epoch", faster)
+    c = config(tmp_path, time_limit="60s")
+    result = train(c, progress=False)
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    plans = [r["planned_epochs"] for r in rows[3:]]
+    assert plans == [10, 11, 12, 13, 13, 14, 14, 14, 15, 15, 15, 15]
+    assert (result.epochs_done, result.stopped_by) == (15, "time_limit")
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["train_seconds"] == 57.0
+    # each epoch's rate is the cosine over the plan as it stood when that epoch began
+    assert [r["lr"] for r in rows[4:]] == pytest.approx([cosine(c, e, p) for e, p in zip(range(4, len(rows)), plans)])
+
+
 @pytest.mark.parametrize("text, seconds", [("900", 900), ("900s", 900), ("45m", 2700), ("1.5h", 5400),
                                            (" 2H ", 7200)])
 def test_durations(text, seconds):

@@ -171,6 +171,24 @@ def _plot(curves: dict[str, tuple[list[float], list[float]]], path: Path) -> Non
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
+def headline(rows: list[dict], num_samples: int) -> str:
+    """The README's table: one line per row with its minutes, ELBO, log p(x) by importance sampling and by
+    AIS (where it was run, with importance sampling's figure on the same images), and the published figure."""
+    lines = [f"| row | model | minutes | ELBO | log p(x), IS K = {num_samples} | log p(x), AIS (IS on the same "
+             "images) | published (test split) |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        rep, s = r["report"], r["summary"]
+        ais = "—"
+        if "ais" in r:
+            a = r["ais"]
+            same = f"{a['is_log_px']:.2f}, " if a.get("is_log_px") is not None else ""
+            ais = f"{a['log_px']:.2f} ± {a['log_px_se']:.2f} ({same}{a['num_examples']:,} images)"
+        lines.append(f"| {r['name']} | {r['what']} | {s['train_seconds'] / 60:.1f} of {s['time_limit']} | "
+                     f"{rep['elbo']:.2f} | {rep['log_px']:.2f} ± {rep['log_px_se']:.2f} | {ais} | "
+                     f"{r['published'].split(' (')[0]} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     return exit_code_of("experiments/benchmark.py", _main, args, argv)
@@ -266,6 +284,7 @@ def _main(args, argv) -> int:
              "", "![validation ELBO against training minutes](elbo_vs_minutes.png)", "", f"Command: `{command}`", ""]
     text = "\n".join(lines)
     write_text_atomic(out / "benchmark.md", text)
+    write_text_atomic(out / "headline.md", headline(result["rows"], num_samples))
     def slim(compared):  # per-example values stay in each run's scores-*.json
         return compared and {**compared, "rows": [{**r, "report": {k: v for k, v in r["report"].items()
                                                                   if k != "per_example"}} for r in compared["rows"]]}

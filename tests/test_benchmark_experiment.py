@@ -40,6 +40,11 @@ def test_benchmark_quick_trains_scores_and_reuses(tmp_path, capsys):
     text = (out / "benchmark.md").read_text()
     assert "| vae |" in text and "| hvae-vamp |" in text and "Command: `python experiments/benchmark.py" in text
     assert "--data-dir DIR" in text and str(data) not in text
+    head = (out / "headline.md").read_text().splitlines()  # the README's table, from the same figures
+    assert len(head) == 4 and head[2].startswith("| vae | standard VAE")
+    vae = result["validation"]["rows"][0]["report"]
+    assert f"| {vae['elbo']:.2f} | {vae['log_px']:.2f} ± {vae['log_px_se']:.2f} |" in head[2]
+    assert f"{rows['vae']['ais']['log_px']:.2f} ± " in head[2] and head[2].endswith("| −89.9 |")
     with Image.open(out / "elbo_vs_minutes.png") as im:
         assert im.size[0] > 400
     trained = (out / "runs" / "vae" / "metrics.jsonl").stat().st_mtime_ns

@@ -70,6 +70,15 @@ def test_the_readme_headline_numbers_are_the_quality_reports():
             assert figure in figures(rows[run]), f"{figure} of README's row {command!r} is not in quality.md's {run}"
 
 
+def test_the_readme_benchmark_table_is_the_studys_headline():
+    """The binarized-MNIST table of the README is copied from the study's headline.md, row for row."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- benchmark: docs/results/benchmark/headline.md -->", 1)[1]
+    table = table.split("<!-- end of benchmark -->", 1)[0].strip().splitlines()
+    headline = (DOCS / "results/benchmark/headline.md").read_text().strip().splitlines()
+    assert len(headline) >= 3 and table == headline
+
+
 def _render(doc: str) -> list[str]:
     """Problems docutils reports when it renders ``doc`` as Sphinx would (napoleon, then reST)."""
     from docutils import nodes, utils

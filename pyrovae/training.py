@@ -502,11 +502,12 @@ class _Trainer:
         """
         if len(self._session_seconds) <= PROBE_EPOCHS or epochs_done >= self.planned_epochs:
             return
-        end = self.train_seconds + (self.planned_epochs - epochs_done) * self._pace()
+        pace = self._pace()
+        end = self.train_seconds + (self.planned_epochs - epochs_done) * pace
         late = end > self.budget * (1 + OVERRUN)
         early = end < self.budget * (1 - OVERRUN) and self.planned_epochs < self.config.epochs
         if late or early:
-            self._plan(epochs_done, self._pace())
+            self._plan(epochs_done, pace)
 
     def _replan_on_resume(self) -> None:
         """A resumed --time-limit run keeps its plan; with another budget it plans again from the pace of

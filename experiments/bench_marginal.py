@@ -38,6 +38,7 @@ import resource
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,10 +131,13 @@ def op_profile(model, images, num_samples, chunk_size, batch_size, top: int = 8)
     fractions of all op time (the rest of the wall time is Python)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        estimate_log_px(model, images, num_samples, chunk_size=chunk_size, batch_size=batch_size)
-        wall = time.perf_counter() - t
+    with warnings.catch_warnings():
+        # some torch versions (2.11 seen) announce that a one-cycle profile keeps only its own cycle
+        warnings.filterwarnings("ignore", message=".*Profiler clears events", category=UserWarning)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            estimate_log_px(model, images, num_samples, chunk_size=chunk_size, batch_size=batch_size)
+            wall = time.perf_counter() - t
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]

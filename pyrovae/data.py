@@ -68,7 +68,8 @@ class Dataset:
 def binarize(images: torch.Tensor, seed: int) -> torch.Tensor:
     r"""Sample binary images :math:`x_b \sim \mathrm{Bernoulli}(x)` with a seeded generator.
 
-    The generator lives on the images' device, so no host copy is made.
+    The generator lives on the images' device, so no host copy is made; a CUDA generator draws
+    other bits than the CPU's from the same seed (:func:`static_binarized` draws on the host).
     """
     gen = torch.Generator(device=images.device)
     gen.manual_seed(int(seed))
@@ -76,9 +77,14 @@ def binarize(images: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def static_binarized(ds: Dataset) -> Dataset:
-    """The split binarised once with :data:`STATIC_BINARIZE_SEED` (plus the split, so splits differ)."""
+    """The split binarised once with :data:`STATIC_BINARIZE_SEED` (plus the split, so splits differ).
+
+    Drawn on the host and returned on the split's device: a split is the same binary images on
+    every device, so a log p(x) measured on a GPU scores the data a CPU run scores.
+    """
     seed = STATIC_BINARIZE_SEED + SPLITS.index(ds.split) if ds.split in SPLITS else STATIC_BINARIZE_SEED
-    return Dataset(ds.name, ds.split, binarize(ds.images, seed), ds.labels, ds.image_shape)
+    images = binarize(ds.images.cpu(), seed).to(ds.images.device)
+    return Dataset(ds.name, ds.split, images, ds.labels, ds.image_shape)
 
 
 def check_likelihood(ds: Dataset, likelihood: str, binarize_mode: str, fix: str | None = None) -> None:

@@ -70,6 +70,13 @@ def idx_dir(tmp_path) -> Path:
     return tmp_path
 
 
+def child_env(**extra: str) -> dict:
+    """The environment for a child Python that imports this checkout: ``ROOT`` put ahead of any
+    ``PYTHONPATH`` already set (replacing it would lose packages installed there), plus ``extra``."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
     """Run ``python -m pyrovae ARGS`` in a subprocess; returns the CompletedProcess."""
     import subprocess

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import sys
 import pyro
 import pytest
 import torch
-from conftest import ROOT, cli
+from conftest import child_env, cli
 from test_marginal import data_from, exact_log_px, mean_se, ppca_vae, set_proposal
 
 from pyrovae import TrainConfig, estimate_log_px, load_run, train
@@ -188,7 +187,7 @@ def test_two_processes_give_the_per_example_numbers_of_one(model_2d, tmp_path, e
     run, _, _ = model_2d
     args = ["evaluate", str(run.dir), "--estimator", estimator, "--ais-steps", "10", "--num-samples", "40",
             "--batch-size", "16", "--quiet", "--seed", "5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "pyrovae", *args, "--json", str(tmp_path / "one.json")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr

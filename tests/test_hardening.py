@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli, fake_mnist, idx_bytes
+from conftest import child_env, cli, fake_mnist, idx_bytes
 
 import pyrovae.training as training
 from pyrovae import TrainConfig, estimate_log_px, load_run, train
@@ -203,7 +203,7 @@ def _peak_mb_of(args: list[str]) -> tuple[int, str, float]:
             "print(int(hwm) / 1024, file=sys.stdout)\n"
             "sys.exit(c)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env=child_env())
     return r.returncode, r.stderr, float(r.stdout.strip().splitlines()[-1])
 
 
@@ -345,7 +345,7 @@ def test_a_resume_that_fails_before_its_first_epoch_changes_no_file(capsys, monk
 
 def test_a_second_training_of_the_same_run_is_refused_naming_the_first(run, tmp_path):
     d = _copy(run, tmp_path / "r")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     first = subprocess.Popen([sys.executable, "-m", "pyrovae", "train", "--resume", str(d), "--epochs", "100000",
                               "--quiet", "--no-tensorboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=env)
@@ -429,7 +429,7 @@ def test_an_output_without_an_image_type_is_one_line(capsys, run, tmp_path):
 
 
 def test_error_lines_stand_alone_and_successful_commands_print_no_warnings(tmp_path, run):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "default"}
+    env = child_env(PYTHONWARNINGS="default")
     (tmp_path / "empty.csv").write_text("")
     for args, code in ((["train", "--dataset", str(tmp_path / "empty.csv"), "--out", str(tmp_path)], 2),
                        (["train", *TINY, "--latent-dim", "0", "--out", str(tmp_path)], 2)):

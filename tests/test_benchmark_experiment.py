@@ -55,3 +55,16 @@ def test_benchmark_quick_trains_scores_and_reuses(tmp_path, capsys):
     assert "unknown rows nope" in capsys.readouterr().err
     assert study.main(["--quick", "--data-dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "binarized_mnist_valid.amat" in capsys.readouterr().err
+
+
+def test_the_two_level_row_is_the_best_row_without_its_weight_decay_for_fewer_minutes(tmp_path):
+    """A row's spec may name a preset and override some of its settings: the 15-minute two-level row
+    is the best recipe's model and schedule, less the weight decay that recipe adds."""
+    study = load_experiment("benchmark")
+    args = study._parser().parse_args(["--data-dir", str(tmp_path)])
+    two_level, best = study.row_settings("hvae-vamp", args), study.row_settings("best", args)
+    assert {k for k in two_level.keys() | best.keys() if two_level.get(k) != best.get(k)} == {"weight_decay",
+                                                                                             "time_limit"}
+    assert two_level["weight_decay"] == 0 and best["weight_decay"] == 0.02
+    assert (two_level["time_limit"], best["time_limit"]) == ("15m", "30m")
+    assert best["hierarchy"] == "two-level" and best["prior"] == "vamp" and best["lr"] == 1e-3

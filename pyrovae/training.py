@@ -133,7 +133,7 @@ def prepare_data(config: TrainConfig, split: str, device, fix: str | None = None
     ds = load_dataset(config.dataset, split, data_dir=config.data_dir, label_column=config.label_column,
                       download=config.download)
     if config.binarize != "none":
-        ds = static_binarized(ds)  # on the host: the same binary images on every device
+        ds = static_binarized(ds)  # drawn on the host (no round trip): the same images on every device
     ds = ds.to(device)
     check_likelihood(ds, config.likelihood, "static" if config.binarize != "none" else "none", fix)
     return ds
@@ -406,14 +406,11 @@ class _Trainer:
                              download=c.download)
         if len(train) == 0:
             raise ValueError(f"{c.dataset}: the training split is empty")
-        # static binarisation on the host, before the move: a seeded CUDA generator draws other bits than
-        # the CPU's, and the fixed images are the data a run is scored on, whatever the device
-        fixed = static_binarized(train).images.to(self.device) if c.binarize != "none" else None
         train = train.to(self.device)
         if c.binarize == "none":
             check_likelihood(train, c.likelihood, "none")
-            fixed = train.images
         val = prepare_data(c, "val", self.device)
+        fixed = static_binarized(train).images if c.binarize != "none" else train.images
         return _Data(train.images, fixed, val.images, train.image_shape, train.labels)
 
     def _prepare_run_dir(self) -> None:

@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
 from pyrovae import TrainConfig  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.compare import compare_runs, markdown_table  # noqa: E402
-from pyrovae.config import preset_settings  # noqa: E402
+from pyrovae.config import preset_settings, used_only  # noqa: E402
 from pyrovae.files import write_json, write_text_atomic  # noqa: E402
 from pyrovae.runs import read_metrics  # noqa: E402
 from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
@@ -117,6 +117,7 @@ def row_settings(name: str, args) -> dict:
         if settings.get("prior_components", 1) > 20:
             settings["prior_components"] = 20
         settings["warmup_epochs"] = min(settings.get("warmup_epochs", 0), 1)
+        settings = used_only(settings)  # (the small flow networks only where there is a flow)
     else:
         settings["time_limit"] = f"{minutes or args.minutes:g}m"
     return settings
@@ -209,9 +210,20 @@ def _main(args, argv) -> int:
         raise ValueError(f"--rows: unknown rows {', '.join(unknown)}; choose from {', '.join(r[0] for r in ROWS)}")
     if not names:
         raise ValueError("--rows names no row; choose from " + ", ".join(r[0] for r in ROWS))
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--rows names {', '.join(twice)} more than once; name each row once")
     if not math.isfinite(args.minutes) or args.minutes <= 0:
         raise ValueError(f"--minutes must be a positive number (got {args.minutes:g})")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1 (got {args.num_samples})")
+    if args.ais_examples < 0:
+        raise ValueError(f"--ais-examples must be 0 (no AIS) or more (got {args.ais_examples})")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2^63) (got {args.seed})")
     out = Path(args.out)
+    for name in names:  # every row's settings are checked before the first one trains
+        _config(name, args).resolved()
     base = _config(names[0], args).resolved()
     val = prepare_data(base, "val", "cpu")  # a missing data file stops the study before any training
     run_dirs = [_train_row(name, args) for name in names]

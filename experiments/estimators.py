@@ -43,6 +43,7 @@ from pyrovae import TrainConfig, estimate_log_px, load_run  # noqa: E402
 from pyrovae.ais import ais_log_px, bdmc  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.compare import paired_difference  # noqa: E402
+from pyrovae.config import used_only  # noqa: E402
 from pyrovae.files import write_atomic, write_json, write_text_atomic  # noqa: E402
 from pyrovae.plots import figure  # noqa: E402
 from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_dir(name: str, settings: dict, shared: dict, args, runs: Path) -> Path:
-    config = TrainConfig(**{**shared, **settings}, out=str(runs), name=name)
+    config = TrainConfig(**used_only({**shared, **settings}), out=str(runs), name=name)
     return train_or_reuse(config, progress=not args.quiet, fix=_FIX, reuse_from=args.runs_from)[0]
 
 

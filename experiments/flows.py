@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
 from pyrovae import TrainConfig  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.compare import compare_runs, markdown_table  # noqa: E402
+from pyrovae.config import used_only  # noqa: E402
 from pyrovae.files import write_atomic, write_json, write_text_atomic  # noqa: E402
 from pyrovae.plots import figure  # noqa: E402
 from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
@@ -145,7 +146,7 @@ def _main(args, argv) -> int:
         s = {**shared, **settings}
         if args.quick and s.get("prior") == "vamp":
             s["prior_components"] = 20
-        config = TrainConfig(**s, out=str(runs), name=name)
+        config = TrainConfig(**used_only(s), out=str(runs), name=name)
         run_dirs.append(train_or_reuse(config, progress=not args.quiet, fix=_FIX)[0])
     result = compare_runs(run_dirs, test, names=[r[0] for r in rows], num_samples=num_samples, seed=args.seed,
                           cache=True, progress=not args.quiet)

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
 from pyrovae import TrainConfig  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.compare import compare_runs, markdown_table  # noqa: E402
-from pyrovae.config import preset_settings  # noqa: E402
+from pyrovae.config import preset_settings, used_only  # noqa: E402
 from pyrovae.files import write_json, write_text_atomic  # noqa: E402
 from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
 
@@ -117,6 +117,7 @@ def _settings(spec, shared: dict, quick: bool) -> dict:
         # (lr 1e-3: Adam's first step, lr times the gradient's sign, tips the tiny full stack over at 2e-3)
         settings.update(hidden_dims=[32], latent_dim=4, flow_hidden_dims=[16], flow_context_dim=8, epochs=2,
                         batch_size=500, layer_hidden_dims=[16], lr=1e-3)
+        settings = used_only(settings)  # (each small size only where the row has that network)
     return settings
 
 

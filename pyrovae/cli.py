@@ -163,11 +163,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
+    def weights_flag(p):
+        p.add_argument("--weights", choices=("averaged", "raw"), default="averaged",
+                       help="for a run trained with --ema: its averaged weights (default) or the optimiser's raw "
+                       "ones; a run without --ema has raw weights only")
+
     def run_command(name, help, description):
         p = sub.add_parser(name, help=help, description=description)
         p.add_argument("run", metavar="RUN", help="run directory (or a .pt checkpoint)")
         p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                        help="which checkpoint (default: best)")
+        weights_flag(p)
         p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
         p.add_argument("--seed", type=_whole, default=0, help="seed of the sampling noise (default: 0); evaluate draws "
                        "each example's samples from a stream of its own, so its numbers do not depend on --chunk-size, "
@@ -213,6 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--baseline", metavar="RUN", type=_path,
                     help="the run the others are compared with (default: the first)")
     cp.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    weights_flag(cp)
     cp.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
     cp.add_argument("--seed", type=_whole, default=0, help="seed of every example's random stream (default: 0)")
     data_flags(cp)
@@ -295,7 +302,17 @@ def _train(args) -> int:
         config = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
     else:
         config = dataclasses.replace(_base_config(preset, config_file), **given)
-    result = train(config, resume=resume, progress=not getattr(args, "quiet", False))
+    try:
+        result = train(config, resume=resume, progress=not getattr(args, "quiet", False))
+    except KeyboardInterrupt as e:
+        run_dir = getattr(e, "run_dir", None)
+        if run_dir is not None and (Path(run_dir) / "last.pt").is_file():
+            what = (f"interrupted; the epochs completed so far are in {run_dir}/last.pt: continue with --resume "
+                    f"{run_dir}")
+        else:
+            what = "interrupted before the first epoch ended; there is nothing to resume: run the same command again"
+        print(f"pyrovae: {what}", file=sys.stderr)
+        return 130
     if result.run_dir is None:  # not the main process of a data-parallel run
         return 0
     print(f"run: {result.run_dir}")
@@ -338,7 +355,8 @@ def _load(args, device=None):
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must lie in [0, 2^63) (got {args.seed})")
     torch.manual_seed(args.seed)
-    return load_run(args.run, which=args.checkpoint, device=device or resolve_device(args.device))
+    return load_run(args.run, which=args.checkpoint, device=device or resolve_device(args.device),
+                    weights=args.weights)
 
 
 #: above this many seconds, estimated from a short probe, evaluate/compare/bdmc need --allow-long
@@ -353,10 +371,9 @@ def _check_work(args, model, probe, n: int, terms: list[tuple[int, dict[str, int
     :data:`LONG_WORK_SECONDS` unless --allow-long, naming of the largest term's flags (and
     ``count_flag``, the flag that sets ``n``) the one raised furthest above its default."""
     import math
-    import time
 
     from .config import most_raised
-    from .marginal import estimate_log_px
+    from .marginal import estimator_pace
 
     if getattr(args, "allow_long", False) or not getattr(model, "has_posterior", False):
         return
@@ -364,11 +381,9 @@ def _check_work(args, model, probe, n: int, terms: list[tuple[int, dict[str, int
     total = n * sum(passes)
     if total < 2_000_000:  # seconds at any plausible rate: no probe needed
         return
-    k = 256
-    t0 = time.perf_counter()
-    estimate_log_px(model, probe[:16], k, diagnostics=False, seed=0)
-    rate = min(n, 16) * k / max(time.perf_counter() - t0, 1e-6)
-    seconds = total / rate
+    per_pair, per_example = estimator_pace(model, probe)
+    seconds = total * per_pair + n * per_example
+    rate = total / seconds
     if seconds > LONG_WORK_SECONDS:
         factors = dict(terms[passes.index(max(passes))][1], **({count_flag: n} if count_flag else {}))
         flag = most_raised({f: (v, _default_size(f)) for f, v in factors.items()})
@@ -448,8 +463,8 @@ def _evaluate(args) -> int:
         env.close(finished)
     if report is None:  # not rank 0: its share went to rank 0
         return 0
-    report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "dataset": ds.name, "split": ds.split,
-              "processes": env.world, "seed": args.seed, **report}
+    report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "weights": run.weights, "dataset": ds.name,
+              "split": ds.split, "processes": env.world, "seed": args.seed, **report}
     if getattr(run.model, "latent_dim", 0) == 2 and run.model.kind != "mixture":
         import torch
 
@@ -468,7 +483,7 @@ def _evaluate(args) -> int:
     if args.json == "-":
         _write_json(args.json, report)
     pk = report.get("pareto_k")
-    if pk and pk["num_above_0.7"] and report.get("estimator", "is") == "is":
+    if pk and pk.get("num_above_0.7") and report.get("estimator", "is") == "is":
         print(f"warning: {pk['num_above_0.7']} examples ({100 * pk['frac_above_0.7']:.1f}%) have Pareto k-hat > 0.7: "
               "their log p(x) estimates are unreliable (raise --num-samples, read them as lower bounds, or use "
               "--estimator ais)", file=sys.stderr)
@@ -508,13 +523,13 @@ def _compare(args) -> int:
         from .plots import image_path
 
         image_path("--plot", args.plot, (".png",))  # before the runs are scored
-    first = load_run(runs[baseline], which=args.checkpoint)
+    first = load_run(runs[baseline], which=args.checkpoint, weights=args.weights)
     ds = _split(args, first)
     _check_work(args, first.model, ds.images, len(ds), _estimator_work(args))
     options = estimator_options(args)
     result = compare_runs(runs, ds, baseline=baseline, num_samples=args.num_samples, seed=args.seed,
-                          which=args.checkpoint, batch_size=args.batch_size, progress=not args.quiet,
-                          device=resolve_device(args.device), **options)
+                          which=args.checkpoint, weights=args.weights, batch_size=args.batch_size,
+                          progress=not args.quiet, device=resolve_device(args.device), **options)
     table = markdown_table(result)
     print(f"{ds.name} {ds.split}, {len(ds)} examples, seed {args.seed}")
     print(table)
@@ -561,7 +576,7 @@ def _picture_size(flag: str, count: int, run) -> None:
 
 
 def _sample(args) -> int:
-    from .pictures import sample_images, samples_by_component
+    from .pictures import component_count, sample_images, samples_by_component
     from .plots import save_image_grid
 
     run = _load(args)
@@ -572,7 +587,8 @@ def _sample(args) -> int:
         if args.components < 1:
             raise ValueError(f"--components must be at least 1 (got {args.components})")
         out = _picture_out(args, run.dir / "samples-by-component.png")
-        per = max(1, args.num_images // args.components)
+        rows = min(args.components, component_count(run.model))  # the components there are, at most --components
+        per = max(1, args.num_images // rows)
         images, order = samples_by_component(run.model, per_component=per, max_components=args.components)
         save_image_grid(images, run.image_shape, out, nrow=per)
         print(f"{out} (rows: components {order})")

@@ -41,16 +41,18 @@ def _data_key(data: Dataset) -> str:
 def score_run(run_dir: str | Path, data: Dataset, *, num_samples: int = 1000, seed: int = 0, which: str = "best",
               chunk_size: int | None = None, batch_size: int = 100, progress: bool = False,
               cache: bool = False, device: str = "cpu", estimator: str = "is", ais_options: dict | None = None,
-              quadrature_resolution: int = 256) -> dict:
+              quadrature_resolution: int = 256, weights: str = "averaged") -> dict:
     """``evaluate``'s report of one run on ``data`` with per-example values (``report["per_example"]``),
     training facts from the run directory (epochs, seconds per epoch), and the seconds the
     evaluation took. With ``cache``, kept in ``RUN/scores-<key>.json`` and reused while the
-    checkpoint, data, K and seed are the same."""
+    checkpoint, data, K and seed are the same. ``weights``: as :func:`~pyrovae.runs.load_run` takes it."""
     run_dir = Path(run_dir)
-    run = load_run(run_dir, which=which, device=device)
+    run = load_run(run_dir, which=which, device=device, weights=weights)
     options = {"estimator": estimator, "ais_options": ais_options or {}, "quadrature_resolution": quadrature_resolution}
-    key = f"{which}-e{run.epoch}-{data.name.replace('/', '_')}-{data.split}-n{len(data)}-{_data_key(data)}-" \
-          f"K{num_samples}-s{seed}" + ("" if estimator == "is" else f"-{json.dumps(options, sort_keys=True)}")
+    weights_key = "" if run.weights == "raw" else "-ema"
+    key = f"{which}{weights_key}-e{run.epoch}-{data.name.replace('/', '_')}-{data.split}-n{len(data)}-" \
+          f"{_data_key(data)}-K{num_samples}-s{seed}" \
+          + ("" if estimator == "is" else f"-{json.dumps(options, sort_keys=True)}")
     path = run_dir / f"scores-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if cache and path.is_file():
         report = json.loads(path.read_text())
@@ -67,6 +69,7 @@ def score_run(run_dir: str | Path, data: Dataset, *, num_samples: int = 1000, se
     rows = read_metrics(run_dir / "metrics.jsonl")
     seconds = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
     report.update({"key": key, "run": str(run_dir), "checkpoint": run.checkpoint.name, "epoch": run.epoch,
+                   "weights": run.weights,
                    "epochs": len(rows), "train_seconds": sum(seconds),
                    "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else math.nan,
                    "eval_seconds": time.perf_counter() - t0, "dataset": data.name, "split": data.split})
@@ -136,6 +139,14 @@ def _f(v, spec=".2f") -> str:
     return format(v, spec)
 
 
+def _pm(mean: float, se: float | None, signed: bool = False) -> str:
+    """``mean ± se``; with no standard error (one example) ``mean ± n/a (1 example)``."""
+    m = format(mean, "+.2f" if signed else ".2f")
+    if se is None or not math.isfinite(se):
+        return f"{m} ± n/a (1 example)"
+    return f"{m} ± {se:.2f}"
+
+
 def markdown_table(result: dict, extra: list[tuple[str, callable]] = ()) -> str:
     """One Markdown table: per run ELBO, log p(x) ± s.e., KL, active units, the share of
     examples with Pareto k̂ > 0.7, and the paired differences against the baseline; ``extra``
@@ -151,14 +162,14 @@ def markdown_table(result: dict, extra: list[tuple[str, callable]] = ()) -> str:
         ediff = row.get("elbo_diff")
         cells = [
             row["name"], _f(r.get("elbo")),
-            f"{_f(r.get('log_px'))} ± {_f(r.get('log_px_se'))}" if r.get("log_px_se") is not None else _f(
-                r.get("log_px")),
-            f"{diff[0]:+.2f} ± {diff[1]:.2f}" if diff else "—",
-            f"{ediff[0]:+.2f} ± {ediff[1]:.2f}" if ediff else "—",
+            _pm(r["log_px"], r.get("log_px_se")) if r.get("log_px") is not None else "—",
+            _pm(*diff, signed=True) if diff else "—",
+            _pm(*ediff, signed=True) if ediff else "—",
             _f(r["log_px"] - r["elbo"]) if r.get("log_px") is not None and r.get("elbo") is not None else "—",
             _f(r.get("kl")),
             f"{r['active_units']} / {r['latent_dim']}" if "active_units" in r else "—",
-            f"{100 * pk['frac_above_0.7']:.1f}%" if pk else "—",
+            (f"{100 * pk['frac_above_0.7']:.1f}%" if pk.get("frac_above_0.7") is not None else "undefined") if pk
+            else "—",
             *[fn(row) for _, fn in extra],
         ]
         lines.append("| " + " | ".join(cells) + " |")

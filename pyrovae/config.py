@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TrainConfig", "preset_settings", "parse_duration", "PREBINARIZED"]
+__all__ = ["TrainConfig", "preset_settings", "parse_duration", "used_only", "PREBINARIZED"]
 
 
 def _setting(default, help: str, choices: tuple[str, ...] | None = None):
@@ -30,7 +30,11 @@ ELBOS = ("trace", "meanfield", "iwae")
 GUIDES = ("gaussian", "iaf")
 HIERARCHIES = ("stack", "two-level")
 #: settings that may change when a run is resumed (the others are the run's own)
-RESUMABLE = ("epochs", "patience", "time_limit", "device", "no_tensorboard", "tensorboard_images_every")
+RESUMABLE = ("epochs", "patience", "time_limit", "device", "no_tensorboard", "tensorboard_images_every", "data_dir",
+             "download")
+#: of those, the ones that make a finished run train on when changed (the others change only where and how it runs;
+#: a moved --data-dir must hold the same data, which the checkpoint's fingerprint of the training split checks)
+CONTINUES = ("epochs", "patience", "time_limit")
 #: datasets whose pixels are 0/1 samples fixed by their authors: --binarize never resamples them
 PREBINARIZED = ("binarized-mnist",)
 #: units of --time-limit, in seconds
@@ -101,6 +105,13 @@ class TrainConfig:
         "q(z1|x) q(z|z1)), or two-level (Tomczak & Welling's HVAE: p(z) p(z1|z) p(x|z1,z), guide q(z|x) q(z1|x,z); "
         "one --lower-latent-dims entry)", HIERARCHIES)
     activation: str = _setting("softplus", "nonlinearity of the hidden layers", ("softplus", "relu"))
+    scale_head: str = _setting(
+        "log-scale", "how each Gaussian's scale s is read from its network's raw output r: log-scale (log s = r, "
+        "unbounded) or clipped-log-var (log s^2 = hardtanh(r, -6, 2), the VampPrior paper's code)",
+        ("log-scale", "clipped-log-var"))
+    init: str = _setting(
+        "torch", "start of every linear map's weights: torch (PyTorch's uniform +-1/sqrt(fan-in)) or he "
+        "(N(0, 2/fan-in), the VampPrior paper's code); biases keep PyTorch's start", ("torch", "he"))
     likelihood: str = _setting("bernoulli", "p(x|z): bernoulli (logits) or gaussian", LIKELIHOODS)
     likelihood_scale: str = _setting(
         "shared", "gaussian likelihood: one learned scale (shared) or one per pixel", ("shared", "pixel")
@@ -110,8 +121,13 @@ class TrainConfig:
     prior_init: str = _setting(
         "auto",
         "mog: kmeans (default: k-means on the encoder means after --prior-init-epochs, which keeps the "
-        "components in use) or random; vamp: data (random training images, default) or noise",
+        "components in use) or random; vamp: data (random training images, default), noise (uniform) or normal "
+        "(every pixel from N(0.05, 0.01^2) before --pseudo-inputs squashes it, the VampPrior paper's code)",
     )
+    pseudo_inputs: str = _setting(
+        "sigmoid", "vamp: how the pseudo-inputs' parameters a are kept in [0, 1]: sigmoid(a), or hardtanh "
+        "(min(1, max(0, a)), the VampPrior paper's code; a pixel pushed past 0 or 1 gets no gradient again)",
+        ("sigmoid", "hardtanh"))
     prior_init_epochs: typing.Optional[int] = _setting(
         None, "with --prior-init kmeans: epochs under N(0, I) before k-means (default: 10, or a tenth of "
         "--epochs when that is less)")
@@ -152,15 +168,30 @@ class TrainConfig:
         "typical norms are 20-50, so only early steps and spikes are clipped"
     )
     warmup_epochs: int = _setting(0, "KL warm-up: scale log p(z) - log q(z|x) from 0 to 1 over this many epochs")
+    warmup_unit: str = _setting(
+        "step", "how the warm-up grows: step (after every step: (step + 1) / (warm-up epochs x steps per epoch)) or "
+        "epoch (constant within epoch e = 1, 2, ...: e / --warmup-epochs, the VampPrior paper's code)",
+        ("step", "epoch"))
     free_bits: float = _setting(
         0.0, "free bits (Kingma et al. 2016): in the training objective each latent dimension's KL, averaged over "
         "the batch, counts at least this many nats (each layer's KL, at least this many per dimension, where the "
         "prior does not factorise); reported ELBOs are always the true ones (0 = off)")
     weight_decay: float = _setting(0.0, "decoupled weight decay of every parameter (AdamW; 0 = plain Adam)")
+    optimizer: str = _setting(
+        "adam", "adam, or adamnormgrad (the VampPrior paper's code: each parameter's gradient divided by its own "
+        "2-norm before Adam's step, so every tensor moves by about --lr whatever its gradient's size)",
+        ("adam", "adamnormgrad"))
+    ema: float = _setting(
+        0.0, "keep an exponential moving average of the weights, w_avg <- d w_avg + (1 - d) w after every step, "
+        "with this decay d in [0, 1) (such as 0.999; 0 = off); validation, the best checkpoint, evaluate and "
+        "every picture then use the averaged weights (the raw ones stay in the checkpoint)")
     encoder_dropout: float = _setting(
         0.0, "dropout after every hidden layer of the encoder, during training only: at small data the encoder "
         "overfits first (Zhang, Hayes & Barber 2022)")
     patience: int = _setting(0, "stop after this many epochs without a better validation ELBO (0 = never)")
+    patience_after_warmup: bool = _setting(
+        False, "count --patience only from the end of the KL warm-up (the VampPrior paper's code): during the "
+        "warm-up the validation ELBO may fall while the KL's weight rises, and must not stop the run")
     time_limit: typing.Optional[str] = _setting(
         None, "a wall-clock budget for the training epochs, such as 900s, 45m or 2h: the run times its first epochs, "
         "fixes how many fit (at most --epochs), anneals --lr-schedule over exactly those and stops there; "
@@ -178,10 +209,24 @@ class TrainConfig:
     name: typing.Optional[str] = _setting(None, "run directory name (default: <dataset>-<model>-<time>)")
 
     # ------------------------------------------------------------------
+    def unused_settings(self) -> list[tuple[str, str]]:
+        """The settings given (away from their defaults) that this configuration does not use, each with who
+        does use it: one rule (:data:`USED_BY`) for every setting, so that nothing given is silently ignored.
+        A value that resolution gives to an ``auto`` default counts as not given."""
+        out = []
+        for name, (uses, who) in USED_BY.items():
+            value = getattr(self, name)
+            value = tuple(value) if isinstance(value, list) else value
+            if value == _DEFAULTS[name] or value in _resolved_defaults(self, name) or uses(self):
+                continue
+            out.append((name, who))
+        return out
+
     def resolved(self) -> "TrainConfig":
         """Return a copy with every ``auto`` replaced by what it means, and validated."""
         for name in ("model", "likelihood", "elbo", "guide", "net", "binarize", "device", "amp", "lr_schedule",
-                     "activation", "likelihood_scale", "prior", "hierarchy"):
+                     "activation", "likelihood_scale", "prior", "hierarchy", "scale_head", "init", "optimizer",
+                     "warmup_unit", "pseudo_inputs"):
             choices = setting_choices(name)
             if choices and getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
@@ -206,6 +251,16 @@ class TrainConfig:
                 c.prior_init = PRIORS[c.prior].inits[0]
         c.validate()
         return c
+
+    def check_used(self) -> None:
+        """Raise ``ValueError`` naming the first setting given that this configuration does not use
+        (:meth:`unused_settings`). Checked when a run starts, not when a stored run is loaded: a run
+        directory written before the rule loads as it is."""
+        unused = self.unused_settings()
+        if unused:
+            name, who = unused[0]
+            raise ValueError(f"--{name.replace('_', '-')} {_shown(getattr(self, name))} is not used here: it applies "
+                             f"to {who}; drop it")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag and the fix for any impossible setting."""
@@ -237,6 +292,7 @@ class TrainConfig:
             need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be 0 (off) or positive "
                  f"(got {value})")
         need(0 <= self.encoder_dropout < 1, f"--encoder-dropout must lie in [0, 1) (got {self.encoder_dropout})")
+        need(0 <= self.ema < 1, f"--ema must lie in [0, 1): a decay such as 0.999, or 0 for off (got {self.ema})")
         if self.free_bits > 0:
             need(self.model == "vae" and self.elbo == "trace",
                  f"--free-bits floors the KL of --elbo trace for --model vae (got --model {self.model}, "
@@ -252,7 +308,8 @@ class TrainConfig:
                    or Path(self.name).is_absolute() or self.name != self.name.strip())
             need(not bad, f"--name {self.name!r} must be one folder name (no /, no .., not absolute): the run "
                  "directory is --out/--name")
-        need(0 <= self.lr_min <= self.lr, f"--lr-min must lie in [0, --lr] (got {self.lr_min}, --lr {self.lr})")
+        if self.lr_schedule == "cosine":  # (a constant rate has no minimum)
+            need(0 <= self.lr_min <= self.lr, f"--lr-min must lie in [0, --lr] (got {self.lr_min}, --lr {self.lr})")
         need(self.clip_norm >= 0, f"--clip-norm must be 0 (off) or positive (got {self.clip_norm})")
         for name in ("warmup_epochs", "patience", "prior_init_epochs", "tensorboard_images_every"):
             value = getattr(self, name)
@@ -339,6 +396,80 @@ class TrainConfig:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         return config
+
+
+def used_only(settings: dict) -> dict:
+    """``settings`` (a mapping of TrainConfig keys) without the keys its configuration would not use
+    (:meth:`TrainConfig.unused_settings`): for studies whose shared settings (such as small flow networks in a
+    quick mode) apply to some of their rows only."""
+    unused = {name for name, _ in TrainConfig.from_dict(dict(settings), source="settings").unused_settings()}
+    return {k: v for k, v in settings.items() if k not in unused}
+
+
+def _vae(c) -> bool:
+    return c.model == "vae"
+
+
+def _trained(c) -> bool:  # every kind but PCA, which is fitted once
+    return c.model != "pca"
+
+
+def _with_prior(c, *priors) -> bool:
+    return c.model == "vae" and c.prior in priors
+
+
+#: setting -> (whether a configuration uses it, who uses it): read by :meth:`TrainConfig.unused_settings`
+USED_BY: dict[str, tuple] = {
+    "prior": (_vae, "--model vae (the other kinds have no prior: ae drops it, pca and mixture have no code to put "
+                    "it on)"),
+    "prior_components": (lambda c: _with_prior(c, "mog", "vamp") or c.model == "mixture",
+                         "--prior mog or vamp of --model vae, and --model mixture"),
+    "prior_init": (lambda c: _with_prior(c, "mog", "vamp"), "--prior mog or vamp of --model vae"),
+    "prior_init_epochs": (lambda c: _with_prior(c, "mog") and c.prior_init in ("kmeans", "auto"),
+                          "--prior mog with --prior-init kmeans"),
+    "pseudo_inputs": (lambda c: _with_prior(c, "vamp"), "--prior vamp of --model vae"),
+    "guide": (_vae, "--model vae"),
+    "flow_steps": (lambda c: _vae(c) and c.guide == "iaf", "--guide iaf"),
+    "flow_hidden_dims": (lambda c: _vae(c) and c.guide == "iaf", "--guide iaf"),
+    "flow_context_dim": (lambda c: _vae(c) and c.guide == "iaf", "--guide iaf"),
+    "elbo": (_vae, "--model vae"),
+    "num_particles": (_vae, "--model vae"),
+    "lower_latent_dims": (_vae, "--model vae"),
+    "hierarchy": (lambda c: _vae(c) and bool(c.lower_latent_dims), "--model vae with --lower-latent-dims"),
+    "layer_hidden_dims": (lambda c: _vae(c) and bool(c.lower_latent_dims) and c.hierarchy == "stack",
+                          "--lower-latent-dims with --hierarchy stack"),
+    "likelihood_scale": (lambda c: c.likelihood == "gaussian" and c.model != "pca", "--likelihood gaussian"),
+    "warmup_epochs": (_vae, "--model vae (the KL it warms up)"),
+    "warmup_unit": (lambda c: _vae(c) and c.warmup_epochs > 0, "--warmup-epochs above 0"),
+    "patience_after_warmup": (lambda c: c.warmup_epochs > 0 and c.patience > 0,
+                              "--patience with --warmup-epochs above 0"),
+    "lr_min": (lambda c: c.lr_schedule == "cosine" and _trained(c), "--lr-schedule cosine"),
+    "encoder_dropout": (lambda c: c.model in ("vae", "ae"), "--model vae or ae"),
+    "scale_head": (_vae, "--model vae (its Gaussians' scales)"),
+    "init": (lambda c: c.model in ("vae", "ae"), "--model vae or ae"),
+    "optimizer": (_trained, "every --model but pca, which is fitted once"),
+    "ema": (_trained, "every --model but pca, which is fitted once"),
+    "weight_decay": (_trained, "every --model but pca, which is fitted once"),
+    "activation": (lambda c: c.model in ("vae", "ae") and c.net == "mlp", "--net mlp of --model vae or ae (gated "
+                                                                           "layers gate, conv nets use ReLU)"),
+    "net": (lambda c: c.model in ("vae", "ae"), "--model vae or ae"),
+    "label_column": (lambda c: str(c.dataset).lower().endswith(".csv"), "a .csv dataset"),
+}
+
+#: every setting's default, for :meth:`TrainConfig.unused_settings`
+_DEFAULTS: dict = {}
+
+
+def _resolved_defaults(c, name: str) -> tuple:
+    """Values that :meth:`TrainConfig.resolved` gives ``name`` from its ``auto`` default (a resumed run's
+    config.json holds them)."""
+    if name == "prior_init":
+        from .priors import PRIORS
+
+        return tuple(PRIORS[p].inits[0] for p in PRIORS)
+    if name == "prior_init_epochs":
+        return (min(10, c.epochs // 10),)
+    return ()
 
 
 def parse_duration(text: str) -> float:
@@ -548,3 +679,6 @@ def setting_fields() -> list[tuple[dataclasses.Field, type]]:
     """(field, resolved type) for every setting, in declaration order; used to build the CLI."""
     hints = typing.get_type_hints(TrainConfig)
     return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+
+
+_DEFAULTS.update({f.name: f.default for f in dataclasses.fields(TrainConfig)})

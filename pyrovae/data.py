@@ -108,6 +108,7 @@ def load_dataset(
     data_dir: str | os.PathLike = "data",
     label_column: int | None = None,
     download: bool = False,
+    progress: bool = True,
 ) -> Dataset:
     """Load one split (``train``, ``val``, ``test`` or ``all``) of a named dataset or a file.
 
@@ -123,13 +124,16 @@ def load_dataset(
       were sampled once by its authors and are never resampled here
       (:data:`pyrovae.config.PREBINARIZED`).
     - a ``.npy``/``.npz``/``.csv`` path: 80/10/10, stratified when labels exist.
+
+    ``download`` fetches a named dataset's files into ``data_dir`` first, with a progress bar unless
+    ``progress`` is false.
     """
     if split not in SPLITS + ("all",):
         raise DataError(f"split must be one of train, val, test, all (got {split!r})")
     if name in _IDX_SETS:
         return _load_idx_split(name, split, Path(data_dir), download)
     if name == "binarized-mnist":
-        return _load_binarized_mnist(split, Path(data_dir), download)
+        return _load_binarized_mnist(split, Path(data_dir), download, progress)
     if name == "mnist5k":
         x, y = _mnist5k()
         return _split_arrays("mnist5k", x, y, split, (28, 28), n_val=500, n_test=500)
@@ -450,20 +454,70 @@ _AMAT_PIXELS = 784
 _AMAT_LINE = 2 * _AMAT_PIXELS
 
 
-def _load_binarized_mnist(split: str, data_dir: Path, download: bool) -> Dataset:
+def _load_binarized_mnist(split: str, data_dir: Path, download: bool, progress: bool = True) -> Dataset:
     if download:
-        download_binarized_mnist(data_dir)
+        download_binarized_mnist(data_dir, progress=progress)
     if split == "all":
         parts = [_load_binarized_mnist(s, data_dir, False).images for s in ("train", "val")]
         return Dataset("binarized-mnist", "all", torch.cat(parts), None, (28, 28))
     stem, _ = _AMAT_FILES[split]
-    for candidate in (data_dir / f"{stem}.amat", data_dir / f"{stem}.amat.gz"):
-        if candidate.is_file():
-            x = read_amat(candidate)
-            return Dataset("binarized-mnist", split, x, None, (28, 28))
+    x = _read_one_of(data_dir, [data_dir / f"{stem}.amat", data_dir / f"{stem}.amat.gz"], read_amat)
+    if x is not None:
+        return Dataset("binarized-mnist", split, x, None, (28, 28))
     raise FileNotFoundError(
         f"{stem}.amat (or {stem}.amat.gz) not found in {data_dir}/: download it from {BINARIZED_MNIST_URL} "
         f"into {data_dir}/, or add --download where there is internet")
+
+
+def file_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being read as a data file: ``None`` when it is a regular file or does not
+    exist at all, else a few words naming the cause (a folder, a broken link, a link loop, a FIFO...)."""
+    import errno
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if path.is_symlink() else None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link that loops back to itself"
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    problem = file_problem(data_dir)
+    if data_dir.exists() and problem is None:  # a regular file
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder: give the folder that holds the data files")
+    if problem is not None and problem != "a folder, not a file":
+        raise DataError(f"--data-dir {data_dir} is {problem}: give the folder that holds the data files")
+
+
+def _read_one_of(data_dir: Path, candidates: list[Path], read):
+    """``read(path)`` of the one existing file among ``candidates`` (the same data, plain or gzipped), or
+    ``None`` when none exists; a candidate that is not a regular file is named; two that exist must hold the
+    same data, or neither is used."""
+    _check_data_dir(data_dir)
+    present = []
+    for path in candidates:
+        problem = file_problem(path)
+        if problem is not None:
+            raise DataError(f"{path} is {problem}: put the data file itself there")
+        if path.is_file():
+            present.append(path)
+    if not present:
+        return None
+    first = read(present[0])
+    for other in present[1:]:
+        if not torch.equal(first, read(other)):
+            raise DataError(f"{present[0]} and {other} are both in {data_dir}/ and hold different images: remove the "
+                            "one that is wrong (pyrovae reads either, never one silently over the other)")
+    return first
 
 
 def read_amat(path: str | os.PathLike) -> torch.Tensor:
@@ -483,6 +537,9 @@ def read_amat(path: str | os.PathLike) -> torch.Tensor:
         raise DataError(f"{path}: cannot be read ({e.strerror or e}); check the file") from None
     if not raw.strip():
         raise DataError(f"{path}: the file holds no images; download it again")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DataError(f"{path}: starts with a UTF-8 byte-order mark; binarised MNIST is plain ASCII: save the file "
+                        "without it, or download it again")
     a = np.frombuffer(raw, dtype=np.uint8)
     n = a.size // _AMAT_LINE
     if a.size == n * _AMAT_LINE:  # the published layout: check every byte at once
@@ -496,12 +553,19 @@ def read_amat(path: str | os.PathLike) -> torch.Tensor:
 
 
 def _read_amat_lines(raw: bytes, path: Path) -> torch.Tensor:
-    """The slow path of :func:`read_amat`, for other whitespace, and to name the first bad line."""
-    lines = raw.decode("ascii", errors="replace").splitlines()
+    """The slow path of :func:`read_amat`, for other whitespace (tabs, form feeds, \\r\\n line ends), and to
+    name the first bad line. Lines end at ``\\n`` only, so line numbers are an editor's."""
+    lines = raw.split(b"\n")
     while lines and not lines[-1].strip():
         lines.pop()
     out = np.empty((len(lines), _AMAT_PIXELS), dtype=np.float32)
-    for i, line in enumerate(lines):
+    for i, raw_line in enumerate(lines):
+        try:
+            line = raw_line.decode("ascii")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: line {i + 1} holds the byte 0x{raw_line[e.start]:02X}, which is not ASCII; "
+                            "binarised MNIST holds only the characters 0, 1 and spaces: download the file again") \
+                from None
         values = line.split()
         if len(values) != _AMAT_PIXELS:
             raise DataError(f"{path}: line {i + 1} holds {len(values)} values, expected {_AMAT_PIXELS} (a 28x28 "
@@ -517,19 +581,20 @@ def _read_amat_lines(raw: bytes, path: Path) -> torch.Tensor:
 
 def download_binarized_mnist(data_dir: str | os.PathLike, base_url: str | None = None,
                              splits: tuple[str, ...] = ("train", "val", "test"), progress: bool = True) -> None:
-    """Fetch ``binarized_mnist_{train,valid,test}.amat`` into ``data_dir`` (files already there
-    with the right size are kept). Each file is written to a temporary file, checked against its
-    published size (78,400,000 bytes for train, 15,680,000 for valid and test) and renamed only
-    then, so an interrupted or cut-off transfer leaves no file. ``base_url`` defaults to
-    ``$PYROVAE_BINARIZED_MNIST_URL`` or :data:`BINARIZED_MNIST_URL`; ``file://`` URLs work."""
-    import urllib.error
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
+    """Fetch ``binarized_mnist_{train,valid,test}.amat`` into ``data_dir`` (``splits``: any of ``train``,
+    ``val``, ``test``). A split already there (the plain file at its published size, or a ``.amat.gz``) is
+    kept. Each file is fetched by :func:`fetch`: to a temporary file, checked against its published size
+    (78,400,000 bytes for train, 15,680,000 for valid and test), renamed only then. ``base_url`` defaults
+    to ``$PYROVAE_BINARIZED_MNIST_URL`` or :data:`BINARIZED_MNIST_URL`; a ``file://`` URL or a plain
+    folder path works too."""
+    if isinstance(splits, str) or not all(isinstance(x, str) for x in splits):
+        raise TypeError(f"splits must be a tuple of split names such as ('train', 'val') (got {splits!r})")
+    bad = [x for x in splits if x not in _AMAT_FILES]
+    if bad:
+        raise ValueError(f"splits: {bad[0]!r} is not a split of binarized-mnist; use train, val or test")
     base = base_url or os.environ.get("PYROVAE_BINARIZED_MNIST_URL") or BINARIZED_MNIST_URL
-    base = base if base.endswith("/") else base + "/"
     data_dir = Path(data_dir)
+    _check_data_dir(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -537,25 +602,83 @@ def download_binarized_mnist(data_dir: str | os.PathLike, base_url: str | None =
             from None
     for split in splits:
         stem, count = _AMAT_FILES[split]
-        name, size = f"{stem}.amat", count * _AMAT_LINE
+        name = f"{stem}.amat"
         target = data_dir / name
-        if target.is_file() and target.stat().st_size == size:
+        if (target.is_file() and target.stat().st_size == count * _AMAT_LINE) or (data_dir / f"{name}.gz").is_file():
             continue
-        tmp = data_dir / f".{name}.part"
-        try:
-            with urllib.request.urlopen(base + name, timeout=60) as response, open(tmp, "wb") as out, \
-                    tqdm(total=size, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-            got = tmp.stat().st_size
-            if got != size:
-                raise DataError(f"--download of {name} from {base} stopped at {got:,} of {size:,} bytes (cut off); "
-                                "run the command again, or copy the file into --data-dir by hand")
-            os.replace(tmp, target)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
-            raise DataError(f"--download of {name} from {base} failed ({reason}); where there is no internet, "
-                            f"copy the .amat files into {data_dir}/ by hand") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        fetch(base, name, target, count * _AMAT_LINE, progress=progress,
+              by_hand=f"copy the .amat files into {data_dir}/ by hand")
+
+
+def _as_url(base: str) -> str:
+    """``base`` as a URL ending in ``/``: a plain folder path becomes a ``file://`` URL."""
+    if "://" not in base:
+        folder = Path(base).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"the download location {base!r} is neither a URL (http://, https://, file://) nor a "
+                            "folder: point PYROVAE_BINARIZED_MNIST_URL at a mirror or a folder holding the files")
+        base = folder.resolve().as_uri()
+    return base if base.endswith("/") else base + "/"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within this block SIGTERM (``kill``) interrupts like Ctrl-C, so that clean-up code runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def fetch(base: str, name: str, target: Path, size: int, *, progress: bool = True, by_hand: str) -> None:
+    """Download ``base/name`` to ``target``: into the hidden ``.NAME.part`` beside it, reading no more than
+    ``size`` + 1 bytes (a source that never ends cannot fill the disk), then renamed to ``target`` only when
+    exactly ``size`` bytes arrived. A ``.part`` file that an earlier, killed attempt left is removed first (and
+    said so); Ctrl-C, SIGTERM or an error remove this attempt's. Errors are one :class:`DataError` whose fix
+    ends in ``by_hand`` (how to put the file there without a download)."""
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    url = _as_url(base) + name
+    tmp = target.parent / f".{name}.part"
+    if tmp.exists():
+        tmp.unlink()
+        print(f"pyrovae: removed {tmp}, left by an interrupted download", file=sys.stderr)
+    try:
+        with _sigterm_as_interrupt(), urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out, \
+                tqdm(total=size, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+            got = 0
+            while got <= size and (chunk := response.read(min(1 << 20, size + 1 - got))):
+                out.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+        if got > size:
+            raise DataError(f"--download of {name} from {url}: the file is longer than its published {size:,} bytes "
+                            "(another file, or a damaged mirror); nothing was kept: use the published location, or "
+                            f"{by_hand}")
+        if got < size:
+            raise DataError(f"--download of {name} from {url} stopped at {got:,} of {size:,} bytes (cut off); run "
+                            f"the command again, or {by_hand}")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise DataError(f"--download of {name} from {url} failed ({reason}); where there is no internet, "
+                        f"{by_hand}") from None
+    finally:
+        tmp.unlink(missing_ok=True)

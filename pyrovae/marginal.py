@@ -43,6 +43,7 @@ from torch import nn
 from .config import memory_bytes, refuse_if_too_big, whole
 
 __all__ = ["log_weight_terms", "estimate_log_px", "Estimate", "active_units", "pareto_k", "default_chunk_size",
+           "estimator_pace",
            "ExampleNoise", "derive_seed", "log_joint", "latent_sites", "active_units_by_layer", "check_images",
            "isolated_params", "check_seed", "nonfinite_tensors", "pass_bytes"]
 
@@ -50,6 +51,9 @@ __all__ = ["log_weight_terms", "estimate_log_px", "Estimate", "active_units", "p
 PARETO_K_THRESHOLD = 0.7
 #: log-weights of one example spanning less than this (nats) count as equal: no tail for PSIS
 EQUAL_LOG_WEIGHTS = 1e-3
+#: the fewest importance samples K for which PSIS fits a tail: arviz takes the largest
+#: ceil(min(K / 5, 3 sqrt(K))) weights as the tail and needs at least 5 of them
+PSIS_MIN_SAMPLES = next(k for k in range(1, 100) if math.ceil(min(k / 5, 3 * math.sqrt(k))) > 4)
 
 
 @contextlib.contextmanager
@@ -365,14 +369,20 @@ class Estimate:
             out[name], out[f"{name}_se"] = self._mean_se(getattr(self, name))
         if self.pareto_k is not None:
             k = self.pareto_k
-            above = int((k > PARETO_K_THRESHOLD).sum())  # nan (undefined) is not above
-            defined = k[~k.isnan()]
+            defined = k[k.isfinite()]
+            above = int((defined > PARETO_K_THRESHOLD).sum())
+            # undefined k-hats (nan) are left out of every figure; with none defined, every figure is None
             out["pareto_k"] = {
-                "mean": float(defined.mean()) if defined.numel() else math.nan,
-                "max": float(defined.max()) if defined.numel() else math.nan,
-                "num_above_0.7": above,
-                "frac_above_0.7": above / k.numel(),
+                "mean": float(defined.mean()) if defined.numel() else None,
+                "max": float(defined.max()) if defined.numel() else None,
+                "num_above_0.7": above if defined.numel() else None,
+                "frac_above_0.7": above / defined.numel() if defined.numel() else None,
+                "num_defined": int(defined.numel()),
             }
+            if not defined.numel():
+                out["pareto_k"]["undefined"] = (
+                    f"K too small for PSIS; need at least {PSIS_MIN_SAMPLES}" if self.num_samples < PSIS_MIN_SAMPLES
+                    else "every example's importance weights are equal (no tail to fit)")
             out["ess"] = {"mean": float(self.ess.mean()), "min": float(self.ess.min())}
         return out
 
@@ -384,7 +394,9 @@ def pareto_k(log_w: np.ndarray) -> np.ndarray:
     A row whose K log-weights span less than :data:`EQUAL_LOG_WEIGHTS` nats (the proposal
     is the exact posterior, up to float32 rounding of the log densities) has no tail to
     fit: arviz returns ``inf`` for exactly equal weights, and a k-hat of the rounding noise
-    otherwise, either of which would read as "unreliable". It is ``nan`` (undefined) here.
+    otherwise, either of which would read as "unreliable". It is ``nan`` (undefined) here,
+    as is every row when K is below :data:`PSIS_MIN_SAMPLES` (arviz's ``inf``: too few weights
+    in the tail to fit) and any other row arviz cannot fit.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # arviz 0.2x announces its refactor on import
@@ -398,7 +410,29 @@ def pareto_k(log_w: np.ndarray) -> np.ndarray:
         _, k = arviz.psislw(log_w)
     k = np.atleast_1d(np.asarray(k, dtype=np.float64)).copy()
     k[np.ptp(log_w, axis=1) < EQUAL_LOG_WEIGHTS] = np.nan
+    k[~np.isfinite(k)] = np.nan
     return k
+
+
+def estimator_pace(model, images: torch.Tensor) -> tuple[float, float]:
+    """How long :func:`estimate_log_px` takes here on ``model``: ``(seconds per (sample, example) pair,
+    seconds per example)``, so that K samples on n examples take about ``n * (K * a + b)``. Measured the way
+    the real pass runs (diagnostics on, PSIS included): after an untimed warm-up call, whose one-off set-up
+    would read as a slow pace (about 3x for the two-level model), two timed calls on up to 16 of ``images``
+    at K = 64 and K = 512 give the cost per sample and the cost per example that does not grow with K."""
+    import time
+
+    probe = images[:16]
+    estimate_log_px(model, images[:2], 32, diagnostics=True, seed=0)
+    seconds = []
+    for k in (64, 512):
+        t0 = time.perf_counter()
+        estimate_log_px(model, probe, k, diagnostics=True, seed=0)
+        seconds.append(time.perf_counter() - t0)
+    n = probe.shape[0]
+    per_pair = max((seconds[1] - seconds[0]) / (n * (512 - 64)), seconds[1] / (n * 512) / 10, 1e-12)
+    per_example = max(seconds[0] / n - 64 * per_pair, 0.0)
+    return per_pair, per_example
 
 
 def default_chunk_size(device: torch.device | str) -> int:

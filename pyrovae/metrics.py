@@ -360,6 +360,8 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
 def format_report(report: dict) -> str:
     """One aligned table of a report, for the terminal."""
     rows = [("model", report.get("model")), ("examples", report.get("num_examples"))]
+    if report.get("weights") == "averaged":
+        rows.append(("weights", "averaged (the run's --ema; --weights raw for the optimiser's)"))
     if "num_samples" in report:
         rows.append(("importance samples K", report["num_samples"]))
 
@@ -388,8 +390,12 @@ def format_report(report: dict) -> str:
     ]
     if "pareto_k" in report:
         pk = report["pareto_k"]
-        rows.append(("Pareto k-hat > 0.7", f"{pk['num_above_0.7']} of {report['num_examples']} "
-                                           f"({100 * pk['frac_above_0.7']:.1f}%), max {pk['max']:.2f}"))
+        if pk.get("undefined"):
+            rows.append(("Pareto k-hat", f"undefined ({pk['undefined']})"))
+        else:
+            defined = pk.get("num_defined", report["num_examples"])
+            rows.append(("Pareto k-hat > 0.7", f"{pk['num_above_0.7']} of {defined} "
+                                               f"({100 * pk['frac_above_0.7']:.1f}%), max {pk['max']:.2f}"))
         rows.append(("ESS of weights (mean, min)", f"{report['ess']['mean']:.1f}, {report['ess']['min']:.1f}"))
     if "ais" in report:
         a = report["ais"]

@@ -17,6 +17,7 @@ Nothing here knows about files or the command line.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -28,7 +29,7 @@ from torch import nn
 from .distributions import BernoulliImages
 from .flows import InverseAutoregressiveFlow
 from .likelihoods import GaussianLikelihood, build_likelihood
-from .nets import Decoder, Encoder, JointNet
+from .nets import Decoder, Encoder, JointNet, he_init_, log_scale_from
 from .priors import Prior, build_prior
 
 __all__ = ["VAE", "TwoLevelVAE", "Autoencoder", "PCAModel", "MixtureModel", "MODEL_KINDS", "build_model"]
@@ -227,14 +228,15 @@ class VAE(nn.Module):
         def flow(dim):
             return InverseAutoregressiveFlow(dim, context_dim, config.flow_steps, config.flow_hidden_dims)
 
+        head = config.scale_head
         encoder = Encoder(data_dim, config.hidden_dims, dims[0], config.activation, context_dim, net, image_shape,
-                          dropout)
+                          dropout, head)
         decoder = Decoder(dims[0], config.hidden_dims, data_dim, config.activation, net, image_shape)
         hidden = getattr(config, "layer_hidden_dims", ())
         upper_net = "gated" if net == "gated" else "mlp"
         upper_encoders = nn.ModuleList([Encoder(a, hidden, b, config.activation, context_dim, upper_net,
-                                                dropout=dropout) for a, b in zip(dims[:-1], dims[1:])])
-        upper_decoders = nn.ModuleList([Encoder(b, hidden, a, config.activation, net=upper_net)
+                                                dropout=dropout, scale_head=head) for a, b in zip(dims[:-1], dims[1:])])
+        upper_decoders = nn.ModuleList([Encoder(b, hidden, a, config.activation, net=upper_net, scale_head=head)
                                         for a, b in zip(dims[:-1], dims[1:])])
         upper_flows = nn.ModuleList([flow(b) for b in dims[1:]]) if iaf and len(dims) > 1 else None
         bottom_flow = flow(dims[0]) if iaf else None
@@ -270,6 +272,7 @@ class TwoLevelVAE(VAE):
                  likelihood: nn.Module):
         super().__init__(encoder, decoder, prior, likelihood)
         self.z1_encoder, self.z1_prior = z1_encoder, z1_prior
+        self.scale_head = encoder.scale_head  # (how z1_encoder's raw log-scales are read, as the Encoders read theirs)
         self.sites = ["z1", "z"]
 
     def model(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
@@ -300,7 +303,8 @@ class TwoLevelVAE(VAE):
 
     def z1_posterior(self, x: torch.Tensor, z: torch.Tensor) -> dist.TorchDistribution:
         r""":math:`q(z_1|x, z)`, a diagonal Gaussian; x ``(B, D)`` broadcasts against z ``(..., B, d)``."""
-        return self._gaussian(self.z1_encoder(x, z).chunk(2, dim=-1))
+        loc, raw = self.z1_encoder(x, z).chunk(2, dim=-1)
+        return self._gaussian((loc, log_scale_from(raw, self.scale_head)))
 
     @property
     def latent_dim(self) -> int:
@@ -327,9 +331,9 @@ class TwoLevelVAE(VAE):
                     image_shape: tuple[int, int] | None = None) -> "TwoLevelVAE":
         (d1,), d = config.lower_latent_dims, config.latent_dim
         h, act, net = tuple(config.hidden_dims), config.activation, config.net
-        encoder = Encoder(data_dim, h, d, act, 0, net, image_shape, getattr(config, "encoder_dropout", 0.0))
+        encoder = Encoder(data_dim, h, d, act, 0, net, image_shape, config.encoder_dropout, config.scale_head)
         z1_encoder = JointNet([data_dim, d], h, 2 * d1, act, net)
-        z1_prior = Encoder(d, h, d1, act, net=net)
+        z1_prior = Encoder(d, h, d1, act, net=net, scale_head=config.scale_head)
         decoder = JointNet([d1, d], h, data_dim, act, net)
         prior = build_prior(config, latent_dim=d, encoder=encoder, train_images=train_images)
         likelihood = build_likelihood(config.likelihood, data_dim, config.likelihood_scale)
@@ -580,6 +584,17 @@ def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = No
     """The model named by ``config.model``; ``train_images=None`` builds shapes only (for loading).
     ``image_shape`` (H, W) is what convolutional networks need (default: square images of
     ``data_dim`` pixels, when ``data_dim`` is a square)."""
+    from .config import TrainConfig, whole
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"build_model() takes a TrainConfig as its config (got {type(config).__name__}): build one "
+                        "with TrainConfig(...) or TrainConfig.from_dict(...)")
+    data_dim = whole(data_dim, "data_dim")
+    if image_shape is not None:
+        if (not isinstance(image_shape, (tuple, list)) or len(image_shape) != 2
+                or math.prod(whole(s, "image_shape") for s in image_shape) != data_dim):
+            raise ValueError(f"image_shape must be (height, width) with height x width = data_dim {data_dim} "
+                             f"(got {image_shape!r})")
     if config.model not in MODEL_KINDS:
         raise ValueError(f"--model must be one of {', '.join(MODEL_KINDS)} (got {config.model!r})")
     check_sizes(config, data_dim)
@@ -588,6 +603,9 @@ def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = No
         image_shape = (side, side) if side * side == data_dim else None
     kind = MODEL_KINDS[config.model]
     if kind is VAE or issubclass(kind, VAE):
-        return kind.from_config(config, data_dim=data_dim, train_images=train_images, image_shape=tuple(image_shape)
-                                if image_shape else None)
+        model = kind.from_config(config, data_dim=data_dim, train_images=train_images,
+                                 image_shape=tuple(image_shape) if image_shape else None)
+        if config.init == "he":
+            he_init_(model)
+        return model
     return kind.from_config(config, data_dim=data_dim, train_images=train_images)

@@ -22,16 +22,47 @@ from torch import nn
 
 from .distributions import softplus
 
-__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "set_autocast", "NETS"]
+__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "set_autocast", "he_init_", "log_scale_from", "NETS"]
 
 #: values of ``--net``
 NETS = ("mlp", "gated", "conv")
+#: values of ``--scale-head``: how a network's raw output r becomes the log standard deviation of a Gaussian
+SCALE_HEADS = ("log-scale", "clipped-log-var")
+#: the VampPrior code's bounds on every log-variance (its ``Hardtanh(-6, 2)``)
+LOG_VAR_BOUNDS = (-6.0, 2.0)
+#: values of ``--init``: the start of every linear map's weights
+INITS = ("torch", "he")
 #: channels of the two convolutions of ``--net conv``
 CONV_CHANNELS = (16, 32)
 #: the units of ``--net conv``, whatever ``--activation`` says: with softplus units the convolutional
 #: VAE collapsed its posterior within its first epochs on mnist5k (KL 0.0 nats, validation ELBO
 #: -205.6 after 8 epochs, the independent-pixel model), with ReLU units it did not (-184.6, KL 5.4)
 CONV_ACTIVATION = "relu"
+
+
+def log_scale_from(raw: torch.Tensor, head: str = "log-scale") -> torch.Tensor:
+    r"""The log standard deviation :math:`\log s` a Gaussian head reads from its raw output :math:`r`:
+
+    - ``"log-scale"``: :math:`\log s = r`, unbounded (pyrovae's default);
+    - ``"clipped-log-var"``: :math:`r` is a log-variance clipped to :data:`LOG_VAR_BOUNDS`,
+      :math:`\log s = \tfrac12 \mathrm{hardtanh}(r, -6, 2)`, so :math:`s \in [e^{-3}, e]` (the VampPrior
+      code's ``NonLinear(..., Hardtanh(-6, 2))`` heads; the gradient is zero outside the bounds).
+    """
+    if head == "log-scale":
+        return raw
+    if head == "clipped-log-var":
+        return 0.5 * torch.nn.functional.hardtanh(raw, *LOG_VAR_BOUNDS)
+    raise ValueError(f"--scale-head must be one of {', '.join(SCALE_HEADS)} (got {head!r})")
+
+
+@torch.no_grad()
+def he_init_(module: nn.Module) -> None:
+    r"""He et al.'s start for every ``nn.Linear`` inside ``module``: weights
+    :math:`\sim \mathcal{N}(0, 2 / \text{fan-in})`, biases left at PyTorch's start (the VampPrior
+    code's ``he_init``, which it applies to every linear map, gates and heads included)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, math.sqrt(2.0 / m.in_features))
 
 
 class Softplus(nn.Module):
@@ -159,21 +190,24 @@ class Encoder(_Net):
 
     def __init__(self, data_dim: int, hidden_dims: tuple[int, ...], latent_dim: int, activation: str = "softplus",
                  context_dim: int = 0, net: str = "mlp", image_shape: tuple[int, int] | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, scale_head: str = "log-scale"):
         out = 2 * latent_dim + context_dim
         if net == "conv":
             layers = _conv_encoder(image_shape, hidden_dims, out, CONV_ACTIVATION, dropout)
         else:
             layers = _mlp([data_dim, *hidden_dims, out], activation, dropout, gated=net == "gated")
         super().__init__(layers, data_dim)
-        self.latent_dim, self.context_dim = latent_dim, context_dim
+        log_scale_from(torch.zeros(()), scale_head)  # (checks the name)
+        self.latent_dim, self.context_dim, self.scale_head = latent_dim, context_dim, scale_head
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.with_context(x)[:2]
 
     def with_context(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loc, log_scale, context)``; the context is empty when ``context_dim`` is 0."""
-        return self._run(x).split([self.latent_dim, self.latent_dim, self.context_dim], dim=-1)
+        """``(loc, log_scale, context)``; the context is empty when ``context_dim`` is 0; ``log_scale``
+        as ``scale_head`` reads it (:func:`log_scale_from`)."""
+        loc, raw, context = self._run(x).split([self.latent_dim, self.latent_dim, self.context_dim], dim=-1)
+        return loc, log_scale_from(raw, self.scale_head), context
 
 
 class Decoder(_Net):

@@ -11,7 +11,7 @@ import torch
 
 from .marginal import isolated_params
 
-__all__ = ["sample_images", "samples_by_component", "reconstructions", "interpolation", "code_prior"]
+__all__ = ["sample_images", "samples_by_component", "component_count", "reconstructions", "interpolation", "code_prior"]
 
 
 def code_prior(model):
@@ -26,6 +26,16 @@ def sample_images(model, n: int) -> torch.Tensor:
     """Decode n codes from the model's generative distribution over codes."""
     with isolated_params():
         return model.decode(model.sample_codes(n))
+
+
+def component_count(model) -> int:
+    """How many components the model's mixture has (its prior's, or the finite mixture's own)."""
+    if model.kind == "mixture":
+        return model.num_components
+    prior = code_prior(model)
+    if prior is None:
+        raise ValueError(f"a {model.kind} model has no prior with components; drop --by-component")
+    return prior.num_components
 
 
 @torch.no_grad()

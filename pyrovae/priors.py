@@ -212,30 +212,49 @@ class VampPrior(Prior):
 
     where :math:`q_\phi` is the guide's encoder (shared, so the prior moves with it; with a flow guide
     its Gaussian base, with stochastic layers the guide's mean path up to the top layer) and the
-    pseudo-inputs :math:`u_k` are learned points in data space. They are kept in (0, 1) as
-    :math:`u_k = \mathrm{sigmoid}(a_k)` with unconstrained :math:`a_k` (the paper clips with a
-    hard tanh instead; its gradient is exactly zero at 0 and 1, so pseudo-inputs started at
-    binarised training images, or pushed past a bound once, would never move again).
+    pseudo-inputs :math:`u_k` are learned points in data space, kept in [0, 1] by ``squash``
+    (``--pseudo-inputs``):
 
-    ``init="data"``: :math:`u_k` start at K distinct random training images, pulled into
-    [0.05, 0.95] so that the sigmoid is not saturated; ``init="noise"``: uniform noise.
+    - ``"sigmoid"`` (default): :math:`u_k = \mathrm{sigmoid}(a_k)` with unconstrained :math:`a_k`;
+    - ``"hardtanh"``: :math:`u_k = \mathrm{hardtanh}(a_k, 0, 1) = \min(1, \max(0, a_k))`, the paper's code
+      (a bias-free linear layer from one-hot inputs, whose weights are the :math:`a_k`). Its gradient is
+      exactly zero outside (0, 1), so a pseudo-input pixel pushed past a bound never moves again.
+
+    Starts (``--prior-init``): ``"data"``, K distinct random training images, pulled into
+    [0.05, 0.95] (:data:`_MARGIN`) so that neither map is saturated; ``"noise"``, uniform noise pulled
+    the same way; ``"normal"``, every :math:`a_k` pixel drawn from :math:`\mathcal{N}(0.05, 0.01^2)`
+    (:data:`NORMAL_START`, the paper's code for binary images: grey pseudo-inputs near black).
     The encoder is shared with the guide, not owned: it is not a submodule.
     """
 
-    inits = ("data", "noise")
-    #: how far inside (0, 1) the pseudo-inputs start
+    inits = ("data", "noise", "normal")
+    #: values of ``--pseudo-inputs``
+    squashes = ("sigmoid", "hardtanh")
+    #: how far inside (0, 1) the data and noise starts are pulled
     _MARGIN = 0.05
+    #: mean and standard deviation of ``--prior-init normal`` (the paper's code, binary datasets)
+    NORMAL_START = (0.05, 0.01)
 
-    def __init__(self, encoder: nn.Module, pseudo_inputs: torch.Tensor):
+    def __init__(self, encoder: nn.Module, pseudo_inputs: torch.Tensor, squash: str = "sigmoid",
+                 margin: float | None = None):
         super().__init__()
+        if squash not in self.squashes:
+            raise ValueError(f"--pseudo-inputs must be one of {', '.join(self.squashes)} (got {squash!r})")
         self.__dict__["_encoder"] = encoder  # shared, not registered twice
-        u = self._MARGIN + (1 - 2 * self._MARGIN) * pseudo_inputs.clamp(0.0, 1.0)
-        self.pseudo_logits = nn.Parameter(torch.logit(u))  # (K, data_dim)
+        self.squash = squash
+        margin = self._MARGIN if margin is None else margin
+        u = margin + (1 - 2 * margin) * pseudo_inputs.clamp(0.0, 1.0) if margin > 0 else pseudo_inputs
+        if squash == "sigmoid":
+            self.pseudo_logits = nn.Parameter(torch.logit(u.clamp(1e-4, 1 - 1e-4) if margin <= 0 else u))
+        else:
+            self.pseudo_params = nn.Parameter(u.clone())  # (K, data_dim)
 
     @property
     def pseudo_inputs(self) -> torch.Tensor:
         """The pseudo-inputs :math:`u_k` in data space, ``(K, data_dim)``."""
-        return torch.sigmoid(self.pseudo_logits)
+        if self.squash == "sigmoid":
+            return torch.sigmoid(self.pseudo_logits)
+        return torch.nn.functional.hardtanh(self.pseudo_params, 0.0, 1.0)
 
     def _mixture(self):
         loc, log_scale = self._encoder(self.pseudo_inputs)  # (K, D) each
@@ -248,6 +267,7 @@ class VampPrior(Prior):
             raise ValueError(f"--prior-components must be at least 1 (got {k})")
         data_dim = encoder.in_dim
         gen = torch.Generator().manual_seed(config.seed)
+        margin = None
         if train_images is None:
             u = torch.full((k, data_dim), 0.5)
         elif config.prior_init == "data":
@@ -259,9 +279,12 @@ class VampPrior(Prior):
                     "or --prior-init noise"
                 )
             u = train_images[torch.randperm(n, generator=gen)[:k].to(train_images.device)].float().cpu()
+        elif config.prior_init == "normal":
+            mean, std = cls.NORMAL_START
+            u, margin = mean + std * torch.randn(k, data_dim, generator=gen), 0.0
         else:
             u = torch.rand(k, data_dim, generator=gen)
-        return cls(encoder, u)
+        return cls(encoder, u, config.pseudo_inputs, margin)
 
 
 #: name -> class; the source of ``--prior`` choices

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .averaging import CHECKPOINT_KEY as EMA_KEY
+from .averaging import averaged_state
 from .config import TrainConfig
 from .files import write_atomic
 from .marginal import nonfinite_tensors
@@ -229,10 +231,26 @@ class Run:
     epoch: int
     checkpoint: Path
     device: torch.device
+    #: which weights the model holds: "averaged" (the run's --ema average) or "raw"
+    weights: str = "raw"
 
 
-def load_run(path: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu") -> Run:
-    """Load a run directory (``which`` = ``best`` or ``last``) or a checkpoint file."""
+#: values of ``load_run(weights=...)`` and of the commands' ``--weights``
+WEIGHTS = ("averaged", "raw")
+
+
+def load_run(path: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu",
+             weights: str = "averaged") -> Run:
+    """Load a run directory (``which`` = ``best`` or ``last``) or a checkpoint file.
+
+    ``weights``: for a run trained with ``--ema``, ``"averaged"`` (the default) loads the moving
+    average of the weights, ``"raw"`` the optimiser's own; a run without ``--ema`` has raw weights only
+    (``Run.weights`` says which were loaded).
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last' (got {which!r})")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be 'averaged' or 'raw' (got {weights!r})")
     path = Path(path)
     if path.is_dir():
         ckpt = path / f"{which}.pt"
@@ -250,8 +268,9 @@ def load_run(path: str | os.PathLike, which: str = "best", device: str | torch.d
     else:
         config = TrainConfig.from_dict(state["config"], str(ckpt))
     model = build_model(config, data_dim=int(state["data_dim"]), image_shape=tuple(state["image_shape"]))
-    load_state(model, state["model"], ckpt)
+    averaged = weights == "averaged" and bool(state.get(EMA_KEY))
+    load_state(model, averaged_state(state) if averaged else state["model"], ckpt)
     device = torch.device(device)
     model.to(device).eval()
     return Run(run_dir, config, model, tuple(state["image_shape"]), int(state["data_dim"]), int(state["epoch"]), ckpt,
-               device)
+               device, "averaged" if averaged else "raw")

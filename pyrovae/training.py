@@ -31,6 +31,7 @@ GPU), metrics are summed over processes, and only rank 0 writes the run director
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -46,8 +47,10 @@ import torch
 import torch.distributed as tdist
 from pyro.infer import SVI
 
+from .averaging import CHECKPOINT_KEY as EMA_KEY
+from .averaging import WeightAverage, averaged_state
 from .board import Board
-from .config import PREBINARIZED, RESUMABLE, TrainConfig, parse_duration
+from .config import CONTINUES, PREBINARIZED, RESUMABLE, TrainConfig, parse_duration
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
 from .files import TMP_SUFFIX, OutputError, dumps, write_json, write_text_atomic
 from .marginal import derive_seed, isolated_params
@@ -65,7 +68,8 @@ from .runs import (
     save_checkpoint,
 )
 
-__all__ = ["train", "train_or_reuse", "TrainResult", "TrainingDiverged", "resolve_device", "prepare_data"]
+__all__ = ["train", "train_or_reuse", "TrainResult", "TrainingDiverged", "resolve_device", "prepare_data",
+           "count_since_best", "finished_run", "data_fingerprint"]
 
 #: importance samples per example for the test-split ELBO printed at the end of training
 TEST_NUM_SAMPLES = 10
@@ -103,6 +107,15 @@ class TrainResult:
     planned_epochs: int | None = None
 
 
+def count_since_best(since_best: int, improved: bool, epoch: int, warmup_epochs: int, after_warmup: bool) -> int:
+    """Epochs without a better validation ELBO after ``epoch`` (counted from 1), which ``--patience``
+    compares with: 0 after a gain, else one more; with ``after_warmup`` (``--patience-after-warmup``,
+    the VampPrior code's loop) also 0 in every epoch before the ``warmup_epochs``-th."""
+    if improved or (after_warmup and epoch < warmup_epochs):
+        return 0
+    return since_best + 1
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """The device of ``--device name`` (``auto``, ``cpu`` or ``cuda``; ``auto`` picks CUDA where there is one),
     the GPU of ``local_rank`` for CUDA; ``ValueError`` for ``cuda`` without a visible device."""
@@ -131,7 +144,7 @@ def prepare_data(config: TrainConfig, split: str, device, fix: str | None = None
     (static for a binarised run, grey otherwise), checked against the likelihood, on ``device``;
     ``fix``: the advice of that check's error, where training's flags are not the remedy."""
     ds = load_dataset(config.dataset, split, data_dir=config.data_dir, label_column=config.label_column,
-                      download=config.download)
+                      download=config.download, progress=False)
     if config.binarize != "none":
         ds = static_binarized(ds)  # drawn on the host (no round trip): the same images on every device
     ds = ds.to(device)
@@ -235,6 +248,9 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
     (no run directory), for experiments that only need the numbers.
     """
     t_start = time.perf_counter()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig as its config (got {type(config).__name__}): build one with "
+                        "TrainConfig(...) or, from a mapping of settings, TrainConfig.from_dict(...)")
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -250,6 +266,9 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
                       "ended): starting it again from epoch 0 with its config.json", file=sys.stderr)
             config = dataclasses.replace(config, out=str(run_dir.parent), name=run_dir.name)
             resume = None
+    if resume is None:  # its own messages first (the settings' checks), then the rule on unused ones
+        config.resolved()
+        config.check_used()
     if (config.dataset in PREBINARIZED and config.binarize in ("dynamic", "static")
             and int(os.environ.get("RANK", "0")) == 0 and resume is None):
         print(f"pyrovae train: note: {config.dataset} is binary already (sampled once by its authors); it is "
@@ -267,6 +286,10 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
         result = trainer.run(t_start)
         finished = True
         return result
+    except KeyboardInterrupt as e:
+        # (what the command line tells: a run to --resume, or none yet)
+        e.run_dir = trainer.run_dir if trainer is not None and trainer.write else None
+        raise
     finally:
         if trainer is not None:
             trainer.lock.release()
@@ -308,8 +331,8 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
         fixed = [k for k in changed if k not in RESUMABLE]
         if fixed:
             raise ValueError(f"{run_dir} was trained with other settings ({', '.join(fixed)}): {fix}")
-        raised = bool(changed) and (run_dir / "last.pt").is_file()
-    if (run_dir / "summary.json").is_file() and not raised:
+        raised = any(k in CONTINUES for k in changed) and (run_dir / "last.pt").is_file()
+    if finished_run(run_dir) and not raised:
         return run_dir, "reused"
     if (run_dir / "last.pt").is_file():
         train(config, resume=run_dir, progress=progress)
@@ -318,6 +341,35 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
         raise ValueError(f"{run_dir} holds files that are not a pyrovae run's: remove it or {fix}")
     train(config, progress=progress)  # (a run killed before its first checkpoint is taken over)
     return run_dir, "trained"
+
+
+def finished_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run: a ``summary.json`` written for its ``last.pt`` (the same
+    epoch). A run resumed and then killed has a ``last.pt`` past its old summary (which resuming removes
+    once the first new epoch is saved): it is not finished, whatever files remain."""
+    import json
+
+    summary, last = run_dir / "summary.json", run_dir / "last.pt"
+    if not summary.is_file():
+        return False
+    if not last.is_file():
+        return False
+    try:
+        epochs = json.loads(summary.read_text(encoding="utf-8")).get("epochs_done")
+        return epochs == int(load_checkpoint(last)["epoch"])
+    except (ValueError, OSError, KeyError, TypeError):
+        return False
+
+
+def data_fingerprint(images: torch.Tensor) -> str:
+    """A short hash of a split's images (their float32 bytes and shape): what a resumed run checks against
+    its checkpoint, so that a moved --data-dir must hold the data the run was trained on."""
+    import hashlib
+
+    x = images.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha1(str(tuple(x.shape)).encode())
+    h.update(x.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class _Trainer:
@@ -329,10 +381,13 @@ class _Trainer:
             raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {env.world} processes")
         torch.manual_seed(config.seed)
         self.data = self._load_data()
+        self.data_fingerprint = data_fingerprint(self.data.train_grey)
         self.model = build_model(config, data_dim=self.data.train_grey.shape[1], image_shape=self.data.image_shape,
                                  train_images=self.data.train_fixed).to(self.device)
         if config.amp == "bf16":
             set_autocast(self.model, torch.bfloat16)
+        #: the weights' moving average (--ema), or None
+        self.ema = WeightAverage(self.model, config.ema) if config.ema > 0 else None
         self.run_dir = resume_dir or _run_dir(config)
         self.lock = RunLock(self.run_dir if self.write else None)
         self._pending_resume = False
@@ -340,6 +395,7 @@ class _Trainer:
         self.best_val, self.best_epoch, self.since_best = -math.inf, 0, 0
         #: seconds of training epochs so far (over every session of a resumed run), and the --time-limit plan
         self.train_seconds, self.planned_epochs, self.planned_budget = 0.0, None, None
+        self.planned_max_epochs: int | None = None  # the --epochs the plan was made under
         self.budget = parse_duration(config.time_limit) if config.time_limit is not None else None
         self._session_seconds: list[float] = []  # seconds of this session's epochs (the pace of the plan)
         self.resume_state = resume_state
@@ -349,6 +405,15 @@ class _Trainer:
                 raise ValueError(f"{self.run_dir / 'last.pt'}: a damaged checkpoint ({', '.join(missing)} missing); "
                                  "resume from an intact last.pt or train again")
             load_state(self.model, resume_state["model"], self.run_dir / "last.pt")
+            stored_print = resume_state.get("data_fingerprint")
+            if stored_print is not None and stored_print != self.data_fingerprint:
+                raise ValueError(f"{config.dataset} in --data-dir {config.data_dir} is not the data {self.run_dir} was "
+                                 "trained on (its training split differs): point --data-dir at that data")
+            if self.ema is not None:
+                if EMA_KEY not in resume_state:
+                    raise ValueError(f"{self.run_dir / 'last.pt'}: holds no averaged weights for --ema: resume it "
+                                     "with the settings it was trained with")
+                self.ema.load_state_dict(resume_state[EMA_KEY])
             self.start_epoch = int(resume_state["epoch"])
             self.global_step = int(resume_state["global_step"])
             self.best_val = float(resume_state["best_val_elbo"])
@@ -357,6 +422,7 @@ class _Trainer:
             self.train_seconds = float(resume_state.get("train_seconds", 0.0))
             self.planned_epochs = resume_state.get("planned_epochs")
             self.planned_budget = resume_state.get("planned_budget")
+            self.planned_max_epochs = resume_state.get("planned_max_epochs")
             ranks = resume_state["rng"]
             if len(ranks) == env.world:
                 _set_rng_state(ranks[env.rank], self.device)
@@ -397,13 +463,14 @@ class _Trainer:
             error = None
             if self.env.main:
                 try:
-                    load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column, download=True)
+                    load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column, download=True,
+                                 progress=self.progress)
                 except (ValueError, FileNotFoundError) as e:
                     error = str(e)
             self.env.raise_any(error)
             c = dataclasses.replace(c, download=False)
         train = load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column,
-                             download=c.download)
+                             download=c.download, progress=self.progress)
         if len(train) == 0:
             raise ValueError(f"{c.dataset}: the training split is empty")
         train = train.to(self.device)
@@ -449,6 +516,8 @@ class _Trainer:
         if TrainConfig.load(d / "config.json") != self.config:
             self.config.save(d / "config.json")
         write_text_atomic(d / "metrics.jsonl", "".join(dumps(r, indent=None) + "\n" for r in self._resume_rows))
+        # the run is no longer finished: its summary is written again at its end
+        (d / "summary.json").unlink(missing_ok=True)
         for p in d.glob(f".*{TMP_SUFFIX}"):
             try:
                 p.unlink()
@@ -481,11 +550,12 @@ class _Trainer:
         return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * min(epoch, horizon) / horizon))
 
     def _plan(self, epochs_done: int, seconds_per_epoch: float) -> None:
-        """Fix how many epochs fit in the --time-limit budget at ``seconds_per_epoch``."""
+        """Fix how many epochs fit in the --time-limit budget at ``seconds_per_epoch`` (at most --epochs)."""
         left = max(0.0, self.budget - self.train_seconds)
         fit = int(left // seconds_per_epoch) if seconds_per_epoch > 0 else self.config.epochs
         self.planned_epochs = max(epochs_done, min(self.config.epochs, epochs_done + fit))
         self.planned_budget = self.budget
+        self.planned_max_epochs = self.config.epochs
 
     def _pace(self) -> float:
         """Mean seconds of this session's epochs, without its first (whose one-off set-up is spent from
@@ -510,17 +580,31 @@ class _Trainer:
             self._plan(epochs_done, pace)
 
     def _replan_on_resume(self) -> None:
-        """A resumed --time-limit run keeps its plan; with another budget it plans again from the pace of
-        the epochs it has run (their mean seconds), over what is left."""
-        if self.budget is None or self.planned_epochs is None or self.planned_budget == self.budget:
+        """A resumed --time-limit run keeps its plan while its budget and --epochs are the ones the plan was made
+        for; otherwise it plans again, at once, from the pace of the epochs it has run (their mean seconds) over
+        what is left: with another --time-limit or --epochs, and for a run stopped before it had made a plan
+        (the learning rate then anneals from this session's first epoch on). A budget that the run has spent
+        already is refused (ValueError) before anything is trained or written."""
+        if self.budget is None or self.start_epoch == 0:
             return
-        pace = self.train_seconds / self.start_epoch if self.start_epoch else 0.0
-        self._plan(self.start_epoch, pace)
+        if self.budget <= self.train_seconds and self.budget != self.planned_budget:
+            raise ValueError(f"--time-limit {self.config.time_limit} is no more than the {self.train_seconds:.0f} s "
+                             f"{self.run_dir} has trained already: give a longer budget to train on (such as "
+                             f"--time-limit {math.ceil((self.train_seconds + 60) / 60)}m)")
+        same = (self.planned_epochs is not None and self.planned_budget == self.budget
+                and self.planned_max_epochs in (None, self.config.epochs)
+                and (self.planned_max_epochs is not None or self.planned_epochs <= self.config.epochs))
+        if not same:
+            self._plan(self.start_epoch, self.train_seconds / self.start_epoch)
 
-    def _kl_scale(self, steps_per_epoch: int) -> float:
+    def _kl_scale(self, epoch: int, steps_per_epoch: int) -> float:
+        """The KL warm-up's weight at this step of ``epoch`` (counted from 0): grown per step, or with
+        ``--warmup-unit epoch`` held at (epoch + 1) / --warmup-epochs for the whole epoch."""
         w = self.config.warmup_epochs
         if w == 0:
             return 1.0
+        if self.config.warmup_unit == "epoch":
+            return min(1.0, (epoch + 1) / w)
         return min(1.0, (self.global_step + 1) / (w * steps_per_epoch))
 
     # --- the loop ----------------------------------------------------------------------
@@ -537,7 +621,9 @@ class _Trainer:
         stopped_early, epochs_done, stopped_by = False, self.start_epoch, "epochs"
         last = c.epochs
         if self.planned_epochs is not None and self.start_epoch >= self.planned_epochs:
-            stopped_by, last = "time_limit", self.start_epoch  # resumed with nothing left of the budget
+            # resumed with nothing left of the plan
+            stopped_by = "epochs" if self.planned_epochs >= c.epochs else "time_limit"
+            last = self.start_epoch
         try:
             with pyro.get_param_store().scope():
                 for epoch in range(self.start_epoch, last):
@@ -549,7 +635,8 @@ class _Trainer:
                         stopped_early, stopped_by = True, "patience"
                         break
                     if self.planned_epochs is not None and epochs_done >= self.planned_epochs:
-                        stopped_by = "time_limit"
+                        # (a plan as long as --epochs was bounded by --epochs, not by the budget)
+                        stopped_by = "epochs" if self.planned_epochs >= c.epochs else "time_limit"
                         break
                     if self.planned_epochs is not None and bar.total != self.planned_epochs:
                         bar.total = self.planned_epochs
@@ -569,7 +656,9 @@ class _Trainer:
     def _objective(self) -> tuple[SVI, object, Optimizer]:
         c = self.config
         elbo = build_elbo(c)
-        optim = Optimizer(c.lr, c.clip_norm * c.batch_size, c.weight_decay)
+        optim = Optimizer(c.lr, c.clip_norm * c.batch_size, c.weight_decay,
+                          normalize_grads=c.optimizer == "adamnormgrad",
+                          after_step=self.ema.update if self.ema is not None else None)
         svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
         if self.resume_state is not None:
             optim.set_state(self.resume_state["optimizer"])
@@ -591,7 +680,7 @@ class _Trainer:
         with warnings.catch_warnings(), pyro.validation_enabled(False):
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             for step, idx in enumerate(batches):
-                loss = svi.step(x_epoch[idx], self._kl_scale(len(batches)))
+                loss = svi.step(x_epoch[idx], self._kl_scale(epoch, len(batches)))
                 if not math.isfinite(loss):
                     if epoch == 0:
                         where = ("no checkpoint was written yet: lower --lr or add --warmup-epochs and train again "
@@ -609,7 +698,7 @@ class _Trainer:
         kl = float(terms["kl"]) if "kl" in terms else math.nan
         loss_sum, seen, recon, kl = self.env.sum([loss_sum, float(seen), recon, kl])
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": self._lr(epoch),
-               "kl_scale": self._kl_scale(len(batches)) if c.warmup_epochs else 1.0}
+               "kl_scale": self._kl_scale(epoch, len(batches)) if c.warmup_epochs else 1.0}
         if c.model == "mixture":
             row["train_elbo"] = -loss_sum / seen  # exact: the component is summed out
         else:
@@ -617,14 +706,15 @@ class _Trainer:
             if not math.isnan(kl):
                 row["train_kl"] = kl / seen
             row["train_elbo"] = (recon - kl) / seen if not math.isnan(kl) else recon / seen
-        val = self._val_scores()
-        row.update({f"val_{k}": v for k, v in val.items() if v is not None})
-        self._watch_components(row)
+        with self._averaged():
+            val = self._val_scores()
+            row.update({f"val_{k}": v for k, v in val.items() if v is not None})
+            self._watch_components(row)
         improved = row["val_elbo"] > self.best_val
         if improved:
-            self.best_val, self.best_epoch, self.since_best = row["val_elbo"], epoch + 1, 0
-        else:
-            self.since_best += 1
+            self.best_val, self.best_epoch = row["val_elbo"], epoch + 1
+        self.since_best = count_since_best(self.since_best, improved, epoch + 1, c.warmup_epochs,
+                                           c.patience_after_warmup)
         t_save = time.perf_counter()
         # the budget's clock: the mean over processes, so that every process makes the same plan
         seconds = self.env.sum([t_save - t0])[0] / self.env.world
@@ -640,7 +730,8 @@ class _Trainer:
         rng = self.env.gather(_rng_state(self.device))
         if self.write:
             if hasattr(model, "fit_code_distribution"):
-                model.fit_code_distribution(self.data.train_fixed)
+                with self._averaged():
+                    model.fit_code_distribution(self.data.train_fixed)
             state = self._state(epoch + 1, optim, rng)
             row["epoch_seconds"] = time.perf_counter() - t0
             if self._pending_resume:
@@ -650,16 +741,22 @@ class _Trainer:
             self._epochs_this_session += 1
             if improved:
                 link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
-            self.board.epoch(row, model)
+            with self._averaged():
+                self.board.epoch(row, model)
         else:
             row["epoch_seconds"] = time.perf_counter() - t0
             if improved:
-                self._best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                with self._averaged():
+                    self._best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
         t_end = time.perf_counter()
         self.phase_seconds = {"data": t_steps - t0, "steps": t_val - t_steps, "validation": t_save - t_val,
                               "checkpoint": t_end - t_save, "epoch": t_end - t0}
         self.last_row = row
         return row
+
+    def _averaged(self):
+        """A block in which the model holds its averaged weights (with --ema; else the weights as they are)."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     def _watch_components(self, row: dict) -> None:
         """For a mixture prior: how many components hold at least :data:`COMPONENT_SHARE` / K of the
@@ -716,7 +813,10 @@ class _Trainer:
             "train_seconds": self.train_seconds,
             "planned_epochs": self.planned_epochs,
             "planned_budget": self.planned_budget,
+            "planned_max_epochs": self.planned_max_epochs,
             "rng": rng,
+            "data_fingerprint": self.data_fingerprint,
+            **({EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     # --- PCA: one fit, same run directory ------------------------------------------------
@@ -739,7 +839,7 @@ class _Trainer:
         if self.env.main:
             if self.write:
                 best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
-                load_state(self.model, best["model"], self.run_dir / "best.pt")
+                load_state(self.model, averaged_state(best), self.run_dir / "best.pt")
             elif getattr(self, "_best_in_memory", None) is not None:
                 self.model.load_state_dict(self._best_in_memory)
             test = self._test_scores()
@@ -764,7 +864,7 @@ class _Trainer:
         try:
             test = prepare_data(self.config, "test", self.device)
         except (FileNotFoundError, ValueError) as e:
-            warnings.warn(f"no test-split score: {e}", stacklevel=2)
+            print(f"pyrovae train: note: no test-split score ({' '.join(str(e).split())})", file=sys.stderr)
             return None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(VAL_SEED)

@@ -224,7 +224,7 @@ def test_two_processes_train_the_vae_as_closely_as_its_noise_allows(two_process_
     tmp, data, results = two_process_runs
     assert _outcome(results, "vae") == ["ok", "ok"]
     # ~ the initial parameters
-    init = _single(tmp_path, _config(tmp_path, data, "init", epochs=1, lr=1e-30, lr_min=0.0))
+    init = _single(tmp_path, _config(tmp_path, data, "init", epochs=1, lr=1e-30))
     single = _single(tmp_path, _config(tmp_path, data, "vae"))
     # the same single-process run with only the guide's noise reseeded after the model is built
     build = training.build_model

@@ -1,0 +1,235 @@
+r"""The VampPrior paper's settings (Tomczak & Welling 2018, github.com/jmtomczak/vae_vampprior), each
+against its formula, and the weight average (``--ema``) against a hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyro
+import pytest
+import torch
+from conftest import cli
+from torch import nn
+
+from pyrovae import TrainConfig, build_model, load_run
+from pyrovae.averaging import WeightAverage
+from pyrovae.config import preset_settings
+from pyrovae.metrics import split_scores
+from pyrovae.nets import Encoder, log_scale_from
+from pyrovae.objectives import Optimizer
+from pyrovae.runs import load_checkpoint, read_metrics
+from pyrovae.training import VAL_SEED, count_since_best
+
+#: the reference code's values, read from its files: experiment.py's argparse defaults, utils/load_data.py's
+#: static-MNIST overrides, utils/optimizer.py, utils/nn.py, models/Model.py, utils/training.py and
+#: utils/perform_experiment.py
+REFERENCE = {
+    "lr": 5e-4,  # --lr 0.0005
+    "batch_size": 100,  # --batch_size 100
+    "epochs": 2000,  # --epochs 2000
+    "patience": 50,  # --early_stopping_epochs 50
+    "warmup_epochs": 100,  # --warmup 100
+    "latent_dim": 40,  # --z2_size (the top layer) and --z1_size: 40
+    "prior_components": 500,  # --number_components 500
+    "hidden_dims": (300, 300),  # GatedDense(., 300) twice
+    "net": "gated",
+    "prior": "vamp",
+    "lr_schedule": "constant",  # no scheduler
+    "optimizer": "adamnormgrad",  # AdamNormGrad
+    "clip_norm": 0.0,  # no clipping
+    "weight_decay": 0.0,  # AdamNormGrad(weight_decay=0)
+    "init": "he",  # he_init on every nn.Linear
+    "scale_head": "clipped-log-var",  # NonLinear(300, z, activation=Hardtanh(-6, 2))
+    "pseudo_inputs": "hardtanh",  # means = NonLinear(K, D, bias=False, activation=Hardtanh(0, 1))
+    "prior_init": "normal",  # normal_init(means, 0.05, 0.01) for static MNIST (load_data.py)
+    "warmup_unit": "epoch",  # beta = epoch / warmup, once per epoch
+    "patience_after_warmup": True,  # "if epoch < args.warmup: e = 0"
+    "num_particles": 1,
+    "elbo": "trace",
+    "binarize": "none",  # static MNIST as published
+}
+
+
+@pytest.mark.parametrize("preset, two_level", [("vampprior-paper", False), ("hvae-vampprior-paper", True)])
+def test_the_paper_presets_resolve_to_the_reference_codes_defaults(preset, two_level):
+    c = TrainConfig.from_dict(preset_settings(preset)).resolved()
+    got = {k: getattr(c, k) for k in REFERENCE}
+    assert got == REFERENCE
+    assert c.dataset == "binarized-mnist"
+    assert (c.hierarchy, c.lower_latent_dims) == (("two-level", (40,)) if two_level else ("stack", ()))
+
+
+def test_clipped_log_variances_are_half_a_hard_tanh_to_minus_6_and_2():
+    raw = torch.tensor([-20.0, -6.0, -1.0, 0.0, 1.5, 2.0, 20.0], requires_grad=True)
+    log_scale = log_scale_from(raw, "clipped-log-var")
+    assert torch.equal(log_scale, 0.5 * torch.tensor([-6.0, -6.0, -1.0, 0.0, 1.5, 2.0, 2.0]))
+    log_scale.sum().backward()
+    # no gradient at or beyond the bounds (torch's hardtanh, as in the paper's code: a log-variance pushed out
+    # stays out)
+    assert raw.grad.tolist() == [0.0, 0.0, 0.5, 0.5, 0.5, 0.0, 0.0]
+    assert torch.equal(log_scale_from(raw, "log-scale"), raw)
+    enc = Encoder(5, (8,), 3, scale_head="clipped-log-var")
+    _, s, _ = enc.with_context(1e4 * torch.randn(64, 5))
+    assert s.min() >= -3.0 and s.max() <= 1.0 and (s == -3.0).any() | (s == 1.0).any()
+
+
+def test_hardtanh_pseudo_inputs_start_at_the_papers_grey_and_stay_in_0_1():
+    c = TrainConfig(dataset="digits", prior="vamp", prior_components=400, pseudo_inputs="hardtanh",
+                    prior_init="normal", latent_dim=4, hidden_dims=(16,)).resolved()
+    vae = build_model(c, data_dim=64, train_images=torch.rand(500, 64))
+    u = vae.prior.pseudo_inputs
+    assert u.shape == (400, 64)
+    assert abs(u.mean().item() - 0.05) < 1e-3 and abs(u.std().item() - 0.01) < 1e-3  # N(0.05, 0.01^2)
+    with torch.no_grad():
+        vae.prior.pseudo_params.copy_(torch.linspace(-1, 2, 400 * 64).reshape(400, 64))
+    u = vae.prior.pseudo_inputs
+    assert u.min() == 0.0 and u.max() == 1.0
+    a = vae.prior.pseudo_params
+    (u * torch.randn_like(u)).sum().backward()
+    inside = (a > 0) & (a < 1)
+    assert bool((a.grad[~inside] == 0).all()) and bool((a.grad[inside] != 0).all())
+
+
+def test_he_init_draws_every_linear_weight_from_n_0_2_over_fan_in():
+    c = TrainConfig(dataset="digits", net="gated", hidden_dims=(300, 300), latent_dim=40, init="he").resolved()
+    torch.manual_seed(1)
+    vae = build_model(c, data_dim=784)
+    linears = [m for m in vae.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 6
+    for m in linears:
+        w = m.weight.detach()
+        want = math.sqrt(2.0 / m.in_features)
+        assert abs(w.std().item() / want - 1) < 0.03 and abs(w.mean().item()) < 0.05 * want
+        assert m.bias.abs().max() <= 1 / math.sqrt(m.in_features)  # biases keep PyTorch's start
+    torch.manual_seed(1)
+    default = build_model(dataclass_replace(c, init="torch"), data_dim=784)
+    w = next(m for m in default.modules() if isinstance(m, nn.Linear)).weight
+    assert w.abs().max() <= 1 / math.sqrt(784)  # PyTorch's uniform start, for contrast
+
+
+def dataclass_replace(c, **kw):
+    import dataclasses
+
+    return dataclasses.replace(c, **kw)
+
+
+def test_adamnormgrad_takes_adams_step_on_each_gradient_divided_by_its_norm():
+    """Three steps on f(a, b) = sum(c_a * a^2) + sum(c_b * b), against the update written out by hand."""
+    a0, b0 = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 4.0])
+    ca, cb = torch.tensor([1.0, 10.0, 100.0]), torch.tensor([-0.3, 0.7])
+    a = pyro.param("a", a0.clone())
+    b = pyro.param("b", b0.clone())
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    opt = Optimizer(lr, normalize_grads=True)
+    hand = {"a": [a0.clone(), torch.zeros(3), torch.zeros(3)], "b": [b0.clone(), torch.zeros(2), torch.zeros(2)]}
+    for t in range(1, 4):
+        for p in (a, b):
+            p.grad = None
+        ((ca * a**2).sum() + (cb * b).sum()).backward()
+        opt({a.unconstrained(), b.unconstrained()} if hasattr(a, "unconstrained") else {a, b})
+        for name, grad_of in (("a", lambda w: 2 * ca * w), ("b", lambda w: cb)):
+            w, m, v = hand[name]
+            g = grad_of(w)
+            g = g / (g.norm() + 1e-7)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            w = w - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+            hand[name] = [w, m, v]
+        assert torch.allclose(a.detach(), hand["a"][0], atol=1e-6, rtol=0)
+        assert torch.allclose(b.detach(), hand["b"][0], atol=1e-6, rtol=0)
+    # the step does not depend on the loss's scale: a 1000x larger loss moves the weights the same way
+    pyro.clear_param_store()
+    a2 = pyro.param("a", a0.clone())
+    opt2 = Optimizer(lr, normalize_grads=True)
+    (1000 * (ca * a2**2).sum()).backward()
+    opt2({a2})
+    pyro.clear_param_store()
+    a3 = pyro.param("a", a0.clone())
+    opt3 = Optimizer(lr, normalize_grads=True)
+    ((ca * a3**2).sum()).backward()
+    opt3({a3})
+    assert torch.allclose(a2.detach(), a3.detach(), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("after_warmup, expected_stop", [(False, 3), (True, 6)])
+def test_patience_counts_from_the_end_of_the_warm_up_as_the_papers_loop_does(after_warmup, expected_stop):
+    """Validation that peaks in epoch 1 and then only falls: with patience 2 and a 5-epoch warm-up the paper's
+    loop resets its counter in epochs 1-4 and stops once 2 more epochs have passed without a gain. (The paper's
+    code tests ``e > patience`` and so stops one epoch later, at 7: with its patience of 50, after 51 epochs.)"""
+    since, best = 0, -math.inf
+    for epoch in range(1, 20):
+        val = -epoch  # falls every epoch after the first
+        improved = val > best
+        best = max(best, val)
+        since = count_since_best(since, improved, epoch, warmup_epochs=5, after_warmup=after_warmup)
+        if since >= 2:
+            break
+    assert epoch == expected_stop
+
+
+def test_a_per_epoch_warm_up_holds_e_over_w_for_a_whole_epoch(tmp_path):
+    from pyrovae import train
+
+    result = train(TrainConfig(dataset="digits", hidden_dims=(16,), latent_dim=2, epochs=5, warmup_epochs=4,
+                               warmup_unit="epoch", out=str(tmp_path), name="w", no_tensorboard=True), progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["kl_scale"] for r in rows] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_the_weight_average_matches_a_hand_computation():
+    lin = nn.Linear(2, 1)
+    ema = WeightAverage(lin, 0.9)
+    w0 = lin.weight.detach().clone()
+    hand = w0.clone()
+    for t in range(1, 6):
+        with torch.no_grad():
+            lin.weight.add_(float(t))
+        ema.update()
+        d = min(0.9, (1 + t) / (10 + t))
+        hand = d * hand + (1 - d) * lin.weight.detach()
+        assert torch.allclose(ema.average[0], hand, atol=1e-6, rtol=0)
+    raw = lin.weight.detach().clone()
+    with ema.swapped():
+        assert torch.equal(lin.weight.detach(), ema.average[0])
+    assert torch.equal(lin.weight.detach(), raw)
+
+
+def ema_config(tmp_path, name, epochs):
+    return TrainConfig(dataset="digits", hidden_dims=(16,), latent_dim=2, epochs=epochs, ema=0.95,
+                       lr_schedule="constant", out=str(tmp_path), name=name, no_tensorboard=True)
+
+
+def test_the_average_resumes_bit_for_bit_and_evaluate_uses_it_and_says_so(tmp_path, capsys):
+    from pyrovae import train
+
+    train(ema_config(tmp_path, "straight", 4), progress=False)
+    train(ema_config(tmp_path, "cut", 2), progress=False)
+    train(ema_config(tmp_path, "cut", 4), resume=tmp_path / "cut", progress=False)
+    one = load_checkpoint(tmp_path / "straight" / "last.pt")
+    two = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert one["ema"]["steps"] == two["ema"]["steps"] > 0
+    for k, v in one["ema"]["params"].items():
+        assert torch.equal(v, two["ema"]["params"][k]), k
+    assert any(not torch.equal(one["ema"]["params"][k], one["model"][k]) for k in one["ema"]["params"])
+    # validation scored the averaged weights: the last row's figure is theirs, with the same noise
+    run = load_run(tmp_path / "straight", which="last")
+    assert run.weights == "averaged"
+    for k, v in one["ema"]["params"].items():
+        assert torch.equal(dict(run.model.named_parameters())[k].detach(), v)
+    from pyrovae.training import prepare_data
+
+    val = prepare_data(run.config, "val", "cpu").images
+    with torch.random.fork_rng():
+        torch.manual_seed(VAL_SEED)
+        score = split_scores(run.model, val, num_samples=1)["elbo"]
+    assert score == pytest.approx(read_metrics(tmp_path / "straight" / "metrics.jsonl")[-1]["val_elbo"], abs=1e-4)
+    reports = {}
+    for weights in ("averaged", "raw"):
+        code, out, err = cli(capsys, "evaluate", str(tmp_path / "straight"), "--num-samples", "10", "--weights",
+                             weights, "--split", "val", "--json", "-", "--quiet")
+        assert code == 0, err
+        reports[weights] = json.loads(out[out.index("{"):])
+        assert ("averaged (the run's --ema" in out) == (weights == "averaged")
+    assert reports["averaged"]["weights"] == "averaged" and reports["raw"]["weights"] == "raw"
+    assert reports["averaged"]["elbo"] != reports["raw"]["elbo"]

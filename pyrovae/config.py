@@ -37,6 +37,10 @@ RESUMABLE = ("epochs", "patience", "time_limit", "device", "no_tensorboard", "te
 CONTINUES = ("epochs", "patience", "time_limit")
 #: datasets whose pixels are 0/1 samples fixed by their authors: --binarize never resamples them
 PREBINARIZED = ("binarized-mnist",)
+#: --epochs when it is not given and there is no --time-limit
+DEFAULT_EPOCHS = 450
+#: --epochs when it is not given and there is a --time-limit: the budget rules
+BUDGET_EPOCHS = 1_000_000
 #: units of --time-limit, in seconds
 _TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
 #: the learning rate when --lr is not given. Adam moves a parameter by about lr per step, so
@@ -150,8 +154,10 @@ class TrainConfig:
         ELBOS,
     )
     num_particles: int = _setting(1, "samples of z per example in the objective")
-    epochs: int = _setting(
-        450, "maximum number of passes over the training split (the default run: about 165 s on 2 CPU cores)")
+    epochs: typing.Optional[int] = _setting(
+        None, f"maximum number of passes over the training split; default {DEFAULT_EPOCHS} (the default run: about "
+        f"165 s on 2 CPU cores), or with --time-limit as many as fit in it (at most {BUDGET_EPOCHS:,}); with both "
+        "given the run stops at whichever comes first")
     batch_size: int = _setting(128, "examples per gradient step (global, over all processes)")
     lr: typing.Optional[float] = _setting(
         None,
@@ -234,6 +240,8 @@ class TrainConfig:
         c = dataclasses.replace(self)
         for f, tp in setting_fields():  # TrainConfig(...) from Python is typed as a settings file is
             setattr(c, f.name, _checked(f.name, getattr(c, f.name), tp, None, "TrainConfig"))
+        if c.epochs is None:
+            c.epochs = DEFAULT_EPOCHS if c.time_limit is None else BUDGET_EPOCHS
         if c.prior_init_epochs is None:
             c.prior_init_epochs = min(10, c.epochs // 10)
         if c.dataset in PREBINARIZED:  # already 0/1 samples: scored as they are, never resampled
@@ -468,7 +476,8 @@ def _resolved_defaults(c, name: str) -> tuple:
 
         return tuple(PRIORS[p].inits[0] for p in PRIORS)
     if name == "prior_init_epochs":
-        return (min(10, c.epochs // 10),)
+        epochs = c.epochs if c.epochs is not None else DEFAULT_EPOCHS if c.time_limit is None else BUDGET_EPOCHS
+        return (min(10, epochs // 10),)
     return ()
 
 

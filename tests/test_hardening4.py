@@ -359,3 +359,12 @@ def test_the_estimators_predicted_pace_is_within_2x_of_a_timed_pass(kw):
         estimate_log_px(model, x[:100], 1000, seed=1)
         ratios.append(predicted / (time.perf_counter() - t0))
     assert 0.5 < min(ratios, key=lambda r: abs(np.log(r))) < 2.0, ratios
+
+
+def test_a_budget_without_an_epoch_count_rules_and_with_both_the_first_reached_stops():
+    from pyrovae.config import BUDGET_EPOCHS, DEFAULT_EPOCHS
+
+    assert TrainConfig().resolved().epochs == DEFAULT_EPOCHS
+    assert TrainConfig(time_limit="45m").resolved().epochs == BUDGET_EPOCHS  # not cut at 450 (about 26 minutes)
+    assert TrainConfig(time_limit="45m", epochs=300).resolved().epochs == 300
+    assert TrainConfig(epochs=300).resolved().time_limit is None

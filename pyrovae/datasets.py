@@ -71,4 +71,9 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
                 prebinarized=True, reads_files=True,
                 source="http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/",
                 reference="Larochelle & Murray 2011"),
+    DatasetSpec("caltech101-silhouettes", "Caltech 101 Silhouettes, 28x28 binary silhouettes of 101 classes: "
+                "caltech101_silhouettes_28_split1.mat in --data-dir", (28, 28), "4,100 / 2,264 / 2,307",
+                "caltech:load_caltech101_silhouettes", prebinarized=True, reads_files=True,
+                source="https://people.cs.umass.edu/~marlin/data/caltech101_silhouettes_28_split1.mat",
+                reference="Marlin et al. 2010, split 1"),
 )}

@@ -15,7 +15,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import RESUMABLE, WHOLE_LIMIT  # (config imports no torch: --help stays fast)
+from .config import ESTIMATORS, RESUMABLE, WHOLE_LIMIT  # (config imports no torch: --help stays fast)
 
 __all__ = ["main", "exit_code_of"]
 
@@ -122,7 +122,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def estimator_flags(p: argparse.ArgumentParser) -> None:
     """The flags that choose and tune the log p(x) estimator (evaluate, compare)."""
-    p.add_argument("--estimator", default="is", choices=("is", "ais", "quadrature"),
+    p.add_argument("--estimator", default="is", choices=ESTIMATORS,
                    help="log p(x) by importance sampling with q(z|x) (is, default; K = --num-samples), annealed "
                    "importance sampling with HMC (ais: a tighter stochastic lower bound; find its --ais-steps "
                    "with pyrovae bdmc), or quadrature over a 2-D latent (exact up to grid error)")

@@ -30,6 +30,8 @@ MODELS = ("vae", "ae", "pca", "mixture")
 LIKELIHOODS = ("bernoulli", "gaussian")
 ELBOS = ("trace", "meanfield", "iwae")
 GUIDES = ("gaussian", "iaf")
+#: values of --estimator (evaluate, compare): importance sampling, annealed importance sampling, quadrature
+ESTIMATORS = ("is", "ais", "quadrature")
 HIERARCHIES = ("stack", "two-level")
 #: settings that may change when a run is resumed (the others are the run's own)
 RESUMABLE = ("epochs", "patience", "time_limit", "device", "no_tensorboard", "tensorboard_images_every", "data_dir",

@@ -13,7 +13,7 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
-from .config import unknown_keys, whole
+from .config import ESTIMATORS, unknown_keys, whole
 from .marginal import Estimate, active_units_by_layer, check_images, check_seed, estimate_log_px, isolated_params
 
 __all__ = ["split_scores", "evaluate", "reconstruction_errors", "component_usage", "cluster_scores",
@@ -146,8 +146,6 @@ def cluster_scores(labels: torch.Tensor, assign: torch.Tensor, num_components: i
     return {"cluster_accuracy": float(correct / len(y)), "nmi": float(normalized_mutual_info_score(y, a))}
 
 
-#: estimator names of ``evaluate --estimator``
-ESTIMATORS = ("is", "ais", "quadrature")
 
 
 def _is_scores(model, images, first_index, *, num_samples, chunk_size, batch_size, seed, progress) -> dict:

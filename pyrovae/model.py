@@ -26,6 +26,7 @@ from pyro import poutine
 from pyro.infer import config_enumerate
 from torch import nn
 
+from .config import MODELS
 from .distributions import BernoulliImages
 from .flows import InverseAutoregressiveFlow
 from .likelihoods import GaussianLikelihood, build_likelihood
@@ -216,14 +217,14 @@ class VAE(nn.Module):
     @classmethod
     def from_config(cls, config, *, data_dim: int, train_images: torch.Tensor | None = None,
                     image_shape: tuple[int, int] | None = None) -> "VAE":
-        if getattr(config, "hierarchy", "stack") == "two-level" and cls is VAE:
+        if config.hierarchy == "two-level" and cls is VAE:
             return TwoLevelVAE.from_config(config, data_dim=data_dim, train_images=train_images,
                                            image_shape=image_shape)
-        iaf = getattr(config, "guide", "gaussian") == "iaf"
+        iaf = config.guide == "iaf"
         context_dim = config.flow_context_dim if iaf else 0
-        dims = [*getattr(config, "lower_latent_dims", ()), config.latent_dim]  # bottom up
-        net = getattr(config, "net", "mlp")
-        dropout = getattr(config, "encoder_dropout", 0.0)
+        dims = [*config.lower_latent_dims, config.latent_dim]  # bottom up
+        net = config.net
+        dropout = config.encoder_dropout
 
         def flow(dim):
             return InverseAutoregressiveFlow(dim, context_dim, config.flow_steps, config.flow_hidden_dims)
@@ -232,7 +233,7 @@ class VAE(nn.Module):
         encoder = Encoder(data_dim, config.hidden_dims, dims[0], config.activation, context_dim, net, image_shape,
                           dropout, head)
         decoder = Decoder(dims[0], config.hidden_dims, data_dim, config.activation, net, image_shape)
-        hidden = getattr(config, "layer_hidden_dims", ())
+        hidden = config.layer_hidden_dims
         upper_net = "gated" if net == "gated" else "mlp"
         upper_encoders = nn.ModuleList([Encoder(a, hidden, b, config.activation, context_dim, upper_net,
                                                 dropout=dropout, scale_head=head) for a, b in zip(dims[:-1], dims[1:])])
@@ -532,12 +533,8 @@ class MixtureModel(nn.Module):
 
 
 #: values of ``--model`` -> the class that builds it (``build_model`` looks the kind up here)
-MODEL_KINDS: dict[str, type[nn.Module]] = {
-    "vae": VAE,
-    "ae": Autoencoder,
-    "pca": PCAModel,
-    "mixture": MixtureModel,
-}
+MODEL_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (VAE, Autoencoder, PCAModel, MixtureModel)}
+assert tuple(MODEL_KINDS) == MODELS, "pyrovae.config.MODELS names the kinds, in the order --help shows them"
 
 
 def check_sizes(config, data_dim: int) -> None:
@@ -547,15 +544,15 @@ def check_sizes(config, data_dim: int) -> None:
     from .config import TrainConfig, most_raised, refuse_if_too_big
 
     h = list(config.hidden_dims)
-    dims = [*getattr(config, "lower_latent_dims", ()), config.latent_dim]
+    dims = [*config.lower_latent_dims, config.latent_dim]
     mlp = sum(a * b for a, b in zip([data_dim, *h[:-1]], h))  # encoder layers up to the code; the decoder mirrors
     code = (h[-1] if h else data_dim) * 3 * dims[0]  # the encoder's (loc, log_scale), the decoder's first layer
-    layer = list(getattr(config, "layer_hidden_dims", ()))
+    layer = list(config.layer_hidden_dims)
     upper = sum(sum(a * b for a, b in zip([lo, *layer], [*layer, 2 * hi])) for lo, hi in zip(dims[:-1], dims[1:]))
     k = config.prior_components if (config.prior != "standard" or config.model == "mixture") else 0
     per_component = data_dim if (config.prior == "vamp" or config.model == "mixture") else 2 * config.latent_dim
     flows, flow_flag = 0, "--flow-hidden-dims"
-    if getattr(config, "guide", "gaussian") == "iaf":
+    if config.guide == "iaf":
         fh = list(config.flow_hidden_dims)
         flows = config.flow_steps * len(dims) * sum(a * b for a, b in zip(
             [max(dims) + config.flow_context_dim, *fh], [*fh, 2 * max(dims)]))
@@ -564,8 +561,8 @@ def check_sizes(config, data_dim: int) -> None:
                                  "--flow-context-dim": (config.flow_context_dim, TrainConfig.flow_context_dim),
                                  "--flow-hidden-dims": (max(fh), max(TrainConfig.flow_hidden_dims))})
     # a gated layer holds two maps; the two-level model's guide and decoder see x or z twice
-    widen = (2 if getattr(config, "net", "mlp") == "gated" else 1) * (
-        2 if getattr(config, "hierarchy", "stack") == "two-level" else 1)
+    widen = (2 if config.net == "gated" else 1) * (
+        2 if config.hierarchy == "two-level" else 1)
     mlp, upper = widen * mlp, widen * upper
     width = max([data_dim, *h, *layer, *dims])
     rows_flag = most_raised({"--num-particles": (config.num_particles, TrainConfig.num_particles),

@@ -38,6 +38,8 @@ import torch.distributed as tdist
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.optim import PyroOptim
 
+from .config import ELBOS
+
 __all__ = ["build_elbo", "Optimizer"]
 
 
@@ -141,14 +143,15 @@ class RecordedIWAE(_Recorded, RenyiELBO):
         super().__init__(alpha=0.0, num_particles=num_particles, **kwargs)
 
 
-_ELBOS = {"trace": RecordedTraceELBO, "meanfield": RecordedMeanFieldELBO, "iwae": RecordedIWAE}
+#: --elbo's values (named once, in :data:`pyrovae.config.ELBOS`) -> the ELBO classes, in that order
+_ELBOS = dict(zip(ELBOS, (RecordedTraceELBO, RecordedMeanFieldELBO, RecordedIWAE)))
 
 
 def build_elbo(config):
     """The Pyro ELBO object named by ``config.elbo`` (``TraceEnum_ELBO`` for the finite mixture)."""
     if config.model == "mixture":
         return TraceEnum_ELBO(max_plate_nesting=1)
-    if getattr(config, "free_bits", 0.0) > 0:
+    if config.free_bits > 0:
         return RecordedFreeBitsELBO(config.free_bits, num_particles=config.num_particles, vectorize_particles=True,
                                     max_plate_nesting=1)
     cls = _ELBOS[config.elbo]

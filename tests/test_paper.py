@@ -233,3 +233,25 @@ def test_the_average_resumes_bit_for_bit_and_evaluate_uses_it_and_says_so(tmp_pa
         assert ("averaged (the run's --ema" in out) == (weights == "averaged")
     assert reports["averaged"]["weights"] == "averaged" and reports["raw"]["weights"] == "raw"
     assert reports["averaged"]["elbo"] != reports["raw"]["elbo"]
+
+
+def test_the_differences_study_changes_one_setting_per_row_and_writes_its_table(tmp_path):
+    from conftest import load_experiment
+    from test_binarized_mnist import amat_text, images, write
+
+    d = tmp_path / "bm"
+    d.mkdir()
+    for name, n in (("train", 40), ("valid", 12)):
+        write(d / f"binarized_mnist_{name}.amat", amat_text(images(n, seed=len(name))))
+    study = load_experiment("paper_differences")
+    args = study._parser().parse_args(["--data-dir", str(d), "--quick"])
+    paper = TrainConfig.from_dict(study.row_settings("paper", args)).resolved().to_dict()
+    for name, _, back in study.ROWS[1:]:
+        row = TrainConfig.from_dict(study.row_settings(name, args)).resolved().to_dict()
+        changed = {k for k in row if row[k] != paper[k]}
+        assert changed == set(back), (name, changed)  # exactly the settings the row puts back
+    code = study.main(["--data-dir", str(d), "--quick", "--quiet", "--out", str(tmp_path / "out"),
+                       "--rows", "paper,optimizer"])
+    assert code == 0
+    table = (tmp_path / "out" / "differences.md").read_text()
+    assert "| paper |" in table and "| optimizer | AdamNormGrad -> Adam |" in table

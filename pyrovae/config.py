@@ -80,7 +80,8 @@ class TrainConfig:
         "auto",
         "dynamic (resampled every epoch), static (fixed seed), none (grey values); "
         "auto = dynamic for --likelihood bernoulli, none for gaussian. "
-        "Validation and test data are always statically binarised when training data is binarised; "
+        "when training data is binarised (dynamic or static), validation and test data are binarised once with a "
+        "fixed seed; with none they are scored as they are; "
         "binarized-mnist is binary already and is never resampled",
         ("auto", "dynamic", "static", "none"),
     )

@@ -152,7 +152,7 @@ def test_docs_build_strictly_with_the_tutorial_executed_and_every_public_name_in
     missing = [name for name, obj in _public_names() if f'id="{name}"' not in api]
     assert not missing, f"public names missing from the API reference: {missing}"
     assert 'class="math' in api  # the docstrings' maths is rendered (MathJax), not shown as reST
-    literal = [p.name for p in out.rglob("*.html") if "_modules" not in p.parts and ":math:`" in p.read_text()]
+    literal = [p.name for p in out.rglob("*.html") if "_modules" not in p.parts and ":math:" in p.read_text()]
     assert not literal, f"reST's :math: role shown as text (MyST pages take $...$): {literal}"
 
 

@@ -11,10 +11,10 @@ and leaves a run directory::
     runs/<name>/elbo.png        the curves
     runs/<name>/summary.json    best epoch, test-split ELBO, wall time
 
-A wall-clock budget (``--time-limit``): the run times its first :data:`PROBE_EPOCHS` epochs,
+A wall-clock budget (``--time-limit``): the run times its first :data:`~pyrovae.budget.PROBE_EPOCHS` epochs,
 fixes how many epochs fit in the budget (``planned_epochs``, at most ``--epochs``), anneals the
 learning-rate schedule over exactly those and stops there; should the epochs slow down or speed up
-later (a busier or an idler machine) so that the plan would end more than :data:`OVERRUN` past or
+later (a busier or an idler machine) so that the plan would end more than :data:`~pyrovae.budget.OVERRUN` past or
 short of its budget, the plan is made again at the session's pace. The plan and the seconds spent are
 kept in every checkpoint, so ``--resume`` continues the same plan within what is left of the
 budget, or, given a larger ``--time-limit``, plans again from the epochs' measured pace.
@@ -50,6 +50,7 @@ from pyro.infer import SVI
 from .averaging import CHECKPOINT_KEY as EMA_KEY
 from .averaging import WeightAverage, averaged_state
 from .board import Board
+from .budget import TimeBudget
 from .config import CONTINUES, PREBINARIZED, RESUMABLE, TrainConfig, parse_duration
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
 from .files import TMP_SUFFIX, OutputError, dumps, write_json, write_text_atomic
@@ -75,14 +76,6 @@ __all__ = ["train", "train_or_reuse", "TrainResult", "TrainingDiverged", "resolv
 TEST_NUM_SAMPLES = 10
 #: seed of the validation ELBO's noise: every epoch is scored with the same draws
 VAL_SEED = 97
-#: epochs timed before a --time-limit run fixes how many epochs fit (after a first one, whose one-off
-#: set-up is spent from the budget but not taken as the pace)
-PROBE_EPOCHS = 3
-#: a --time-limit plan is made again when, at the mean pace of this session's epochs so far (after its
-#: first, and only once :data:`PROBE_EPOCHS` of them are timed), it would end more than this share of the
-#: budget past it or short of it (the machine got busier or idler after the plan was made). The session's
-#: mean, not the last few epochs': a minute of other work must not move a long plan much
-OVERRUN = 0.05
 #: a mixture component of K counts as in use while it holds at least this share of 1/K of the
 #: validation codes' responsibility (a tenth of an even share: 1% for K = 10)
 COMPONENT_SHARE = 0.1
@@ -394,10 +387,8 @@ class _Trainer:
         self.start_epoch, self.global_step = 0, 0
         self.best_val, self.best_epoch, self.since_best = -math.inf, 0, 0
         #: seconds of training epochs so far (over every session of a resumed run), and the --time-limit plan
-        self.train_seconds, self.planned_epochs, self.planned_budget = 0.0, None, None
-        self.planned_max_epochs: int | None = None  # the --epochs the plan was made under
-        self.budget = parse_duration(config.time_limit) if config.time_limit is not None else None
-        self._session_seconds: list[float] = []  # seconds of this session's epochs (the pace of the plan)
+        self.budget = TimeBudget(parse_duration(config.time_limit) if config.time_limit is not None else None,
+                                 config.epochs)
         self.resume_state = resume_state
         if resume_state is not None:
             missing = [k for k in _RESUME_KEYS if k not in resume_state]
@@ -419,10 +410,11 @@ class _Trainer:
             self.best_val = float(resume_state["best_val_elbo"])
             self.best_epoch = int(resume_state["best_epoch"])
             self.since_best = int(resume_state["epochs_since_best"])
-            self.train_seconds = float(resume_state.get("train_seconds", 0.0))
-            self.planned_epochs = resume_state.get("planned_epochs")
-            self.planned_budget = resume_state.get("planned_budget")
-            self.planned_max_epochs = resume_state.get("planned_max_epochs")
+            self.budget = TimeBudget(self.budget.seconds, config.epochs,
+                                     spent=float(resume_state.get("train_seconds", 0.0)),
+                                     planned_epochs=resume_state.get("planned_epochs"),
+                                     planned_budget=resume_state.get("planned_budget"),
+                                     planned_max_epochs=resume_state.get("planned_max_epochs"))
             ranks = resume_state["rng"]
             if len(ranks) == env.world:
                 _set_rng_state(ranks[env.rank], self.device)
@@ -544,58 +536,15 @@ class _Trainer:
         """The schedule's learning rate of ``epoch``: cosine over --epochs, or over the planned epochs of a
         --time-limit run (while its first epochs are timed, the schedule's start, --lr)."""
         c = self.config
-        horizon = c.epochs if self.budget is None else self.planned_epochs
+        horizon = self.budget.horizon()
         if c.lr_schedule == "constant" or horizon is None:
             return c.lr
         return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * min(epoch, horizon) / horizon))
 
-    def _plan(self, epochs_done: int, seconds_per_epoch: float) -> None:
-        """Fix how many epochs fit in the --time-limit budget at ``seconds_per_epoch`` (at most --epochs)."""
-        left = max(0.0, self.budget - self.train_seconds)
-        fit = int(left // seconds_per_epoch) if seconds_per_epoch > 0 else self.config.epochs
-        self.planned_epochs = max(epochs_done, min(self.config.epochs, epochs_done + fit))
-        self.planned_budget = self.budget
-        self.planned_max_epochs = self.config.epochs
-
-    def _pace(self) -> float:
-        """Mean seconds of this session's epochs, without its first (whose one-off set-up is spent from
-        the budget but is not the pace)."""
-        epochs = self._session_seconds[1:] or self._session_seconds
-        return sum(epochs) / len(epochs)
-
-    def _follow_pace(self, epochs_done: int) -> None:
-        """Plan again at this session's pace when the planned epochs would end more than :data:`OVERRUN`
-        of the budget past it or short of it; the schedule then anneals over the new plan.
-
-        A session's pace counts only once it has :data:`PROBE_EPOCHS` epochs after its first: a resumed
-        run's first epoch carries the session's set-up and, taken alone, would cut the plan short for good.
-        """
-        if len(self._session_seconds) <= PROBE_EPOCHS or epochs_done >= self.planned_epochs:
-            return
-        pace = self._pace()
-        end = self.train_seconds + (self.planned_epochs - epochs_done) * pace
-        late = end > self.budget * (1 + OVERRUN)
-        early = end < self.budget * (1 - OVERRUN) and self.planned_epochs < self.config.epochs
-        if late or early:
-            self._plan(epochs_done, pace)
-
-    def _replan_on_resume(self) -> None:
-        """A resumed --time-limit run keeps its plan while its budget and --epochs are the ones the plan was made
-        for; otherwise it plans again, at once, from the pace of the epochs it has run (their mean seconds) over
-        what is left: with another --time-limit or --epochs, and for a run stopped before it had made a plan
-        (the learning rate then anneals from this session's first epoch on). A budget that the run has spent
-        already is refused (ValueError) before anything is trained or written."""
-        if self.budget is None or self.start_epoch == 0:
-            return
-        if self.budget <= self.train_seconds and self.budget != self.planned_budget:
-            raise ValueError(f"--time-limit {self.config.time_limit} is no more than the {self.train_seconds:.0f} s "
-                             f"{self.run_dir} has trained already: give a longer budget to train on (such as "
-                             f"--time-limit {math.ceil((self.train_seconds + 60) / 60)}m)")
-        same = (self.planned_epochs is not None and self.planned_budget == self.budget
-                and self.planned_max_epochs in (None, self.config.epochs)
-                and (self.planned_max_epochs is not None or self.planned_epochs <= self.config.epochs))
-        if not same:
-            self._plan(self.start_epoch, self.train_seconds / self.start_epoch)
+    @property
+    def planned_epochs(self) -> int | None:
+        """The epochs that fit in --time-limit (``None`` without one, or before the plan is made)."""
+        return self.budget.planned_epochs
 
     def _kl_scale(self, epoch: int, steps_per_epoch: int) -> float:
         """The KL warm-up's weight at this step of ``epoch`` (counted from 0): grown per step, or with
@@ -615,15 +564,13 @@ class _Trainer:
         if c.model == "pca":
             return self._fit_pca(t_start)
         svi, elbo, optim = self._objective()
-        self._replan_on_resume()
+        self.budget.resume(self.start_epoch, c.time_limit, self.run_dir)
         bar = tqdm(total=self.planned_epochs or c.epochs, initial=self.start_epoch, desc="train", unit="epoch",
                    disable=not self.progress)
         stopped_early, epochs_done, stopped_by = False, self.start_epoch, "epochs"
         last = c.epochs
-        if self.planned_epochs is not None and self.start_epoch >= self.planned_epochs:
-            # resumed with nothing left of the plan
-            stopped_by = "epochs" if self.planned_epochs >= c.epochs else "time_limit"
-            last = self.start_epoch
+        if self.budget.stop(self.start_epoch):  # resumed with nothing left of the plan
+            stopped_by, last = self.budget.stop(self.start_epoch), self.start_epoch
         try:
             with pyro.get_param_store().scope():
                 for epoch in range(self.start_epoch, last):
@@ -634,9 +581,8 @@ class _Trainer:
                     if c.patience and self.since_best >= c.patience:
                         stopped_early, stopped_by = True, "patience"
                         break
-                    if self.planned_epochs is not None and epochs_done >= self.planned_epochs:
-                        # (a plan as long as --epochs was bounded by --epochs, not by the budget)
-                        stopped_by = "epochs" if self.planned_epochs >= c.epochs else "time_limit"
+                    if self.budget.stop(epochs_done):
+                        stopped_by = self.budget.stop(epochs_done)
                         break
                     if self.planned_epochs is not None and bar.total != self.planned_epochs:
                         bar.total = self.planned_epochs
@@ -718,13 +664,7 @@ class _Trainer:
         t_save = time.perf_counter()
         # the budget's clock: the mean over processes, so that every process makes the same plan
         seconds = self.env.sum([t_save - t0])[0] / self.env.world
-        self.train_seconds += seconds
-        self._session_seconds.append(seconds)
-        if self.budget is not None and self.planned_epochs is None and (
-                len(self._session_seconds) > PROBE_EPOCHS or self.train_seconds >= self.budget):
-            self._plan(epoch + 1, self._pace())
-        elif self.budget is not None and self.planned_epochs is not None:
-            self._follow_pace(epoch + 1)
+        self.budget.epoch_done(epoch + 1, seconds)
         if self.planned_epochs is not None:
             row["planned_epochs"] = self.planned_epochs
         rng = self.env.gather(_rng_state(self.device))
@@ -810,10 +750,7 @@ class _Trainer:
             "best_val_elbo": self.best_val,
             "best_epoch": self.best_epoch,
             "epochs_since_best": self.since_best,
-            "train_seconds": self.train_seconds,
-            "planned_epochs": self.planned_epochs,
-            "planned_budget": self.planned_budget,
-            "planned_max_epochs": self.planned_max_epochs,
+            **self.budget.state(),
             "rng": rng,
             "data_fingerprint": self.data_fingerprint,
             **({EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}),
@@ -850,9 +787,9 @@ class _Trainer:
             self._plot()
             summary = {"epochs_done": epochs_done, "best_epoch": self.best_epoch, "best_val_elbo": self.best_val,
                        "stopped_early": stopped_early, "stopped_by": stopped_by, "test": test, "seconds": seconds,
-                       "train_seconds": self.train_seconds, "peak_rss_mb": _peak_rss_mb()}
-            if self.budget is not None:
-                summary.update(time_limit=self.config.time_limit, time_limit_seconds=self.budget,
+                       "train_seconds": self.budget.spent, "peak_rss_mb": _peak_rss_mb()}
+            if self.budget.seconds is not None:
+                summary.update(time_limit=self.config.time_limit, time_limit_seconds=self.budget.seconds,
                                planned_epochs=self.planned_epochs)
             write_json(self.run_dir / "summary.json", summary)
             self.board.finish(self.config.to_dict(), {"best_val_elbo": self.best_val, "epochs_done": epochs_done,

@@ -282,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from .config import TrainConfig, setting_fields
+    from .config import TrainConfig, resumed_config, setting_fields
     from .training import train
 
     given = {f.name: getattr(args, f.name) for f, _ in setting_fields() if hasattr(args, f.name)}
@@ -293,13 +293,7 @@ def _train(args) -> int:
                          "drop --config/--preset")
     if resume is not None:
         run_dir = Path(resume)
-        stored = TrainConfig.load(run_dir / "config.json")
-        fixed = sorted(k for k in given if k not in RESUMABLE and given[k] != getattr(stored, k))
-        if fixed:
-            flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
-            can = ", ".join("--" + r.replace("_", "-") for r in RESUMABLE)
-            raise ValueError(f"{flags} cannot change when resuming {run_dir} (only {can} can); start a new run instead")
-        config = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
+        config = resumed_config(TrainConfig.load(run_dir / "config.json"), given, run_dir)
     else:
         config = dataclasses.replace(_base_config(preset, config_file), **given)
     try:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .datasets import DATASETS
 
-__all__ = ["TrainConfig", "preset_settings", "parse_duration", "used_only", "PREBINARIZED"]
+__all__ = ["TrainConfig", "preset_settings", "parse_duration", "used_only", "resumed_config", "unresumable",
+           "PREBINARIZED"]
 
 
 def _setting(default, help: str, choices: tuple[str, ...] | None = None):
@@ -483,6 +484,26 @@ def _resolved_defaults(c, name: str) -> tuple:
         epochs = c.epochs if c.epochs is not None else DEFAULT_EPOCHS if c.time_limit is None else BUDGET_EPOCHS
         return (min(10, epochs // 10),)
     return ()
+
+
+def unresumable(stored: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings of ``wanted`` (a mapping) that differ from a run's ``stored`` ones and that a resume may not
+    change (all but :data:`RESUMABLE` and ``ignore``): the one rule the command line, :func:`pyrovae.train` and
+    the studies' :func:`~pyrovae.training.train_or_reuse` apply."""
+    return sorted(k for k, v in wanted.items() if k not in RESUMABLE and k not in ignore and stored.get(k) != v)
+
+
+def resumed_config(stored: "TrainConfig", given: dict, run_dir) -> "TrainConfig":
+    """The settings a resumed run trains with: its ``stored`` ones, with those of ``given`` that a resume may
+    change (:data:`RESUMABLE`; ``None`` values count as not given); ``ValueError`` naming every other given
+    setting that differs."""
+    given = {k: v for k, v in given.items() if v is not None}
+    fixed = unresumable(stored.to_dict(), {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()})
+    if fixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        can = ", ".join("--" + r.replace("_", "-") for r in RESUMABLE)
+        raise ValueError(f"{flags} cannot change when resuming {run_dir} (only {can} can); start a new run instead")
+    return dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
 
 
 def parse_duration(text: str) -> float:

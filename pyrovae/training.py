@@ -51,7 +51,7 @@ from .averaging import CHECKPOINT_KEY as EMA_KEY
 from .averaging import WeightAverage, averaged_state
 from .board import Board
 from .budget import TimeBudget
-from .config import CONTINUES, PREBINARIZED, RESUMABLE, TrainConfig, parse_duration
+from .config import CONTINUES, PREBINARIZED, RESUMABLE, TrainConfig, parse_duration, resumed_config, unresumable
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
 from .files import TMP_SUFFIX, OutputError, dumps, write_json, write_text_atomic
 from .marginal import derive_seed, isolated_params
@@ -245,12 +245,13 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
         raise TypeError(f"train() takes a TrainConfig as its config (got {type(config).__name__}): build one with "
                         "TrainConfig(...) or, from a mapping of settings, TrainConfig.from_dict(...)")
     resume_state = None
+    fresh = resume is None  # (a stored run's settings are not checked again by the rules of a new one)
     if resume is not None:
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"{run_dir}: no such run directory; give the folder that pyrovae train printed")
-        stored = TrainConfig.load(run_dir / "config.json").to_dict()
-        config = TrainConfig.from_dict({**stored, **{k: getattr(config, k) for k in RESUMABLE}})
+        config = resumed_config(TrainConfig.load(run_dir / "config.json"),
+                                {k: getattr(config, k) for k in RESUMABLE}, run_dir)
         if (run_dir / "last.pt").is_file():
             resume_state = load_checkpoint(run_dir / "last.pt")
         else:  # stopped before its first checkpoint: start it again, with its own settings
@@ -259,7 +260,7 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
                       "ended): starting it again from epoch 0 with its config.json", file=sys.stderr)
             config = dataclasses.replace(config, out=str(run_dir.parent), name=run_dir.name)
             resume = None
-    if resume is None:  # its own messages first (the settings' checks), then the rule on unused ones
+    if fresh:  # its own messages first (the settings' checks), then the rule on unused ones
         config.resolved()
         config.check_used()
     if (config.dataset in PREBINARIZED and config.binarize in ("dynamic", "static")
@@ -321,7 +322,7 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
     if (run_dir / "config.json").is_file():
         stored = TrainConfig.load(run_dir / "config.json").to_dict()
         changed = sorted(k for k in wanted if k not in ignore and stored.get(k) != wanted[k])
-        fixed = [k for k in changed if k not in RESUMABLE]
+        fixed = unresumable(stored, {k: wanted[k] for k in changed}, ignore)
         if fixed:
             raise ValueError(f"{run_dir} was trained with other settings ({', '.join(fixed)}): {fix}")
         raised = any(k in CONTINUES for k in changed) and (run_dir / "last.pt").is_file()

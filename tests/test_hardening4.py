@@ -368,3 +368,17 @@ def test_a_budget_without_an_epoch_count_rules_and_with_both_the_first_reached_s
     assert TrainConfig(time_limit="45m").resolved().epochs == BUDGET_EPOCHS  # not cut at 450 (about 26 minutes)
     assert TrainConfig(time_limit="45m", epochs=300).resolved().epochs == 300
     assert TrainConfig(epochs=300).resolved().time_limit is None
+
+
+def test_what_a_resume_may_change_is_one_rule_for_the_command_line_and_the_api(tmp_path, capsys):
+    from pyrovae.config import RESUMABLE, resumed_config, unresumable
+
+    train(tiny(tmp_path, "u", epochs=1), progress=False)
+    stored = TrainConfig.load(tmp_path / "u" / "config.json")
+    assert resumed_config(stored, {"epochs": 3, "latent_dim": None}, "u").epochs == 3  # None: not given
+    with pytest.raises(ValueError, match="--latent-dim cannot change when resuming"):
+        resumed_config(stored, {"latent_dim": 5}, "u")
+    assert unresumable(stored.to_dict(), {"latent_dim": 5, "epochs": 9}) == ["latent_dim"]
+    assert unresumable(stored.to_dict(), {k: "x" for k in RESUMABLE}) == []
+    code, _, err = cli(capsys, "train", "--resume", str(tmp_path / "u"), "--latent-dim", "5", "--quiet")
+    assert code == 2 and "--latent-dim cannot change when resuming" in err

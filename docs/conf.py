@@ -15,6 +15,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax served from the built site's _static/, not from a CDN: the maths renders offline
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "myst_nb",
 ]

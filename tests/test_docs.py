@@ -153,6 +153,11 @@ def test_docs_build_strictly_with_the_tutorial_executed_and_every_public_name_in
     assert not missing, f"public names missing from the API reference: {missing}"
     assert 'class="math' in api  # the docstrings' maths is rendered (MathJax), not shown as reST
     literal = [p.name for p in out.rglob("*.html") if "_modules" not in p.parts and ":math:" in p.read_text()]
+    # every script and style the pages load is part of the built site: the maths renders offline
+    remote = sorted({m for p in out.rglob("*.html") for m in re.findall(
+        r'<(?:script[^>]*\bsrc|link[^>]*rel="stylesheet"[^>]*\bhref)="((?:https?:)?//[^"]+)"', p.read_text())})
+    assert not remote, f"pages load scripts or styles from the network: {remote[:5]}"
+    assert (out / "_static" / "mathjax" / "tex-chtml.js").is_file()
     assert not literal, f"reST's :math: role shown as text (MyST pages take $...$): {literal}"
 
 

@@ -1,5 +1,6 @@
 #!/bin/sh
-# The numbers and pictures of the README's "Watching a run" and "Comparing models" sections:
+# The numbers and pictures of the comparing guide (docs/guide/compare.md) and the TensorBoard guide
+# (docs/guide/tensorboard.md):
 # three runs at the default settings but the prior, one comparison, one picture of their
 # TensorBoard events. Run from the repository root: sh docs/results/compare/commands.sh
 # (about 20 minutes on 2 CPU cores; a rerun reuses nothing: remove results/compare first).

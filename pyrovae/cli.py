@@ -466,7 +466,7 @@ def _evaluate(args) -> int:
             codes = run.model.encode(ds.images)
         prior = code_prior(run.model)  # drawing the autoencoder's unused prior would mislead
         png = plot_latent_2d(codes, ds.labels, run.dir / f"latent-{ds.split}.png",
-                             mixture=prior.mixture() if prior is not None else None,
+                             mixture=prior.mixture() if prior is not None and prior.is_mixture else None,
                              title=f"{run.config.model}, {ds.name} {ds.split}")
         report["latent_png"] = str(png)
     if args.json != "-":

@@ -199,7 +199,8 @@ class VAE(nn.Module):
         (probabilistic PCA for the standard prior; Tipping & Bishop 1999). Built as a
         ``LowRankMultivariateNormal`` (mixture), so its ``log_prob`` costs O(D d^2).
         """
-        if not self.decoder.is_linear or len(self.sites) > 1 or not isinstance(self.likelihood, GaussianLikelihood):
+        if (not self.decoder.is_linear or len(self.sites) > 1 or not isinstance(self.likelihood, GaussianLikelihood)
+                or not self.prior.is_mixture):
             return None
         maps = self.decoder.linear_maps
         W, b = maps[0].weight, maps[0].bias  # (D, d), (D,)

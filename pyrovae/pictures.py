@@ -33,7 +33,7 @@ def component_count(model) -> int:
     if model.kind == "mixture":
         return model.num_components
     prior = code_prior(model)
-    if prior is None:
+    if prior is None or not prior.is_mixture:
         raise ValueError(f"a {model.kind} model has no prior with components; drop --by-component")
     return prior.num_components
 
@@ -50,7 +50,7 @@ def samples_by_component(model, per_component: int = 8, max_components: int = 10
             comp = model.likelihood(model.params[order])
             return comp.sample((per_component,)).transpose(0, 1).reshape(-1, model.params.shape[1]), order.tolist()
         prior = code_prior(model)
-        if prior is None:
+        if prior is None or not prior.is_mixture:
             raise ValueError(f"a {model.kind} model has no prior with components; drop --by-component")
         logits, loc, scale = prior.mixture()
         order = logits.argsort(descending=True)[:max_components]

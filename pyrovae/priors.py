@@ -13,8 +13,31 @@ r"""Priors p(z): every prior here is a mixture of diagonal Gaussians.
 The interface a model uses is small: :meth:`Prior.dist` returns a ``pyro.distributions``
 object over z (batch shape ``()``, event shape ``(D,)``; ``pyro.plate`` broadcasts it), and
 :meth:`Prior.mixture` returns the components, which the exact linear-Gaussian marginal and the
-component-usage metrics read. To add a prior, subclass :class:`Prior` here and add it to
-:data:`PRIORS`; the command line and the model pick it up from there.
+component-usage metrics read. To add a prior, subclass :class:`Prior` and add it to :data:`PRIORS`;
+the command line and the model pick it up from there:
+
+- a mixture of diagonal Gaussians implements :meth:`Prior._mixture` (its weights, means and scales);
+- any other density sets ``is_mixture = False`` and implements :meth:`Prior.dist` (its log-density and
+  sampler are the distribution's): training, importance sampling, AIS and the pictures use it as they
+  are; the mixture-only reports (component usage, clusters, samples by component) leave it out. For
+  example, a product of Laplace densities::
+
+      class LaplacePrior(Prior):
+          is_mixture = False
+
+          def __init__(self, latent_dim):
+              super().__init__()
+              self.register_buffer("loc", torch.zeros(latent_dim))
+              self.register_buffer("scale", torch.ones(latent_dim))
+
+          def dist(self):
+              return pyro.distributions.Laplace(self.loc, self.scale).to_event(1)
+
+          @classmethod
+          def from_config(cls, config, *, latent_dim, encoder, train_images):
+              return cls(latent_dim)
+
+      PRIORS["laplace"] = LaplacePrior   # then TrainConfig(prior="laplace")
 """
 
 from __future__ import annotations
@@ -36,6 +59,8 @@ class Prior(nn.Module):
 
     #: accepted values of ``--prior-init``; the first is the default
     inits: tuple[str, ...] = ("random",)
+    #: whether the prior is a mixture of diagonal Gaussians (:meth:`_mixture`); ``False``: only :meth:`dist`
+    is_mixture: bool = True
 
     def __init__(self):
         super().__init__()
@@ -43,7 +68,8 @@ class Prior(nn.Module):
 
     @property
     def num_components(self) -> int:
-        return self.mixture()[0].shape[-1]
+        """K of a mixture; 1 for a prior that is not a mixture (one density, no components)."""
+        return self.mixture()[0].shape[-1] if self.is_mixture else 1
 
     def _mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -71,7 +97,7 @@ class Prior(nn.Module):
         gradients): for evaluation, where they do not change, so that the VampPrior's
         encoder pass over its pseudo-inputs and the mixture's matmul factors are not
         recomputed for every chunk of samples."""
-        if self._frozen is not None:  # nested: the outer block's components
+        if self._frozen is not None or not self.is_mixture:  # nested (the outer block's), or nothing to freeze
             yield self
             return
         with torch.no_grad():

@@ -102,9 +102,14 @@ def quadrature_log_px(model, images: torch.Tensor, *, resolution: int = QUADRATU
     bar = tqdm(total=images.shape[0], desc=f"log p(x), quadrature {resolution}²", unit="ex", disable=not progress,
                leave=False)
     with scoring(model, bar):
-        _, loc, scale = model.prior.mixture()  # (K, 2)
-        prior_lo = (loc - 8 * scale).amin(0).double()
-        prior_hi = (loc + 8 * scale).amax(0).double()
+        if model.prior.is_mixture:
+            _, loc, scale = model.prior.mixture()  # (K, 2)
+            prior_lo = (loc - 8 * scale).amin(0).double()
+            prior_hi = (loc + 8 * scale).amax(0).double()
+        else:  # any other prior: the box around its central 99.98% (from samples), widened by half
+            z = model.prior.dist().sample((20000,)).double()
+            lo_q, mid, hi_q = (torch.quantile(z, q, dim=0) for q in (1e-4, 0.5, 1 - 1e-4))
+            prior_lo, prior_hi = mid - 1.5 * (mid - lo_q), mid + 1.5 * (hi_q - mid)
         for x in images.split(batch_size):
             b = x.shape[0]
             q_loc = model.encode(x).double()

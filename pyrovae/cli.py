@@ -180,13 +180,17 @@ def _parser() -> argparse.ArgumentParser:
                        "--batch-size or the number of processes")
         return p
 
-    def data_flags(p, split_default="test"):
+    def data_flags(p, split_default="test", subset=False):
         p.add_argument("--dataset", help="dataset to use instead of the run's own (same shape); "
                        "a name or a .npy/.npz/.csv path")
         p.add_argument("--data-dir", type=_path, help="folder of IDX files (default: the run's)")
         p.add_argument("--label-column", type=_whole, help="for a .csv dataset: the labels' column")
         p.add_argument("--split", default=split_default, choices=("train", "val", "test", "all"),
                        help=f"(default: {split_default})")
+        if subset:
+            p.add_argument("--num-examples", type=_whole, default=None,
+                           help="score only the first N examples of the split (default: all), such as AIS on a "
+                           "subset beside importance sampling")
 
     def report_flags(p, what):
         p.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
@@ -198,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
                     "Score a run on a split: ELBO, the importance-weighted bound at K, log p(x) estimate with "
                     "standard error, KL, reconstruction term and errors, Pareto k-hat of the importance "
                     "weights, active units; component usage and cluster scores for mixture priors.")
-    data_flags(e)
+    data_flags(e, subset=True)
     _size_flag(e, "--num-samples", "importance samples K per example")
     e.add_argument("--chunk-size", type=_whole, default=None,
                    help="at most this many (sample, example) pairs decoded at once: bounds memory "
@@ -222,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     weights_flag(cp)
     cp.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
     cp.add_argument("--seed", type=_whole, default=0, help="seed of every example's random stream (default: 0)")
-    data_flags(cp)
+    data_flags(cp, subset=True)
     _size_flag(cp, "--num-samples", "importance samples K per example")
     cp.add_argument("--batch-size", type=_whole, default=100, help="examples per pass (default: 100)")
     estimator_flags(cp)
@@ -428,6 +432,11 @@ def _split(args, run):
     if ds.data_dim != run.data_dim:
         raise ValueError(f"{config.dataset} has {ds.data_dim} values per example but the run was trained on "
                          f"{run.data_dim} ({run.config.dataset}): evaluate it on data of that shape")
+    n = getattr(args, "num_examples", None)
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--num-examples must be at least 1 (got {n})")
+        ds = ds.subset(min(n, len(ds)))
     return ds
 
 

@@ -382,3 +382,13 @@ def test_what_a_resume_may_change_is_one_rule_for_the_command_line_and_the_api(t
     assert unresumable(stored.to_dict(), {k: "x" for k in RESUMABLE}) == []
     code, _, err = cli(capsys, "train", "--resume", str(tmp_path / "u"), "--latent-dim", "5", "--quiet")
     assert code == 2 and "--latent-dim cannot change when resuming" in err
+
+
+def test_evaluate_scores_the_first_n_examples_when_asked(tmp_path, capsys):
+    train(tiny(tmp_path, "n", epochs=1), progress=False)
+    code, out, err = cli(capsys, "evaluate", str(tmp_path / "n"), "--num-samples", "30", "--num-examples", "7",
+                         "--json", "-", "--quiet")
+    assert code == 0, err
+    assert json.loads(out[out.index("{"):])["num_examples"] == 7
+    code, _, err = cli(capsys, "evaluate", str(tmp_path / "n"), "--num-examples", "0", "--quiet")
+    assert code == 2 and "--num-examples" in err

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, Dataset, _check_data_dir, fetch, file_problem
+from .data import DataError, Dataset, _check_data_dir, _download_dir, fetch, file_problem
 from .datasets import DATASETS
 
 __all__ = ["FILE", "load_caltech101_silhouettes", "read_caltech_mat", "download_caltech101_silhouettes"]
@@ -100,8 +100,7 @@ def download_caltech101_silhouettes(data_dir: str | os.PathLike, base_url: str |
     a ``file://`` URL or a plain folder works too. The download stops past :data:`MAX_BYTES`, and a file
     that is not the published one (no train, val and test parts) is removed and named."""
     spec = DATASETS["caltech101-silhouettes"]
-    data_dir = Path(data_dir)
-    _check_data_dir(data_dir)
+    data_dir = _download_dir(Path(data_dir))
     target = data_dir / FILE
     if target.is_file():
         try:
@@ -109,11 +108,6 @@ def download_caltech101_silhouettes(data_dir: str | os.PathLike, base_url: str |
                 return
         except DataError:
             pass
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--data-dir {data_dir}: cannot be created ({e.strerror}); choose another --data-dir") \
-            from None
     base = base_url or os.environ.get(spec.url_variable) or spec.source.rsplit("/", 1)[0]
     tmp = data_dir / f".{FILE}.download"
     try:

@@ -496,6 +496,17 @@ def _check_data_dir(data_dir: Path) -> None:
         raise DataError(f"--data-dir {data_dir} is {problem}: give the folder that holds the data files")
 
 
+def _download_dir(data_dir: Path) -> Path:
+    """``data_dir``, checked (:func:`_check_data_dir`) and created, for a download into it."""
+    _check_data_dir(data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--data-dir {data_dir}: cannot be created ({e.strerror}); choose another --data-dir") \
+            from None
+    return data_dir
+
+
 def _read_one_of(data_dir: Path, candidates: list[Path], read):
     """``read(path)`` of the one existing file among ``candidates`` (the same data, plain or gzipped), or
     ``None`` when none exists; a candidate that is not a regular file is named; two that exist must hold the
@@ -592,13 +603,7 @@ def download_binarized_mnist(data_dir: str | os.PathLike, base_url: str | None =
         raise ValueError(f"splits: {bad[0]!r} is not a split of binarized-mnist; use train, val or test")
     spec = DATASETS["binarized-mnist"]
     base = base_url or os.environ.get(spec.url_variable) or spec.source
-    data_dir = Path(data_dir)
-    _check_data_dir(data_dir)
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--data-dir {data_dir}: cannot be created ({e.strerror}); choose another --data-dir") \
-            from None
+    data_dir = _download_dir(Path(data_dir))
     for split in splits:
         stem, count = _AMAT_FILES[split]
         name = f"{stem}.amat"

@@ -388,8 +388,12 @@ class _Trainer:
         self.start_epoch, self.global_step = 0, 0
         self.best_val, self.best_epoch, self.since_best = -math.inf, 0, 0
         #: seconds of training epochs so far (over every session of a resumed run), and the --time-limit plan
+        saved = resume_state or {}  # (a resumed run's seconds spent and plan)
         self.budget = TimeBudget(parse_duration(config.time_limit) if config.time_limit is not None else None,
-                                 config.epochs)
+                                 config.epochs, spent=float(saved.get("train_seconds", 0.0)),
+                                 planned_epochs=saved.get("planned_epochs"),
+                                 planned_budget=saved.get("planned_budget"),
+                                 planned_max_epochs=saved.get("planned_max_epochs"))
         self.resume_state = resume_state
         if resume_state is not None:
             missing = [k for k in _RESUME_KEYS if k not in resume_state]
@@ -411,11 +415,6 @@ class _Trainer:
             self.best_val = float(resume_state["best_val_elbo"])
             self.best_epoch = int(resume_state["best_epoch"])
             self.since_best = int(resume_state["epochs_since_best"])
-            self.budget = TimeBudget(self.budget.seconds, config.epochs,
-                                     spent=float(resume_state.get("train_seconds", 0.0)),
-                                     planned_epochs=resume_state.get("planned_epochs"),
-                                     planned_budget=resume_state.get("planned_budget"),
-                                     planned_max_epochs=resume_state.get("planned_max_epochs"))
             ranks = resume_state["rng"]
             if len(ranks) == env.world:
                 _set_rng_state(ranks[env.rank], self.device)

@@ -10,7 +10,7 @@ throttled machine slows every arm alike), medians over rounds:
 - **svi**: a textbook ``SVI(model, guide, optim, Trace_ELBO())`` step loop over the same
   pyrovae model and optimiser, with Pyro's argument validation off as in pyrovae's loop:
   what Pyro's tracing costs on its own.
-- **pyrovae**: pyrovae's training epoch itself (``_Trainer._epoch``, what ``pyrovae train``
+- **pyrovae**: pyrovae's training epoch itself (``Trainer.epoch``, what ``pyrovae train``
   runs): shuffling, dynamic binarisation, the SVI steps, the validation ELBO, metrics,
   and the atomic checkpoint written to disk every epoch.
 
@@ -61,20 +61,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-import pyrovae.training as _training  # noqa: E402
-from pyrovae import TrainConfig  # noqa: E402
+from pyrovae import TrainConfig, load_dataset  # noqa: E402
 from pyrovae.data import binarize  # noqa: E402
+from pyrovae.distributed import ProcessGroup  # noqa: E402
 from pyrovae.marginal import derive_seed, estimate_log_px  # noqa: E402
 from pyrovae.objectives import Optimizer  # noqa: E402
-from pyrovae.training import _Dist, _Trainer  # noqa: E402
+from pyrovae.training import Trainer, TrainingData, load_training_data  # noqa: E402
+
+_DATA: dict[tuple, TrainingData] = {}
 
 
-def _cache_datasets() -> None:
-    """Every arm builds a real ``_Trainer``, which loads its data; load each split once."""
-    import functools
-
-    load = functools.lru_cache(maxsize=None)(_training.load_dataset)
-    _training.load_dataset = lambda name, split="train", **kw: load(name, split, **kw)
+def _training_data(config: TrainConfig) -> TrainingData:
+    """Every arm builds a real ``Trainer``; load each dataset's splits once and hand them over."""
+    key = (config.dataset, config.data_dir, config.binarize, config.likelihood, config.label_column, config.device)
+    if key not in _DATA:
+        _DATA[key] = load_training_data(config, ProcessGroup(config.device))
+    return _DATA[key]
 
 
 TARGET_STEP = 1.05
@@ -179,22 +181,23 @@ class PlainArm:
 
 
 class PyrovaeArm:
-    """pyrovae's own epoch (``_Trainer._epoch``): the loop ``pyrovae train`` runs."""
+    """pyrovae's own epoch (``Trainer.epoch``): the loop ``pyrovae train`` runs."""
 
     name = "pyrovae"
 
     def __init__(self, config: TrainConfig, out: Path, train_size: int | None = None, compile_nets=False):
         self.store = {"params": {}, "constraints": {}}
         config = dataclasses.replace(config, out=str(out), name=f"{config.name or 'bench'}-{time.monotonic_ns()}")
-        self.trainer = _Trainer(config.resolved(), _Dist(config.device), None, None, False, True)
+        config = config.resolved()
+        data = _training_data(config)
+        self.trainer = Trainer(config, progress=False, data=data)
         self.full_data = self.trainer.data
         if train_size is not None:
             self.set_train_size(train_size)
         if compile_nets:
             for net in (self.trainer.model.encoder, self.trainer.model.decoder):
                 net.net = torch.compile(net.net)
-        with self.scope():
-            self.svi, self.elbo, self.optim = self.trainer._objective()
+        self.svi = self.trainer.svi
 
     def set_train_size(self, n: int) -> None:
         d = self.full_data
@@ -208,7 +211,7 @@ class PyrovaeArm:
 
     def epoch(self, epoch: int) -> dict:
         with self.scope():
-            self.trainer._epoch(epoch, self.svi, self.elbo, self.optim)
+            self.trainer.epoch(epoch)
         p = self.trainer.phase_seconds
         steps = math.ceil(self.trainer.data.train_grey.shape[0] / self.trainer.config.batch_size)
         return {**p, "num_steps": steps}
@@ -548,7 +551,7 @@ def section_priors(args, config, grey, device, out) -> dict:
         res["rows"][arm.name] = {**_summary(rows[arm.name], rows["standard"]),
                                  "steps_peak_mib": _peak_tensor_memory(steps, device) / 2**20}
         mix = arm.trainer.model.prior.dist()
-        res["rows"][arm.name]["mixture_products"] = (str(mix._factors[1].dtype).removeprefix("torch.")
+        res["rows"][arm.name]["mixture_products"] = (str(mix.products_dtype).removeprefix("torch.")
                                                      if hasattr(mix, "log_joint") else "—")
     ref_mem = res["rows"]["standard"]["steps_peak_mib"]
     for r in res["rows"].values():
@@ -875,8 +878,7 @@ def main(argv=None) -> int:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
 
     _set_threads(args.threads[-1])  # every section but main runs at the last thread count
-    _cache_datasets()
-    grey = _training.load_dataset(config.dataset, "train").images
+    grey = load_dataset(config.dataset, "train").images
     if args.train_size:
         grey = grey[: args.train_size]
     grey = grey.to(device)
@@ -888,7 +890,7 @@ def main(argv=None) -> int:
         "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg()), "network": "784-400-50 (softplus)",
         "batch_size": config.batch_size, "train_size": int(grey.shape[0]), "dataset": config.dataset,
         "rounds": args.rounds, "threads": args.threads, "sections": sections,
-        "val_size": int(_training.load_dataset(config.dataset, "val").images.shape[0]),
+        "val_size": int(load_dataset(config.dataset, "val").images.shape[0]),
     }}
     # on the CPU whatever --device is: the estimator is the question, and the CPU generator
     # gives both loops the same noise

@@ -268,7 +268,7 @@ def prior_rows(args, out: Path, images: torch.Tensor, progress: bool) -> list[di
                                          progress and i < len(PRIOR_ROWS))
         extra = rss.peak - rss.start
         mix = model.prior.dist()
-        dtype = str(mix._factors[1].dtype).removeprefix("torch.") if hasattr(mix, "log_joint") else "—"
+        dtype = str(mix.products_dtype).removeprefix("torch.") if hasattr(mix, "log_joint") else "—"
         rows.append({"prior": name, "wall_s": wall, "extra_rss_mb": extra, "log_px": float(est.log_px.mean()),
                      "mixture_products": dtype})
         _log(f"priors: {name}: {wall:.1f} s")

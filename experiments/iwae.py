@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _pm(t: dict) -> str:
+def plus_minus(t: dict) -> str:
     return f"{t['log_px']:.2f} ± {t['log_px_se']:.2f}"
 
 
@@ -191,7 +191,8 @@ def markdown(result: dict) -> str:
         f"{s['dataset']}, {s['test_images']} test images; 784-{'-'.join(map(str, s['hidden_dims']))}-"
         f"{s['latent_dim']} softplus, Bernoulli, dynamic binarisation; epochs per model: {s['epochs']}, batch "
         f"{s['batch_size']}, seed {s['seed']}. log p(x) in nats (higher is better) ± its standard error over "
-        "test images. Beside: Burda et al. 2015, Table 1 (one stochastic layer, full MNIST, -NLL).",
+        "test images. Beside: Burda et al. 2015, Table 1 (one stochastic layer, full MNIST dynamically binarised, "
+        "-NLL; the statically binarised benchmark's published figures read lower, such as -87.6 for IWAE k = 5).",
         "",
         "Laid out as Burda et al. 2015, Table 1 (k = samples in the training objective):",
         "",
@@ -202,7 +203,8 @@ def markdown(result: dict) -> str:
         vae, iwae = by.get(("vae", k)), by.get(("iwae", k))
         cells = [str(k)]
         for r in (vae, iwae):
-            cells += ([_pm(r["test"]), f"{r['test']['active_units']}/{r['test']['latent_dim']}"] if r else ["—", "—"])
+            cells += ([plus_minus(r["test"]), f"{r['test']['active_units']}/{r['test']['latent_dim']}"] if r
+                      else ["—", "—"])
         cells += [f"{-BURDA_NLL[(o, k)]:.2f}" if (o, k) in BURDA_NLL else "—" for o in ("vae", "iwae")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -217,7 +219,7 @@ def markdown(result: dict) -> str:
         t, c = r["test"], r.get("convergence_check")
         pk = t["pareto_k"]
         shift = f"{c['shift']:+.2f} ± {c['shift_se']:.2f}" if c else "—"
-        lines.append(f"| {r['model']} | {_pm(t)} | {t['elbo']:.2f} | {t['kl']:.2f} | "
+        lines.append(f"| {r['model']} | {plus_minus(t)} | {t['elbo']:.2f} | {t['kl']:.2f} | "
                      f"{100 * pk['frac_above_0.7']:.1f}% | {t['ess']['mean']:.0f} | {shift} | "
                      f"{r['epochs_done']} ({r['best_epoch']}) | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     c = next((r["convergence_check"] for r in result["models"] if r.get("convergence_check")), None)

@@ -77,9 +77,9 @@ KINDS = ("pca", "ae", "vae")
 LABEL = {"pca": "PCA", "ae": "AE", "vae": "VAE"}
 COLOR = {"pca": "tab:gray", "ae": "tab:red", "vae": "tab:blue"}
 #: (key, axis label, +1 where higher is better, -1 where lower is)
-YARDSTICKS = (("confidence", "classifier confidence", 1), ("judge_elbo", "judge ELBO (nats)", 1),
+YARDSTICKS = (("confidence", "classifier confidence", 1), ("judge_elbo", "second-VAE ELBO (nats)", 1),
               ("nearest", "RMS distance to the\nnearest training image", -1))
-SHORT = {"confidence": "confidence", "judge_elbo": "judge ELBO", "nearest": "nearest", "greyness": "greyness"}
+SHORT = {"confidence": "confidence", "judge_elbo": "second-VAE ELBO", "nearest": "nearest", "greyness": "greyness"}
 PAIR_MASS = "pair mass (post hoc)"
 
 
@@ -415,7 +415,7 @@ def figure_random_codes(s, rand, image_shape, path: Path) -> None:
         ax = fig.add_subplot(gs[0, col])
         _show_grid(ax, m["images"][: side * side], image_shape, nrow=side,
                    title=f"{LABEL[kind]} d={s.main_size}: confidence {float(m['confidence'].mean()):.2f}\n"
-                         f"judge ELBO {float(m['judge_elbo'].mean()):.0f} nats")
+                         f"second-VAE ELBO {float(m['judge_elbo'].mean()):.0f} nats")
     ax = fig.add_subplot(gs[1, :])
     width = 0.27
     for k, kind in enumerate(KINDS):
@@ -472,7 +472,7 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _pm(mean: float, se: float, digits: int = 3) -> str:
+def plus_minus(mean: float, se: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
@@ -646,7 +646,7 @@ def write_report(s: StorySettings, n: dict) -> str:
     trained = n["trained"]
     seconds = sum(v["seconds"] for v in trained.values())
     L = [
-        "# The notes' argument, measured: PCA → deep autoencoder → VAE",
+        "# The argument of the theory page, measured: PCA → deep autoencoder → VAE",
         "",
         f"Made by `{n['command']}` (pyrovae commit {_git_commit()}) on {s.dataset}. This call took "
         f"{n['seconds']:.0f} s; training its {len(trained)} runs took {seconds:.0f} s when they were trained "
@@ -668,18 +668,19 @@ def write_report(s: StorySettings, n: dict) -> str:
         "",
         f"- **confidence**: max-probability of a logistic regression (scikit-learn, C = 1) fitted to the grey "
         f"training images (test accuracy {n['classifier_accuracy']:.3f}); decoded pixel means are grey images too.",
-        f"- **judge ELBO**: the ELBO (nats, {s.elbo_samples} draws from q) of an independent VAE "
-        f"({sweep}{s.judge_size}, trained with seed {s.judge_seed}: no model judges its own images) of the "
-        "image binarised once with a fixed seed, the way test images are: a lower bound on the judge's log "
-        "p(x). It punishes blur, since binarising a grey pixel is a coin flip.",
+        f"- **second-VAE ELBO**: the ELBO (nats, {s.elbo_samples} draws from q) that a second, independently "
+        f"trained VAE ({sweep}{s.judge_size}, trained with seed {s.judge_seed}: no model scores its own images) "
+        "gives the image binarised once with a fixed seed, the way test images are: a lower bound on the second "
+        "VAE's log p(x). It punishes blur, since binarising a grey pixel is a coin flip.",
         "- **nearest**: RMS pixel distance to the nearest grey training image.",
         "- not a yardstick, a description: **greyness**, the mean over pixels of min(x, 1 − x): 0 for a binary "
         "image, higher for a blurrier one.",
         "",
         "Means over examples ± one standard error. Read every number below against this table:",
         "",
-        _table(["images (500, or the 50 pairs)", "confidence", "judge ELBO", "nearest", "greyness"],
-               [[what, _pm(*v["confidence"]), _pm(*v["judge_elbo"], 1), _pm(*v["nearest"]), _pm(*v["greyness"])]
+        _table(["images (500, or the 50 pairs)", "confidence", "second-VAE ELBO", "nearest", "greyness"],
+               [[what, plus_minus(*v["confidence"]), plus_minus(*v["judge_elbo"], 1), plus_minus(*v["nearest"]),
+                 plus_minus(*v["greyness"])]
                 for what, v in cal.items()]),
         "",
         "## 1. Reconstruction against code size",
@@ -717,14 +718,14 @@ def write_report(s: StorySettings, n: dict) -> str:
         f"Along the line, code size {s.main_size}:",
         "",
         _table(["t"] + [f"{LABEL[k]} {SHORT[y]}" for y, _, _ in YARDSTICKS for k in KINDS],
-               [[f"{t[k]:.1f}"] + [_pm(*ip[f"{kind}-d{s.main_size}"][y][k], 1 if y == "judge_elbo" else 3)
+               [[f"{t[k]:.1f}"] + [plus_minus(*ip[f"{kind}-d{s.main_size}"][y][k], 1 if y == "judge_elbo" else 3)
                                    for y, _, _ in YARDSTICKS for kind in KINDS] for k in range(s.steps)]),
         "",
         "At the midpoint t = 1/2, every code size. *Dip*: how much worse the midpoint is than the mean of the two "
-        "ends on that yardstick (positive = worse in the middle). The notes predict the VAE's midpoints "
+        "ends on that yardstick (positive = worse in the middle). The theory page predicts the VAE's midpoints "
         "better than the AE's; the verdicts are at the end. *Pair mass*, added after the first full run "
         "(post hoc): the classifier's probability that the midpoint is one of the two digits at the ends of "
-        "its line, the notes' \"compromise of both images\" measured directly.",
+        "its line: the theory page's \"compromise of the two\" (section 2) measured directly.",
         "",
     ]
     rows = []
@@ -732,11 +733,11 @@ def write_report(s: StorySettings, n: dict) -> str:
         for y, _, _ in YARDSTICKS:
             d = 1 if y == "judge_elbo" else 3
             pca = ip.get(f"pca-{tag}")
-            rows.append([label, SHORT[y], _pm(*pca[f"{y}_mid"], d) if pca else "",
-                         _pm(*ip[f"ae-{tag}"][f"{y}_mid"], d), _pm(*ip[f"vae-{tag}"][f"{y}_mid"], d),
-                         _pm(*ip[f"ae-{tag}"][f"{y}_dip"], d), _pm(*ip[f"vae-{tag}"][f"{y}_dip"], d)])
+            rows.append([label, SHORT[y], plus_minus(*pca[f"{y}_mid"], d) if pca else "",
+                         plus_minus(*ip[f"ae-{tag}"][f"{y}_mid"], d), plus_minus(*ip[f"vae-{tag}"][f"{y}_mid"], d),
+                         plus_minus(*ip[f"ae-{tag}"][f"{y}_dip"], d), plus_minus(*ip[f"vae-{tag}"][f"{y}_dip"], d)])
         for key in ("pair_mass", "greyness"):
-            mids = [_pm(*ip[f"{k}-{tag}"][f"{key}_mid"]) if f"{k}-{tag}" in ip else "" for k in KINDS]
+            mids = [plus_minus(*ip[f"{k}-{tag}"][f"{key}_mid"]) if f"{k}-{tag}" in ip else "" for k in KINDS]
             rows.append([label, PAIR_MASS if key == "pair_mass" else SHORT[key], *mids, "", ""])
     L += [_table(["code size", "yardstick", "PCA mid", "AE mid", "VAE mid", "AE dip", "VAE dip"], rows), "",
           "![interpolation](interpolation.png)", ""]
@@ -753,7 +754,7 @@ def write_report(s: StorySettings, n: dict) -> str:
     rows = []
     for tag, label in _tags(s):
         names = [f"{k}-{tag}" for k in KINDS]
-        rows.append([label] + [_pm(*rc[x][y], 1 if y == "judge_elbo" else 3) if x in rc else ""
+        rows.append([label] + [plus_minus(*rc[x][y], 1 if y == "judge_elbo" else 3) if x in rc else ""
                                for y in SHORT for x in names])
     L += [_table(["code size"] + [f"{LABEL[k]} {SHORT[y]}" for y in SHORT for k in KINDS], rows), "",
           f"Classes the classifier gives the decoded random codes, code size {s.main_size} (counts of "
@@ -771,7 +772,7 @@ def write_report(s: StorySettings, n: dict) -> str:
         "AE's fitted Gaussian. Bottom: the test codes of the 2-D VAE and AE coloured by label, with the grid's "
         "outline.",
         "",
-        _table(["2-D model", "grid confidence", "grid judge ELBO", "5-NN accuracy of test codes"],
+        _table(["2-D model", "grid confidence", "grid second-VAE ELBO", "5-NN accuracy of test codes"],
                [[LABEL[k], f"{mp[k]['grid_confidence']:.3f}", f"{mp[k]['grid_judge_elbo']:.1f}",
                  f"{mp[k]['knn_accuracy']:.3f}"] for k in ("vae", "ae")]),
         "",
@@ -779,7 +780,7 @@ def write_report(s: StorySettings, n: dict) -> str:
         "",
         "## Verdicts",
         "",
-        "The notes predict that the VAE's random-code samples, and its interpolation midpoints, are better than "
+        "The theory page predicts that the VAE's random-code samples, and its interpolation midpoints, are better than "
         "the AE's. Each cell: ✓ the VAE better by at least 2 standard errors, ✗ worse by at least 2, ~ in "
         "between; the number is the VAE's advantage in standard errors (random codes: independent draws; "
         "midpoints: paired over the same pairs).",
@@ -792,7 +793,7 @@ def write_report(s: StorySettings, n: dict) -> str:
                     + [_mark(*m[y], sign) for y, _, sign in YARDSTICKS] + [_mark(*m["pair_mass"], 1)])
     L += [_table(["code size"] + [f"random codes: {SHORT[y]}" for y, _, _ in YARDSTICKS]
                  + [f"midpoints: {SHORT[y]}" for y, _, _ in YARDSTICKS] + [f"midpoints: {PAIR_MASS}"], rows), ""]
-    L += ["The notes' two predictions as the issue states them, on the classifier's confidence:", ""]
+    L += ["The theory page's two predictions, checked on the classifier's confidence:", ""]
     for what, key in (("VAE random-code samples more confident than the AE's", "random_codes_vae_minus_ae"),
                       ("AE interpolation midpoints less confident than the VAE's", "interpolation_vae_minus_ae")):
         cells = [(label, n[key][tag]["confidence"]) for tag, label in _tags(s)]
@@ -811,13 +812,13 @@ def write_report(s: StorySettings, n: dict) -> str:
           f"noise {noise['confidence'][0]:.2f}, and the pixel average of two different digits (a compromise, "
           f"by construction) {blend['confidence'][0]:.2f}. Its confidence separates digits from garbage only "
           f"within {garbage['confidence'][0]:.2f}–{real['confidence'][0]:.2f}, and it puts a compromise of two "
-          "digits, which is what the notes want from a VAE midpoint, "
+          "digits, which is what the theory page wants from a VAE midpoint, "
           + ("nearer to garbage than to real digits." if abs(blend["confidence"][0] - garbage["confidence"][0])
              < abs(blend["confidence"][0] - real["confidence"][0]) else "nearer to real digits than to garbage.")
-          + f" The judge ELBO spreads the same images over {garbage['judge_elbo'][0]:.0f} to "
+          + f" The second-VAE ELBO spreads the same images over {garbage['judge_elbo'][0]:.0f} to "
           f"{real['judge_elbo'][0]:.0f} nats, the distance to the nearest training image over "
           f"{real['nearest'][0]:.3f}–{garbage['nearest'][0]:.3f}. The two have opposite biases about blur: a 3x3 "
-          f"blur costs real digits {real['judge_elbo'][0] - blur['judge_elbo'][0]:.0f} nats of judge ELBO but "
+          f"blur costs real digits {real['judge_elbo'][0] - blur['judge_elbo'][0]:.0f} nats of second-VAE ELBO but "
           f"brings them nearer to the training images ({blur['nearest'][0]:.3f} against "
           f"{real['nearest'][0]:.3f}). Where both favour the VAE, blur does not explain the verdict: "
           + "; ".join(f"{what}: " + (", ".join(f"d={label}" for tag, label in _tags(s)
@@ -842,10 +843,10 @@ def _parser() -> argparse.ArgumentParser:
     d = StorySettings()
     p = argparse.ArgumentParser(
         prog="experiments/story.py",
-        description="The notes' argument measured: PCA, a deep autoencoder and a VAE at code sizes "
+        description="The theory page's argument measured: PCA, a deep autoencoder and a VAE at code sizes "
                     f"{', '.join(map(str, d.sizes))}; reconstructions, decodes between two codes and far from "
                     "them, scored by a fixed digit classifier, the distance to the nearest training image and a "
-                    "judge VAE's ELBO; and the 2-D map. Writes OUT/report.md, OUT/results.json and PNGs; keeps "
+                    "second VAE's ELBO; and the 2-D map. Writes OUT/report.md, OUT/results.json and PNGs; keeps "
                     "every trained run in OUT/runs/ and reuses it on the next call.",
         epilog="The full run trains 13 AEs/VAEs and 5 PCAs (41 minutes on 2 shared CPU cores with "
                "OMP_NUM_THREADS=1); --quick does every step on tiny settings in about 30 s.")

@@ -115,7 +115,7 @@ class _FlowBases(Messenger):
         msg["fn"] = fn
 
 
-class _Start:
+class ChainStart:
     """q0 for one batch: draws (from the per-example noise), its log density at any z, and the
     per-site scales used as the HMC mass."""
 
@@ -180,7 +180,7 @@ class _State:
                       {n: pick(self.g_q0[n], other.g_q0[n]) for n in self.z})
 
 
-def _evaluate(model, x, z: dict, start: _Start) -> _State:
+def chain_state(model, x, z: dict, start: ChainStart) -> _State:
     """Both log densities at z and their gradients (two backward passes; the second, through the
     decoder, is the expensive one)."""
     z = {n: v.detach().requires_grad_() for n, v in z.items()}
@@ -195,7 +195,7 @@ def _evaluate(model, x, z: dict, start: _Start) -> _State:
                   dict(zip(z, g_pxz)), dict(zip(z, [g if g is not None else o for g, o in zip(g_q0, zeros)])))
 
 
-def _hmc(model, x, state: _State, beta, start: _Start, step: torch.Tensor, leapfrog: int, noise: ExampleNoise,
+def hmc_move(model, x, state: _State, beta, start: ChainStart, step: torch.Tensor, leapfrog: int, noise: ExampleNoise,
          chains: int) -> tuple[_State, torch.Tensor]:
     r"""One HMC transition leaving :math:`f_\beta` invariant, every chain at once; ``step`` is
     ``(B,)``. Returns the new state and each example's acceptance rate over its chains."""
@@ -211,7 +211,7 @@ def _hmc(model, x, state: _State, beta, start: _Start, step: torch.Tensor, leapf
     new, grad = state, state.grad(beta)
     for _ in range(leapfrog):  # the gradient of log f is minus the gradient of the potential
         r = {n: r[n] + 0.5 * eps[n] * grad[n] for n in z}
-        new = _evaluate(model, x, {n: new.z[n] + eps[n] * mass_inv[n] * r[n] for n in z}, start)
+        new = chain_state(model, x, {n: new.z[n] + eps[n] * mass_inv[n] * r[n] for n in z}, start)
         grad = new.grad(beta)
         r = {n: r[n] + 0.5 * eps[n] * grad[n] for n in z}
     h1 = new.log_f(beta) - kinetic(r)
@@ -258,13 +258,13 @@ def ais_log_px(model, images: torch.Tensor, *, num_steps: int = 500, num_chains:
             b = x.shape[0]
             noise = ExampleNoise(seed, first_index + i * batch_size, b, x.device)
             with torch.no_grad():
-                start = _Start(model, x, num_chains, init, noise)
+                start = ChainStart(model, x, num_chains, init, noise)
             z = start.z
             if reverse:
                 lo = i * batch_size
                 z = {n: v[lo: lo + b].to(x.device).unsqueeze(0).expand(num_chains, b, *v.shape[1:]).clone()
                      for n, v in start_values.items()}
-            state = _evaluate(model, x, z, start)
+            state = chain_state(model, x, z, start)
             step = torch.full((b,), float(step_size), dtype=x.dtype, device=x.device)
             log_w = torch.zeros(num_chains, b, dtype=torch.float64, device=x.device)
             acc_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
@@ -275,7 +275,7 @@ def ais_log_px(model, images: torch.Tensor, *, num_steps: int = 500, num_chains:
                 beta = levels[t]
                 log_w += (beta - levels[t - 1]) * (state.log_pxz - state.log_q0).double()
                 if t < num_steps:
-                    state, acc = _hmc(model, x, state, beta.to(x.dtype), start, step, leapfrog, noise,
+                    state, acc = hmc_move(model, x, state, beta.to(x.dtype), start, step, leapfrog, noise,
                                       num_chains)
                     acc_sum += acc.double()
                     step = torch.where(acc > TARGET_ACCEPTANCE, step * _ADAPT, step / _ADAPT).clamp(*_STEP_RANGE)

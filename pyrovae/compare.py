@@ -139,7 +139,7 @@ def _f(v, spec=".2f") -> str:
     return format(v, spec)
 
 
-def _pm(mean: float, se: float | None, signed: bool = False) -> str:
+def plus_minus(mean: float, se: float | None, signed: bool = False) -> str:
     """``mean ± se``; with no standard error (one example) ``mean ± n/a (1 example)``."""
     m = format(mean, "+.2f" if signed else ".2f")
     if se is None or not math.isfinite(se):
@@ -162,9 +162,9 @@ def markdown_table(result: dict, extra: list[tuple[str, callable]] = ()) -> str:
         ediff = row.get("elbo_diff")
         cells = [
             row["name"], _f(r.get("elbo")),
-            _pm(r["log_px"], r.get("log_px_se")) if r.get("log_px") is not None else "—",
-            _pm(*diff, signed=True) if diff else "—",
-            _pm(*ediff, signed=True) if ediff else "—",
+            plus_minus(r["log_px"], r.get("log_px_se")) if r.get("log_px") is not None else "—",
+            plus_minus(*diff, signed=True) if diff else "—",
+            plus_minus(*ediff, signed=True) if ediff else "—",
             _f(r["log_px"] - r["elbo"]) if r.get("log_px") is not None and r.get("elbo") is not None else "—",
             _f(r.get("kl")),
             f"{r['active_units']} / {r['latent_dim']}" if "active_units" in r else "—",

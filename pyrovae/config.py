@@ -19,8 +19,9 @@ from pathlib import Path
 
 from .datasets import DATASETS
 
-__all__ = ["TrainConfig", "preset_settings", "parse_duration", "used_only", "resumed_config", "unresumable",
-           "PREBINARIZED"]
+# parse_duration and unresumable, helpers of the trainer's --time-limit and --resume, stay importable but are not
+# public
+__all__ = ["TrainConfig", "preset_settings", "used_only", "resumed_config", "PREBINARIZED"]
 
 
 def _setting(default, help: str, choices: tuple[str, ...] | None = None):
@@ -62,7 +63,25 @@ LINEAR_GAUSSIAN_LR = 0.03
 
 @dataclass
 class TrainConfig:
-    """All settings of a training run. Field comments are the ``--help`` texts."""
+    """All settings of a training run. Field comments are the ``--help`` texts.
+
+    Every field is a flag of ``pyrovae train`` with the same default (``latent_dim`` is
+    ``--latent-dim``). A field left at ``None`` or ``"auto"`` means the default that
+    :meth:`resolved` works out, and :meth:`resolved` also checks every value.
+
+    Examples
+    --------
+    >>> from pyrovae import TrainConfig
+    >>> config = TrainConfig(epochs=50, prior="mog", prior_components=10)
+    >>> config.epochs, config.prior, config.prior_components, config.latent_dim
+    (50, 'mog', 10, 50)
+    >>> TrainConfig().epochs is None, TrainConfig().resolved().epochs
+    (True, 450)
+    >>> TrainConfig(prior="nope").resolved()  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --prior must be one of ... (got 'nope')
+    """
 
     # --- data ---
     dataset: str = _setting(
@@ -89,7 +108,7 @@ class TrainConfig:
     # --- model ---
     model: str = _setting(
         "vae",
-        "vae (the VAE of the notes), ae (deterministic autoencoder: point-mass guide, "
+        "vae (the variational autoencoder of docs/theory.md), ae (deterministic autoencoder: point-mass guide, "
         "reconstruction loss only), pca (scikit-learn PCA), mixture (finite mixture of "
         "--prior-components pixel distributions, component enumerated exactly)",
         MODELS,
@@ -160,8 +179,9 @@ class TrainConfig:
     )
     num_particles: int = _setting(1, "samples of z per example in the objective")
     epochs: typing.Optional[int] = _setting(
-        None, f"maximum number of passes over the training split; default {DEFAULT_EPOCHS} (the default run: about "
-        f"165 s on 2 CPU cores), or with --time-limit as many as fit in it (at most {BUDGET_EPOCHS:,}); with both "
+        None, f"maximum number of passes over the training split; default {DEFAULT_EPOCHS} (the default run: 134 s "
+        f"of training on 2 CPU cores, 2 min 19 s in all), or with --time-limit as many as fit in it (at most "
+        f"{BUDGET_EPOCHS:,}); with both "
         "given the run stops at whichever comes first")
     batch_size: int = _setting(128, "examples per gradient step (global, over all processes)")
     lr: typing.Optional[float] = _setting(
@@ -219,146 +239,11 @@ class TrainConfig:
     out: str = _setting("runs", "parent folder of run directories")
     name: typing.Optional[str] = _setting(None, "run directory name (default: <dataset>-<model>-<time>)")
 
-    # ------------------------------------------------------------------
-    def unused_settings(self) -> list[tuple[str, str]]:
-        """The settings given (away from their defaults) that this configuration does not use, each with who
-        does use it: one rule (:data:`USED_BY`) for every setting, so that nothing given is silently ignored.
-        A value that resolution gives to an ``auto`` default counts as not given."""
-        out = []
-        for name, (uses, who) in USED_BY.items():
-            value = getattr(self, name)
-            value = tuple(value) if isinstance(value, list) else value
-            if value == _DEFAULTS[name] or value in _resolved_defaults(self, name) or uses(self):
-                continue
-            out.append((name, who))
-        return out
+    # --- the rules (:func:`resolve_settings`, :func:`validate_settings`, :func:`check_used`) and the files ---
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``auto`` replaced by what it means, and validated (:func:`resolve_settings`)."""
+        return resolve_settings(self)
 
-    def resolved(self) -> "TrainConfig":
-        """Return a copy with every ``auto`` replaced by what it means, and validated."""
-        for name in ("model", "likelihood", "elbo", "guide", "net", "binarize", "device", "amp", "lr_schedule",
-                     "activation", "likelihood_scale", "prior", "hierarchy", "scale_head", "init", "optimizer",
-                     "warmup_unit", "pseudo_inputs"):
-            choices = setting_choices(name)
-            if choices and getattr(self, name) not in choices:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
-                                 f"(got {getattr(self, name)!r})")
-        c = dataclasses.replace(self)
-        for f, tp in setting_fields():  # TrainConfig(...) from Python is typed as a settings file is
-            setattr(c, f.name, _checked(f.name, getattr(c, f.name), tp, None, "TrainConfig"))
-        if c.epochs is None:
-            c.epochs = DEFAULT_EPOCHS if c.time_limit is None else BUDGET_EPOCHS
-        if c.prior_init_epochs is None:
-            c.prior_init_epochs = min(10, c.epochs // 10)
-        if c.dataset in PREBINARIZED:  # already 0/1 samples: scored as they are, never resampled
-            c.binarize = "none"
-        elif c.binarize == "auto":
-            c.binarize = "dynamic" if c.likelihood == "bernoulli" else "none"
-        if c.lr is None:
-            linear_gaussian = c.model == "vae" and not c.hidden_dims and not c.lower_latent_dims \
-                and c.likelihood == "gaussian"
-            c.lr = LINEAR_GAUSSIAN_LR if linear_gaussian else DEFAULT_LR[c.model]
-        if c.prior_init == "auto":
-            from .priors import PRIORS
-
-            if c.prior in PRIORS:
-                c.prior_init = PRIORS[c.prior].inits[0]
-        c.validate()
-        return c
-
-    def check_used(self) -> None:
-        """Raise ``ValueError`` naming the first setting given that this configuration does not use
-        (:meth:`unused_settings`). Checked when a run starts, not when a stored run is loaded: a run
-        directory written before the rule loads as it is."""
-        unused = self.unused_settings()
-        if unused:
-            name, who = unused[0]
-            raise ValueError(f"--{name.replace('_', '-')} {_shown(getattr(self, name))} is not used here: it applies "
-                             f"to {who}; drop it")
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the flag and the fix for any impossible setting."""
-        from .priors import PRIORS  # the registry is the source of prior names
-
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-
-        for name in ("latent_dim", "epochs", "batch_size", "num_particles"):
-            value = getattr(self, name)
-            need(value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-        for name in ("hidden_dims", "lower_latent_dims", "layer_hidden_dims", "flow_hidden_dims"):
-            value = getattr(self, name)
-            need(all(h >= 1 for h in value), f"--{name.replace('_', '-')} must be positive sizes (got "
-                 f"{','.join(map(str, value))})")
-        if self.lower_latent_dims:
-            need(self.model == "vae", f"--lower-latent-dims applies to --model vae only (got --model {self.model})")
-        if self.hierarchy == "two-level":
-            need(len(self.lower_latent_dims) == 1, "--hierarchy two-level has two stochastic layers: give one "
-                 f"--lower-latent-dims size for z1 (got {','.join(map(str, self.lower_latent_dims)) or 'none'})")
-            need(self.guide == "gaussian", "--hierarchy two-level has Gaussian conditionals only: use --guide gaussian "
-                 "(or --hierarchy stack for flows)")
-            need(self.net != "conv", "--hierarchy two-level uses fully connected networks: use --net mlp or gated")
-        if self.time_limit is not None:
-            parse_duration(self.time_limit)
-        for name in ("free_bits", "weight_decay"):
-            value = getattr(self, name)
-            need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be 0 (off) or positive "
-                 f"(got {value})")
-        need(0 <= self.encoder_dropout < 1, f"--encoder-dropout must lie in [0, 1) (got {self.encoder_dropout})")
-        need(0 <= self.ema < 1, f"--ema must lie in [0, 1): a decay such as 0.999, or 0 for off (got {self.ema})")
-        if self.free_bits > 0:
-            need(self.model == "vae" and self.elbo == "trace",
-                 f"--free-bits floors the KL of --elbo trace for --model vae (got --model {self.model}, "
-                 f"--elbo {self.elbo})")
-        for f, _ in setting_fields():  # every number finite: --lr inf is no learning rate
-            value = getattr(self, f.name)
-            if isinstance(value, float):
-                need(math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
-        need(self.lr > 0, f"--lr must be positive (got {self.lr})")
-        need(0 <= self.seed < 2**63, f"--seed must lie in [0, 2^63) (got {self.seed})")
-        if self.name is not None:
-            bad = (not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name
-                   or Path(self.name).is_absolute() or self.name != self.name.strip())
-            need(not bad, f"--name {self.name!r} must be one folder name (no /, no .., not absolute): the run "
-                 "directory is --out/--name")
-        if self.lr_schedule == "cosine":  # (a constant rate has no minimum)
-            need(0 <= self.lr_min <= self.lr, f"--lr-min must lie in [0, --lr] (got {self.lr_min}, --lr {self.lr})")
-        need(self.clip_norm >= 0, f"--clip-norm must be 0 (off) or positive (got {self.clip_norm})")
-        for name in ("warmup_epochs", "patience", "prior_init_epochs", "tensorboard_images_every"):
-            value = getattr(self, name)
-            need(value >= 0, f"--{name.replace('_', '-')} must be 0 or more (got {value})")
-        need(self.prior in PRIORS, f"--prior must be one of {', '.join(PRIORS)} (got {self.prior!r})")
-        need(
-            self.prior_components >= 1,
-            f"--prior-components must be at least 1 (got {self.prior_components}): K is a number of mixture components",
-        )
-        allowed = PRIORS[self.prior].inits
-        need(
-            self.prior_init in allowed,
-            f"--prior-init {self.prior_init} does not apply to --prior {self.prior}: use {' or '.join(allowed)}",
-        )
-        need(
-            self.binarize in ("dynamic", "static", "none"),
-            f"--binarize must be dynamic, static, none or auto (got {self.binarize!r})",
-        )
-        if self.guide != "gaussian":
-            need(self.model == "vae", f"--guide {self.guide} applies to --model vae only (got --model {self.model})")
-            need(self.elbo != "meanfield", f"--elbo meanfield needs the closed-form KL of a Gaussian q(z|x); "
-                 f"--guide {self.guide} has none: use --elbo trace or iwae")
-            need(self.flow_steps >= 1, f"--flow-steps must be at least 1 (got {self.flow_steps})")
-            need(self.flow_context_dim >= 0, f"--flow-context-dim must be 0 or more (got {self.flow_context_dim})")
-            need(self.latent_dim >= 2, f"--guide {self.guide} needs --latent-dim 2 or more (got {self.latent_dim})")
-            need(bool(self.flow_hidden_dims) and min(self.flow_hidden_dims) >= self.latent_dim,
-                 f"--flow-hidden-dims must be sizes of at least --latent-dim {self.latent_dim} "
-                 f"(got {','.join(map(str, self.flow_hidden_dims)) or 'none'})")
-        if self.model in ("pca", "mixture"):
-            need(
-                self.elbo == "trace" and self.prior == "standard",
-                f"--model {self.model} has no latent code to put a prior on or an ELBO to choose: "
-                "drop --prior/--elbo",
-            )
-
-    # ------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for f, tp in setting_fields():
@@ -371,18 +256,7 @@ class TrainConfig:
         """Build from a mapping of settings (``config.json``, a ``--config`` file, a preset),
         checking every key, type and choice: bad input raises ``ValueError`` naming the key
         and ``source``. Missing keys take their defaults."""
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a table of settings (key = value), got {type(d).__name__}")
-        fields = dict((f.name, (f, tp)) for f, tp in setting_fields())
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(f"{source}: unknown setting {unknown_keys(unknown, fields)}: remove it (settings are "
-                             "listed by pyrovae train --help, with - for _)")
-        values = {}
-        for key, value in d.items():
-            f, tp = fields[key]
-            values[key] = _checked(key, value, tp, setting_choices(key), source)
-        return cls(**values)
+        return cls(**checked_settings(d, source))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
@@ -400,22 +274,187 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
         """A run's ``config.json``, every setting checked, resolved and validated."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {path.parent} a pyrovae run directory?")
-        config = cls.from_file(path)
-        try:
-            config.resolved()
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-        return config
+        return load_settings(cls, path)
+
+
+
+def checked_settings(d: dict, source: str = "config") -> dict:
+    """The settings of mapping ``d``, every key, type and choice checked (``ValueError`` naming the key and
+    ``source``)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a table of settings (key = value), got {type(d).__name__}")
+    fields = dict((f.name, (f, tp)) for f, tp in setting_fields())
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown setting {unknown_keys(unknown, fields)}: remove it (settings are "
+                         "listed by pyrovae train --help, with - for _)")
+    values = {}
+    for key, value in d.items():
+        f, tp = fields[key]
+        values[key] = _checked(key, value, tp, setting_choices(key), source)
+    return values
+
+
+def load_settings(cls, path: Path) -> TrainConfig:
+    """A run's ``config.json`` as ``cls``, every setting checked, resolved and validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a pyrovae run directory?")
+    config = cls.from_file(path)
+    try:
+        config.resolved()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
+
+
+def unused_settings(config: TrainConfig) -> list[tuple[str, str]]:
+    """The settings given (away from their defaults) that this configuration does not use, each with who
+    does use it: one rule (:data:`USED_BY`) for every setting, so that nothing given is silently ignored.
+    A value that resolution gives to an ``auto`` default counts as not given."""
+    out = []
+    for name, (uses, who) in USED_BY.items():
+        value = getattr(config, name)
+        value = tuple(value) if isinstance(value, list) else value
+        if value == _DEFAULTS[name] or value in _resolved_defaults(config, name) or uses(config):
+            continue
+        out.append((name, who))
+    return out
+
+
+def resolve_settings(config: TrainConfig) -> TrainConfig:
+    """Return a copy with every ``auto`` replaced by what it means, and validated."""
+    for name in ("model", "likelihood", "elbo", "guide", "net", "binarize", "device", "amp", "lr_schedule",
+                 "activation", "likelihood_scale", "prior", "hierarchy", "scale_head", "init", "optimizer",
+                 "warmup_unit", "pseudo_inputs"):
+        choices = setting_choices(name)
+        if choices and getattr(config, name) not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
+                             f"(got {getattr(config, name)!r})")
+    c = dataclasses.replace(config)
+    for f, tp in setting_fields():  # TrainConfig(...) from Python is typed as a settings file is
+        setattr(c, f.name, _checked(f.name, getattr(c, f.name), tp, None, "TrainConfig"))
+    if c.epochs is None:
+        c.epochs = DEFAULT_EPOCHS if c.time_limit is None else BUDGET_EPOCHS
+    if c.prior_init_epochs is None:
+        c.prior_init_epochs = min(10, c.epochs // 10)
+    if c.dataset in PREBINARIZED:  # already 0/1 samples: scored as they are, never resampled
+        c.binarize = "none"
+    elif c.binarize == "auto":
+        c.binarize = "dynamic" if c.likelihood == "bernoulli" else "none"
+    if c.lr is None:
+        linear_gaussian = c.model == "vae" and not c.hidden_dims and not c.lower_latent_dims \
+            and c.likelihood == "gaussian"
+        c.lr = LINEAR_GAUSSIAN_LR if linear_gaussian else DEFAULT_LR[c.model]
+    if c.prior_init == "auto":
+        from .priors import PRIORS
+
+        if c.prior in PRIORS:
+            c.prior_init = PRIORS[c.prior].inits[0]
+    validate_settings(c)
+    return c
+
+
+def check_used(config: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the first setting given that this configuration does not use
+    (:func:`unused_settings`). Checked when a run starts, not when a stored run is loaded: a run
+    directory written before the rule loads as it is."""
+    unused = unused_settings(config)
+    if unused:
+        name, who = unused[0]
+        raise ValueError(f"--{name.replace('_', '-')} {_shown(getattr(config, name))} is not used here: it applies "
+                         f"to {who}; drop it")
+
+
+def validate_settings(config: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the flag and the fix for any impossible setting."""
+    from .priors import PRIORS  # the registry is the source of prior names
+
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    for name in ("latent_dim", "epochs", "batch_size", "num_particles"):
+        value = getattr(config, name)
+        need(value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    for name in ("hidden_dims", "lower_latent_dims", "layer_hidden_dims", "flow_hidden_dims"):
+        value = getattr(config, name)
+        need(all(h >= 1 for h in value), f"--{name.replace('_', '-')} must be positive sizes (got "
+             f"{','.join(map(str, value))})")
+    if config.lower_latent_dims:
+        need(config.model == "vae", f"--lower-latent-dims applies to --model vae only (got --model {config.model})")
+    if config.hierarchy == "two-level":
+        need(len(config.lower_latent_dims) == 1, "--hierarchy two-level has two stochastic layers: give one "
+             f"--lower-latent-dims size for z1 (got {','.join(map(str, config.lower_latent_dims)) or 'none'})")
+        need(config.guide == "gaussian", "--hierarchy two-level has Gaussian conditionals only: use --guide gaussian "
+             "(or --hierarchy stack for flows)")
+        need(config.net != "conv", "--hierarchy two-level uses fully connected networks: use --net mlp or gated")
+    if config.time_limit is not None:
+        parse_duration(config.time_limit)
+    for name in ("free_bits", "weight_decay"):
+        value = getattr(config, name)
+        need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be 0 (off) or positive "
+             f"(got {value})")
+    need(0 <= config.encoder_dropout < 1, f"--encoder-dropout must lie in [0, 1) (got {config.encoder_dropout})")
+    need(0 <= config.ema < 1, f"--ema must lie in [0, 1): a decay such as 0.999, or 0 for off (got {config.ema})")
+    if config.free_bits > 0:
+        need(config.model == "vae" and config.elbo == "trace",
+             f"--free-bits floors the KL of --elbo trace for --model vae (got --model {config.model}, "
+             f"--elbo {config.elbo})")
+    for f, _ in setting_fields():  # every number finite: --lr inf is no learning rate
+        value = getattr(config, f.name)
+        if isinstance(value, float):
+            need(math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
+    need(config.lr > 0, f"--lr must be positive (got {config.lr})")
+    need(0 <= config.seed < 2**63, f"--seed must lie in [0, 2^63) (got {config.seed})")
+    if config.name is not None:
+        bad = (not config.name or config.name in (".", "..") or "/" in config.name or "\\" in config.name
+               or Path(config.name).is_absolute() or config.name != config.name.strip())
+        need(not bad, f"--name {config.name!r} must be one folder name (no /, no .., not absolute): the run "
+             "directory is --out/--name")
+    if config.lr_schedule == "cosine":  # (a constant rate has no minimum)
+        need(0 <= config.lr_min <= config.lr, f"--lr-min must lie in [0, --lr] (got {config.lr_min}, --lr {config.lr})")
+    need(config.clip_norm >= 0, f"--clip-norm must be 0 (off) or positive (got {config.clip_norm})")
+    for name in ("warmup_epochs", "patience", "prior_init_epochs", "tensorboard_images_every"):
+        value = getattr(config, name)
+        need(value >= 0, f"--{name.replace('_', '-')} must be 0 or more (got {value})")
+    need(config.prior in PRIORS, f"--prior must be one of {', '.join(PRIORS)} (got {config.prior!r})")
+    need(
+        config.prior_components >= 1,
+        f"--prior-components must be at least 1 (got {config.prior_components}): K is a number of mixture components",
+    )
+    allowed = PRIORS[config.prior].inits
+    need(
+        config.prior_init in allowed,
+        f"--prior-init {config.prior_init} does not apply to --prior {config.prior}: use {' or '.join(allowed)}",
+    )
+    need(
+        config.binarize in ("dynamic", "static", "none"),
+        f"--binarize must be dynamic, static, none or auto (got {config.binarize!r})",
+    )
+    if config.guide != "gaussian":
+        need(config.model == "vae", f"--guide {config.guide} applies to --model vae only (got --model {config.model})")
+        need(config.elbo != "meanfield", f"--elbo meanfield needs the closed-form KL of a Gaussian q(z|x); "
+             f"--guide {config.guide} has none: use --elbo trace or iwae")
+        need(config.flow_steps >= 1, f"--flow-steps must be at least 1 (got {config.flow_steps})")
+        need(config.flow_context_dim >= 0, f"--flow-context-dim must be 0 or more (got {config.flow_context_dim})")
+        need(config.latent_dim >= 2, f"--guide {config.guide} needs --latent-dim 2 or more (got {config.latent_dim})")
+        need(bool(config.flow_hidden_dims) and min(config.flow_hidden_dims) >= config.latent_dim,
+             f"--flow-hidden-dims must be sizes of at least --latent-dim {config.latent_dim} "
+             f"(got {','.join(map(str, config.flow_hidden_dims)) or 'none'})")
+    if config.model in ("pca", "mixture"):
+        need(
+            config.elbo == "trace" and config.prior == "standard",
+            f"--model {config.model} has no latent code to put a prior on or an ELBO to choose: "
+            "drop --prior/--elbo",
+        )
 
 
 def used_only(settings: dict) -> dict:
     """``settings`` (a mapping of TrainConfig keys) without the keys its configuration would not use
-    (:meth:`TrainConfig.unused_settings`): for studies whose shared settings (such as small flow networks in a
+    (:func:`unused_settings`): for studies whose shared settings (such as small flow networks in a
     quick mode) apply to some of their rows only."""
-    unused = {name for name, _ in TrainConfig.from_dict(dict(settings), source="settings").unused_settings()}
+    unused = {name for name, _ in unused_settings(TrainConfig.from_dict(dict(settings), source="settings"))}
     return {k: v for k, v in settings.items() if k not in unused}
 
 
@@ -431,7 +470,7 @@ def _with_prior(c, *priors) -> bool:
     return c.model == "vae" and c.prior in priors
 
 
-#: setting -> (whether a configuration uses it, who uses it): read by :meth:`TrainConfig.unused_settings`
+#: setting -> (whether a configuration uses it, who uses it): read by :func:`unused_settings`
 USED_BY: dict[str, tuple] = {
     "prior": (_vae, "--model vae (the other kinds have no prior: ae drops it, pca and mixture have no code to put "
                     "it on)"),
@@ -469,7 +508,7 @@ USED_BY: dict[str, tuple] = {
     "label_column": (lambda c: str(c.dataset).lower().endswith(".csv"), "a .csv dataset"),
 }
 
-#: every setting's default, for :meth:`TrainConfig.unused_settings`
+#: every setting's default, for :func:`unused_settings`
 _DEFAULTS: dict = {}
 
 

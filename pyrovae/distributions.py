@@ -58,11 +58,11 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return _Softplus.apply(x)
 
 
-#: terms more than this many nats below the largest are raised to it before ``exp`` (see :func:`_logsumexp`)
+#: terms more than this many nats below the largest are raised to it before ``exp`` (see :func:`logsumexp_in`)
 _LSE_FLOOR = -80.0
 
 
-def _logsumexp(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def logsumexp_in(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     r""":math:`\log \sum_k e^{a_k}` over the last dimension, as ``torch.logsumexp`` up to a
     relative error below :math:`K e^{-80}`, with the exponentials in ``dtype`` (float32 where
     only the products needed float64: the sum's rounding is then that of a float32 result):
@@ -154,6 +154,12 @@ class DiagonalGaussianMixture(dist.TorchDistribution):
                  + self.logits.to(dtype).log_softmax(-1))
         return centre, torch.cat([a, -0.5 * prec], -1).T, const
 
+    @property
+    def products_dtype(self) -> torch.dtype:
+        """The dtype :meth:`log_joint` computes its products in: the components' own, or float64 where
+        float32 would lose more than :data:`FLOAT32_ERROR_BUDGET` nats (always float64 on a GPU)."""
+        return self._factors[1].dtype
+
     def log_joint(self, z: torch.Tensor) -> torch.Tensor:
         r""":math:`\log \pi_k + \log \mathcal{N}(z; \mu_k, \sigma_k^2)` for every component, shape ``(..., K)``."""
         centre, w, const = self._factors
@@ -164,7 +170,7 @@ class DiagonalGaussianMixture(dist.TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return _logsumexp(self.log_joint(value), value.dtype)
+        return logsumexp_in(self.log_joint(value), value.dtype)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():

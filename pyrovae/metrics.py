@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyro.distributions as dist
 import torch
 
 from .config import ESTIMATORS, unknown_keys, whole
@@ -33,24 +32,6 @@ def _se(v: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _exact_terms(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    r"""Per-example ``log_px``, ``recon``, ``kl`` of the finite mixture, exactly:
-    :math:`\log p(x)`, :math:`\mathbb{E}_{p(m|x)} \log p(x|m)` and
-    :math:`\mathrm{KL}(p(m|x) \,\|\, p(m))`, so that ``log_px = recon - kl``."""
-    out = {"log_px": [], "recon": [], "kl": []}
-    comps = model.components()
-    prior = dist.Categorical(logits=model.logits)
-    for x in images.split(max(1, 2**16 // max(1, model.num_components))):
-        log_lik = comps.log_prob(x.unsqueeze(-2))  # (B, K)
-        log_r = model.log_responsibilities(x)
-        posterior = dist.Categorical(logits=log_r)
-        out["log_px"].append(model.exact_marginal().log_prob(x))
-        out["recon"].append((log_r.exp() * log_lik).sum(-1))
-        out["kl"].append(torch.distributions.kl_divergence(posterior, prior))
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-@torch.no_grad()
 def split_scores(model, images: torch.Tensor, num_samples: int = 1) -> dict[str, float | None]:
     r"""Mean per-example ``elbo``, ``recon`` and ``kl`` (nats) of ``images``.
 
@@ -58,7 +39,6 @@ def split_scores(model, images: torch.Tensor, num_samples: int = 1) -> dict[str,
     q), :math:`\log p(x|m(x))` (autoencoder), :math:`\log p(x)` exactly (finite mixture, whose
     posterior is exact) and the PPCA density (PCA on grey data; ``None`` otherwise).
     """
-    kind = model.kind
     was_training = model.training
     model.eval()
     try:
@@ -68,16 +48,9 @@ def split_scores(model, images: torch.Tensor, num_samples: int = 1) -> dict[str,
             est = estimate_log_px(model, images, num_samples, diagnostics=False,
                                   batch_size=max(1, _SCORE_PAIRS // num_samples))
             return {"elbo": _mean(est.elbo), "recon": _mean(est.recon), "kl": _mean(est.kl)}
-        if kind == "mixture":
-            t = _exact_terms(model, images)
-            return {"elbo": _mean(t["log_px"]), "recon": _mean(t["recon"]), "kl": _mean(t["kl"])}
-        if kind == "ae":
-            with isolated_params():
-                recon = torch.cat([model.likelihood(model.decoder(model.encode(x))).log_prob(x)
-                                   for x in images.split(4096)])
-            return {"elbo": _mean(recon), "recon": _mean(recon), "kl": None}
-        marginal = model.exact_marginal()
-        return {"elbo": _mean(marginal.log_prob(images)) if marginal is not None else None, "recon": None, "kl": None}
+        with isolated_params():
+            terms = model.score_terms(images)
+        return {k: _mean(v) if v is not None else None for k, v in terms.items()}
     finally:
         model.train(was_training)
 
@@ -100,12 +73,9 @@ def responsibilities(model, images: torch.Tensor) -> torch.Tensor | None:
     posterior, or a mixture prior's :math:`p(k \mid z = m(x))` at the code of x. ``None``
     for a single-component prior."""
     with isolated_params():
-        if model.kind == "mixture":
-            return torch.cat([model.log_responsibilities(x).exp() for x in images.split(1024)])
-        prior = getattr(model, "prior", None)
-        if prior is None or prior.num_components < 2:
+        if model.mixture_size() < 2:
             return None
-        return torch.cat([prior.log_responsibilities(model.encode(x)).exp() for x in images.split(1024)])
+        return torch.cat([model.log_responsibilities(x).exp() for x in images.split(1024)])
 
 
 def component_usage(resp: torch.Tensor, threshold: float = 0.01) -> dict:
@@ -255,6 +225,23 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
     ``elbo``, ``kl`` (and the estimator's diagnostics), for paired comparisons between models.
     ``shard = (rank, world)``: inside a ``torch.distributed`` group, each process scores its
     share of the examples; rank 0 gathers them and returns the report, the others ``None``.
+
+    Examples
+    --------
+    An untrained model (its numbers mean nothing) on five binarised test images:
+
+    >>> from pyrovae import TrainConfig, build_model, estimate_log_px, evaluate, load_dataset
+    >>> from pyrovae.data import static_binarized
+    >>> model = build_model(TrainConfig(hidden_dims=(32,), latent_dim=2), data_dim=784)
+    >>> x = static_binarized(load_dataset("mnist5k", "test")).images[:5]
+    >>> report = evaluate(model, x, num_samples=100, seed=0)
+    >>> report["num_examples"], report["num_samples"], report["estimator"]
+    (5, 100, 'is')
+    >>> {"elbo", "iwae", "log_px", "log_px_se", "kl", "recon", "pareto_k", "active_units"} <= set(report)
+    True
+    >>> est = estimate_log_px(model, x, num_samples=100, seed=0)  # the same seed: the same estimate
+    >>> abs(report["log_px"] - float(est.log_px.mean())) < 1e-9
+    True
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {estimator!r})")
@@ -333,11 +320,12 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
                 return None
             scores = split_scores(model, images)
             report.update({k: v for k, v in scores.items() if v is not None})
-            if model.kind == "mixture":
+            if model.enumerated:  # its bound is log p(x) itself
                 report["log_px"] = report["elbo"]
                 if per_example:
-                    t = _exact_terms(model, images)
-                    report["per_example"] = {"log_px": t["log_px"].tolist(), "elbo": t["log_px"].tolist(),
+                    with isolated_params():
+                        t = model.score_terms(images)
+                    report["per_example"] = {"log_px": t["elbo"].tolist(), "elbo": t["elbo"].tolist(),
                                              "kl": t["kl"].tolist()}
         marginal = model.exact_marginal()
         if marginal is not None:

@@ -29,11 +29,12 @@ from torch import nn
 from .config import MODELS
 from .distributions import BernoulliImages
 from .flows import InverseAutoregressiveFlow
-from .likelihoods import GaussianLikelihood, build_likelihood
+from .likelihoods import BernoulliLikelihood, GaussianLikelihood, build_likelihood
 from .nets import Decoder, Encoder, JointNet, he_init_, log_scale_from
 from .priors import Prior, build_prior
 
-__all__ = ["VAE", "TwoLevelVAE", "Autoencoder", "PCAModel", "MixtureModel", "MODEL_KINDS", "build_model"]
+__all__ = ["ModelKind", "VAE", "linear_gaussian_marginal", "TwoLevelVAE", "Autoencoder", "PCAModel", "MixtureModel",
+           "MODEL_KINDS", "build_model"]
 
 
 class _MeanPath(nn.Module):
@@ -57,7 +58,56 @@ class _MeanPath(nn.Module):
         return self._layers[-1][0](h)
 
 
-class VAE(nn.Module):
+class ModelKind:
+    r"""What the rest of pyrovae asks of a model kind: the protocol every class in
+    :data:`MODEL_KINDS` follows, so that training, the estimators, the pictures and the command line
+    never test a kind's name. A new kind subclasses ``nn.Module`` and this class, sets the flags,
+    implements the methods its flags promise, and joins :data:`MODEL_KINDS` (its ``kind`` is the
+    value of ``--model``, named once in :data:`pyrovae.config.MODELS`).
+
+    Every kind has ``encode`` (images to codes), ``decode`` (codes to pixel means),
+    ``sample_codes`` (n codes from its generative distribution), ``exact_marginal`` (p(x) in
+    closed form, or ``None``) and the classmethod ``from_config``.
+    """
+
+    #: the value of ``--model`` that builds this kind
+    kind: str = ""
+    #: q(z|x) is a density: the ELBO, importance sampling, AIS, quadrature and active units apply
+    has_posterior = False
+    #: trained by SVI over epochs; ``False``: fitted in closed form when built (PCA), one pass
+    trains_by_svi = True
+    #: its discrete latent is summed out exactly (``TraceEnum_ELBO``), so its loss is -log p(x) itself
+    enumerated = False
+    #: a continuous code, to interpolate along and to plot
+    has_code = True
+
+    @property
+    def takes_binary(self) -> bool:
+        """Whether its likelihood takes only 0/1 pixels (Bernoulli)."""
+        return isinstance(getattr(self, "likelihood", None), BernoulliLikelihood)
+
+    def score_terms(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Per-example ``elbo``, ``recon`` and ``kl`` (nats) of a kind without a posterior density,
+        each ``(N,)`` or ``None``: the bound it optimises, computed without sampling. (A kind
+        with ``has_posterior`` is scored by importance sampling instead.)"""
+        raise NotImplementedError(f"a {self.kind} model is scored by importance sampling")
+
+    def mixture_size(self) -> int:
+        """How many components its mixture has (its code prior's, or its own); 0 without one."""
+        return 0
+
+    def log_responsibilities(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(k \mid x)` over its mixture's components, ``(B, K)`` (kinds with
+        :meth:`mixture_size` > 0)."""
+        raise ValueError(f"a {self.kind} model has no mixture")
+
+    def samples_by_component(self, per_component: int, max_components: int) -> tuple[torch.Tensor, list[int]]:
+        """``per_component`` draws of each of its heaviest ``max_components`` components, decoded to
+        pixel means, one component after another; and the components' indices."""
+        raise ValueError(f"a {self.kind} model has no prior with components; drop --by-component")
+
+
+class VAE(ModelKind, nn.Module):
     r"""Variational autoencoder (Kingma & Welling 2013) as a Pyro ``model``/``guide`` pair.
 
     .. math::
@@ -86,6 +136,25 @@ class VAE(nn.Module):
 
     each conditional a diagonal Gaussian (with ``--guide iaf``, each through its own flow), every
     site inside the data plate, so the ELBOs, the estimators and active units read them all.
+
+    Examples
+    --------
+    :func:`build_model` builds one from a :class:`~pyrovae.config.TrainConfig`; Pyro's poutine
+    traces the guide and replays the model against it, as every ELBO does:
+
+    >>> import torch
+    >>> from pyro import poutine
+    >>> from pyrovae import TrainConfig, VAE, build_model
+    >>> model = build_model(TrainConfig(hidden_dims=(32,), latent_dim=2), data_dim=784)
+    >>> isinstance(model, VAE)
+    True
+    >>> x = torch.bernoulli(torch.full((3, 784), 0.2))  # three binary "images"
+    >>> guide = poutine.trace(model.guide).get_trace(x)
+    >>> guide.nodes["z"]["value"].shape  # z ~ q(z|x): one 2-D code per image
+    torch.Size([3, 2])
+    >>> joint = poutine.trace(poutine.replay(model.model, trace=guide)).get_trace(x)
+    >>> joint.nodes["x"]["is_observed"], joint.nodes["x"]["fn"].log_prob(x).shape
+    (True, torch.Size([3]))
     """
 
     kind = "vae"
@@ -187,33 +256,27 @@ class VAE(nn.Module):
         """n codes from the model's generative distribution over z (here the prior)."""
         return self.prior.dist().sample((n,))
 
+    def mixture_size(self) -> int:
+        return self.prior.num_components if self.has_posterior and self.prior.is_mixture else 0
+
+    def log_responsibilities(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(k \mid z = m(x))`: the prior's responsibilities at the code of x."""
+        return self.prior.log_responsibilities(self.encode(x))
+
+    def samples_by_component(self, per_component: int, max_components: int) -> tuple[torch.Tensor, list[int]]:
+        r"""Codes :math:`z \sim \mathcal{N}(\mu_k, \mathrm{diag}\,\sigma_k^2)` of the prior's heaviest
+        components, decoded."""
+        if self.mixture_size() == 0:
+            return super().samples_by_component(per_component, max_components)
+        logits, loc, scale = self.prior.mixture()
+        order = logits.argsort(descending=True)[:max_components]
+        eps = torch.randn(len(order), per_component, loc.shape[1], device=loc.device)
+        z = loc[order, None, :] + scale[order, None, :] * eps  # (k, per, D)
+        return self.decode(z.reshape(-1, loc.shape[1])), order.tolist()
+
     def exact_marginal(self) -> dist.TorchDistribution | None:
-        r"""p(x) in closed form where it exists, else ``None``.
-
-        With linear encoder/decoder maps and a Gaussian likelihood, the decoder is
-        :math:`x = Wz + b + \epsilon`, :math:`\epsilon \sim \mathcal{N}(0, \mathrm{diag}\,\sigma_x^2)`,
-        and every prior here is a Gaussian mixture, so
-
-        .. math:: p(x) = \sum_k \pi_k\, \mathcal{N}(x;\, W\mu_k + b,\; W \Sigma_k W^\top + \mathrm{diag}\,\sigma_x^2)
-
-        (probabilistic PCA for the standard prior; Tipping & Bishop 1999). Built as a
-        ``LowRankMultivariateNormal`` (mixture), so its ``log_prob`` costs O(D d^2).
-        """
-        if (not self.decoder.is_linear or len(self.sites) > 1 or not isinstance(self.likelihood, GaussianLikelihood)
-                or not self.prior.is_mixture):
-            return None
-        maps = self.decoder.linear_maps
-        W, b = maps[0].weight, maps[0].bias  # (D, d), (D,)
-        logits, loc, scale = self.prior.mixture()  # (K,), (K, d), (K, d)
-        sigma_x = self.likelihood.scale.expand(b.shape)
-        components = dist.LowRankMultivariateNormal(
-            loc=loc @ W.T + b,  # (K, D)
-            cov_factor=W.unsqueeze(0) * scale.unsqueeze(1),  # (K, D, d)
-            cov_diag=(sigma_x**2).expand(loc.shape[0], -1),
-        )
-        if logits.shape[0] == 1:
-            return dist.LowRankMultivariateNormal(components.loc[0], components.cov_factor[0], components.cov_diag[0])
-        return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+        """p(x) in closed form where it exists (:func:`linear_gaussian_marginal`), else ``None``."""
+        return linear_gaussian_marginal(self)
 
     @classmethod
     def from_config(cls, config, *, data_dim: int, train_images: torch.Tensor | None = None,
@@ -221,33 +284,68 @@ class VAE(nn.Module):
         if config.hierarchy == "two-level" and cls is VAE:
             return TwoLevelVAE.from_config(config, data_dim=data_dim, train_images=train_images,
                                            image_shape=image_shape)
-        iaf = config.guide == "iaf"
-        context_dim = config.flow_context_dim if iaf else 0
-        dims = [*config.lower_latent_dims, config.latent_dim]  # bottom up
-        net = config.net
-        dropout = config.encoder_dropout
+        return cls(*vae_parts(config, data_dim, train_images, image_shape))
 
-        def flow(dim):
-            return InverseAutoregressiveFlow(dim, context_dim, config.flow_steps, config.flow_hidden_dims)
 
-        head = config.scale_head
-        encoder = Encoder(data_dim, config.hidden_dims, dims[0], config.activation, context_dim, net, image_shape,
-                          dropout, head)
-        decoder = Decoder(dims[0], config.hidden_dims, data_dim, config.activation, net, image_shape)
-        hidden = config.layer_hidden_dims
-        upper_net = "gated" if net == "gated" else "mlp"
-        upper_encoders = nn.ModuleList([Encoder(a, hidden, b, config.activation, context_dim, upper_net,
-                                                dropout=dropout, scale_head=head) for a, b in zip(dims[:-1], dims[1:])])
-        upper_decoders = nn.ModuleList([Encoder(b, hidden, a, config.activation, net=upper_net, scale_head=head)
-                                        for a, b in zip(dims[:-1], dims[1:])])
-        upper_flows = nn.ModuleList([flow(b) for b in dims[1:]]) if iaf and len(dims) > 1 else None
-        bottom_flow = flow(dims[0]) if iaf else None
-        top = encoder if len(dims) == 1 else _MeanPath(
-            [(encoder, bottom_flow)] + [(e, upper_flows[i] if upper_flows is not None else None)
-                                        for i, e in enumerate(upper_encoders)])
-        prior = build_prior(config, latent_dim=config.latent_dim, encoder=top, train_images=train_images)
-        likelihood = build_likelihood(config.likelihood, data_dim, config.likelihood_scale)
-        return cls(encoder, decoder, prior, likelihood, bottom_flow, upper_encoders, upper_decoders, upper_flows)
+def vae_parts(config, data_dim: int, train_images: torch.Tensor | None, image_shape: tuple[int, int] | None) -> tuple:
+    """The arguments of :class:`VAE` for ``config``: encoder, decoder, prior, likelihood, the bottom flow, and the
+    upper layers' encoders, decoders and flows (``--lower-latent-dims``)."""
+    iaf = config.guide == "iaf"
+    context_dim = config.flow_context_dim if iaf else 0
+    dims = [*config.lower_latent_dims, config.latent_dim]  # bottom up
+    net = config.net
+    dropout = config.encoder_dropout
+
+    def flow(dim):
+        return InverseAutoregressiveFlow(dim, context_dim, config.flow_steps, config.flow_hidden_dims)
+
+    head = config.scale_head
+    encoder = Encoder(data_dim, config.hidden_dims, dims[0], config.activation, context_dim, net, image_shape,
+                      dropout, head)
+    decoder = Decoder(dims[0], config.hidden_dims, data_dim, config.activation, net, image_shape)
+    hidden = config.layer_hidden_dims
+    upper_net = "gated" if net == "gated" else "mlp"
+    upper_encoders = nn.ModuleList([Encoder(a, hidden, b, config.activation, context_dim, upper_net,
+                                            dropout=dropout, scale_head=head) for a, b in zip(dims[:-1], dims[1:])])
+    upper_decoders = nn.ModuleList([Encoder(b, hidden, a, config.activation, net=upper_net, scale_head=head)
+                                    for a, b in zip(dims[:-1], dims[1:])])
+    upper_flows = nn.ModuleList([flow(b) for b in dims[1:]]) if iaf and len(dims) > 1 else None
+    bottom_flow = flow(dims[0]) if iaf else None
+    top = encoder if len(dims) == 1 else _MeanPath(
+        [(encoder, bottom_flow)] + [(e, upper_flows[i] if upper_flows is not None else None)
+                                    for i, e in enumerate(upper_encoders)])
+    prior = build_prior(config, latent_dim=config.latent_dim, encoder=top, train_images=train_images)
+    likelihood = build_likelihood(config.likelihood, data_dim, config.likelihood_scale)
+    return encoder, decoder, prior, likelihood, bottom_flow, upper_encoders, upper_decoders, upper_flows
+
+
+def linear_gaussian_marginal(vae: VAE) -> dist.TorchDistribution | None:
+    r"""p(x) in closed form where it exists, else ``None``.
+
+    With linear encoder/decoder maps and a Gaussian likelihood, the decoder is
+    :math:`x = Wz + b + \epsilon`, :math:`\epsilon \sim \mathcal{N}(0, \mathrm{diag}\,\sigma_x^2)`,
+    and every prior here is a Gaussian mixture, so
+
+    .. math:: p(x) = \sum_k \pi_k\, \mathcal{N}(x;\, W\mu_k + b,\; W \Sigma_k W^\top + \mathrm{diag}\,\sigma_x^2)
+
+    (probabilistic PCA for the standard prior; Tipping & Bishop 1999). Built as a
+    ``LowRankMultivariateNormal`` (mixture), so its ``log_prob`` costs O(D d^2).
+    """
+    if (not vae.decoder.is_linear or len(vae.sites) > 1 or not isinstance(vae.likelihood, GaussianLikelihood)
+            or not vae.prior.is_mixture):
+        return None
+    maps = vae.decoder.linear_maps
+    W, b = maps[0].weight, maps[0].bias  # (D, d), (D,)
+    logits, loc, scale = vae.prior.mixture()  # (K,), (K, d), (K, d)
+    sigma_x = vae.likelihood.scale.expand(b.shape)
+    components = dist.LowRankMultivariateNormal(
+        loc=loc @ W.T + b,  # (K, D)
+        cov_factor=W.unsqueeze(0) * scale.unsqueeze(1),  # (K, D, d)
+        cov_diag=(sigma_x**2).expand(loc.shape[0], -1),
+    )
+    if logits.shape[0] == 1:
+        return dist.LowRankMultivariateNormal(components.loc[0], components.cov_factor[0], components.cov_diag[0])
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
 class TwoLevelVAE(VAE):
@@ -373,6 +471,11 @@ class Autoencoder(VAE):
     def sample_codes(self, n):
         return dist.MultivariateNormal(self.code_loc, scale_tril=self.code_scale_tril).sample((n,))
 
+    def score_terms(self, images):
+        r"""The reconstruction term :math:`\log p(x \mid m(x))`, its whole objective (no KL)."""
+        recon = torch.cat([self.likelihood(self.decoder(self.encode(x))).log_prob(x) for x in images.split(4096)])
+        return {"elbo": recon, "recon": recon, "kl": None}
+
     @torch.no_grad()
     def fit_code_distribution(self, images: torch.Tensor) -> None:
         """Fit N(mean, cov) to the codes of ``images`` (the training split)."""
@@ -384,7 +487,7 @@ class Autoencoder(VAE):
         self.code_scale_tril.copy_(torch.linalg.cholesky(cov))
 
 
-class PCAModel(nn.Module):
+class PCAModel(ModelKind, nn.Module):
     r"""PCA (scikit-learn) as a linear autoencoder: code :math:`c = V(x - \bar{x})`,
     reconstruction :math:`\hat{x} = V^\top c + \bar{x}`.
 
@@ -395,7 +498,7 @@ class PCAModel(nn.Module):
     """
 
     kind = "pca"
-    has_posterior = False
+    trains_by_svi = False
 
     def __init__(self, latent_dim: int, data_dim: int, gaussian: bool = True):
         super().__init__()
@@ -436,6 +539,15 @@ class PCAModel(nn.Module):
     def sample_codes(self, n):
         return torch.randn(n, self.latent_dim, device=self.mean.device) * self.explained_variance.sqrt()
 
+    @property
+    def takes_binary(self) -> bool:
+        return False
+
+    def score_terms(self, images):
+        """The PPCA log-density as ``elbo`` (exact; grey data only, else ``None``)."""
+        marginal = self.exact_marginal()
+        return {"elbo": marginal.log_prob(images) if marginal is not None else None, "recon": None, "kl": None}
+
     def exact_marginal(self):
         if not self.gaussian:
             return None
@@ -449,7 +561,7 @@ class PCAModel(nn.Module):
         return model if train_images is None else model.fit(train_images, seed=config.seed)
 
 
-class MixtureModel(nn.Module):
+class MixtureModel(ModelKind, nn.Module):
     r"""The finite mixture the notes start from (NOTES.md section 3):
 
     .. math:: P(x) = \sum_{m=1}^{K} P(m)\, P(x \mid m), \qquad m \sim \mathrm{Categorical}(\mathrm{softmax}\,\alpha)
@@ -463,7 +575,8 @@ class MixtureModel(nn.Module):
     """
 
     kind = "mixture"
-    has_posterior = False
+    enumerated = True
+    has_code = False
 
     def __init__(self, num_components: int, data_dim: int, likelihood: nn.Module,
                  init_images: torch.Tensor | None = None, seed: int = 0):
@@ -516,6 +629,33 @@ class MixtureModel(nn.Module):
         r""":math:`\log P(m | x)`, shape ``(B, K)``."""
         log_joint = self.components().log_prob(x.unsqueeze(-2)) + self.logits.log_softmax(-1)
         return log_joint - log_joint.logsumexp(-1, keepdim=True)
+
+    @property
+    def takes_binary(self) -> bool:
+        return not isinstance(self.likelihood, GaussianLikelihood)
+
+    def mixture_size(self) -> int:
+        return self.num_components
+
+    def score_terms(self, images):
+        r"""Exactly: ``elbo`` = :math:`\log P(x)`, ``recon`` = :math:`\mathbb{E}_{P(m|x)} \log P(x|m)`
+        and ``kl`` = :math:`\mathrm{KL}(P(m|x) \,\|\, P(m))`, so that ``elbo = recon - kl``."""
+        out = {"elbo": [], "recon": [], "kl": []}
+        comps, marginal = self.components(), self.exact_marginal()
+        prior = dist.Categorical(logits=self.logits)
+        for x in images.split(max(1, 2**16 // max(1, self.num_components))):
+            log_lik = comps.log_prob(x.unsqueeze(-2))  # (B, K)
+            log_r = self.log_responsibilities(x)
+            out["elbo"].append(marginal.log_prob(x))
+            out["recon"].append((log_r.exp() * log_lik).sum(-1))
+            out["kl"].append(torch.distributions.kl_divergence(dist.Categorical(logits=log_r), prior))
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    def samples_by_component(self, per_component: int, max_components: int) -> tuple[torch.Tensor, list[int]]:
+        """Draws of each heaviest component's pixel distribution."""
+        order = self.logits.argsort(descending=True)[:max_components]
+        comp = self.likelihood(self.params[order])
+        return comp.sample((per_component,)).transpose(0, 1).reshape(-1, self.params.shape[1]), order.tolist()
 
     def encode(self, x):
         """The most probable component of each x, shape ``(B,)``."""
@@ -581,7 +721,20 @@ def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = No
                 image_shape: tuple[int, int] | None = None) -> nn.Module:
     """The model named by ``config.model``; ``train_images=None`` builds shapes only (for loading).
     ``image_shape`` (H, W) is what convolutional networks need (default: square images of
-    ``data_dim`` pixels, when ``data_dim`` is a square)."""
+    ``data_dim`` pixels, when ``data_dim`` is a square).
+
+    Examples
+    --------
+    >>> from pyrovae import TrainConfig, build_model
+    >>> model = build_model(TrainConfig(hidden_dims=(32,), latent_dim=2), data_dim=784)
+    >>> type(model).__name__, model.latent_dim, type(model.prior).__name__
+    ('VAE', 2, 'StandardNormalPrior')
+    >>> vamp = build_model(TrainConfig(prior="vamp", prior_components=10), data_dim=784)
+    >>> type(vamp.prior).__name__
+    'VampPrior'
+    >>> sum(p.numel() for p in model.parameters()) > 0
+    True
+    """
     from .config import TrainConfig, whole
 
     if not isinstance(config, TrainConfig):

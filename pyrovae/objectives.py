@@ -86,11 +86,14 @@ class _Recorded:
 
 
 class RecordedTraceELBO(_Recorded, Trace_ELBO):
-    pass
+    """Pyro's ``Trace_ELBO`` (``--elbo trace``: the KL estimated by sampling) that also records, at
+    every step, the reconstruction term and the KL of the traces it differentiates, detached and
+    unscaled by KL warm-up; ``pop_terms()`` returns their sums since its last call."""
 
 
 class RecordedMeanFieldELBO(_Recorded, TraceMeanField_ELBO):
-    pass
+    """Pyro's ``TraceMeanField_ELBO`` (``--elbo meanfield``: the closed-form KL where one exists),
+    recording the same terms as :class:`RecordedTraceELBO`."""
 
 
 class RecordedFreeBitsELBO(_Recorded, Trace_ELBO):
@@ -139,6 +142,9 @@ def _base_log_prob(fn, value):
 
 
 class RecordedIWAE(_Recorded, RenyiELBO):
+    """Pyro's ``RenyiELBO`` at ``alpha = 0`` (``--elbo iwae``): the importance-weighted bound with
+    ``num_particles`` samples, recording the same terms as :class:`RecordedTraceELBO`."""
+
     def __init__(self, num_particles: int, **kwargs):
         super().__init__(alpha=0.0, num_particles=num_particles, **kwargs)
 
@@ -148,8 +154,11 @@ _ELBOS = dict(zip(ELBOS, (RecordedTraceELBO, RecordedMeanFieldELBO, RecordedIWAE
 
 
 def build_elbo(config):
-    """The Pyro ELBO object named by ``config.elbo`` (``TraceEnum_ELBO`` for the finite mixture)."""
-    if config.model == "mixture":
+    """The Pyro ELBO object named by ``config.elbo`` (``TraceEnum_ELBO`` for a kind whose discrete
+    latent is summed out, :attr:`~pyrovae.model.ModelKind.enumerated`)."""
+    from .model import MODEL_KINDS
+
+    if MODEL_KINDS[config.model].enumerated:
         return TraceEnum_ELBO(max_plate_nesting=1)
     if config.free_bits > 0:
         return RecordedFreeBitsELBO(config.free_bits, num_particles=config.num_particles, vectorize_particles=True,
@@ -216,7 +225,7 @@ class Optimizer(PyroOptim):
         if self.clip_norm > 0:
             grads = [p.grad for p in self._params if p.grad is not None]
             if grads:
-                _clip_grad_norm_(grads, self.clip_norm, sync=grads[0].device.type == "cpu")
+                clip_grad_norm_(grads, self.clip_norm, sync=grads[0].device.type == "cpu")
         self._optim.step()
         if self.after_step is not None:
             self.after_step()
@@ -255,7 +264,7 @@ class Optimizer(PyroOptim):
         self.set_lr(self.lr)  # the schedule, not the checkpoint, sets the rate of this epoch
 
 
-def _clip_grad_norm_(grads: list[torch.Tensor], clip_norm: float, sync: bool):
+def clip_grad_norm_(grads: list[torch.Tensor], clip_norm: float, sync: bool):
     r"""Scale ``grads`` in place so that their global 2-norm is at most ``clip_norm``; returns the
     norm before clipping (a float with ``sync``).
 

@@ -30,12 +30,10 @@ def sample_images(model, n: int) -> torch.Tensor:
 
 def component_count(model) -> int:
     """How many components the model's mixture has (its prior's, or the finite mixture's own)."""
-    if model.kind == "mixture":
-        return model.num_components
-    prior = code_prior(model)
-    if prior is None or not prior.is_mixture:
+    n = model.mixture_size()
+    if n == 0:
         raise ValueError(f"a {model.kind} model has no prior with components; drop --by-component")
-    return prior.num_components
+    return n
 
 
 @torch.no_grad()
@@ -44,19 +42,9 @@ def samples_by_component(model, per_component: int = 8, max_components: int = 10
     codes :math:`z \sim \mathcal{N}(\mu_k, \mathrm{diag}\,\sigma_k^2)` decoded, or, for the finite
     mixture, draws of each component's pixel distribution. Returns the images and the
     component indices."""
+    component_count(model)
     with isolated_params():
-        if model.kind == "mixture":
-            order = model.logits.argsort(descending=True)[:max_components]
-            comp = model.likelihood(model.params[order])
-            return comp.sample((per_component,)).transpose(0, 1).reshape(-1, model.params.shape[1]), order.tolist()
-        prior = code_prior(model)
-        if prior is None or not prior.is_mixture:
-            raise ValueError(f"a {model.kind} model has no prior with components; drop --by-component")
-        logits, loc, scale = prior.mixture()
-        order = logits.argsort(descending=True)[:max_components]
-        eps = torch.randn(len(order), per_component, loc.shape[1], device=loc.device)
-        z = loc[order, None, :] + scale[order, None, :] * eps  # (k, per, D)
-        return model.decode(z.reshape(-1, loc.shape[1])), order.tolist()
+        return model.samples_by_component(per_component, max_components)
 
 
 @torch.no_grad()
@@ -74,8 +62,8 @@ def interpolation(model, x_from: torch.Tensor, x_to: torch.Tensor,
 
     Returns ``(images, codes)``: ``steps`` decoded images and their codes.
     """
-    if model.kind == "mixture":
-        raise ValueError("a finite mixture has a discrete code: there is no straight line to interpolate along")
+    if not model.has_code:
+        raise ValueError(f"a {model.kind} model has a discrete code: there is no straight line to interpolate along")
     if steps < 2:
         raise ValueError(f"--steps must be at least 2 (got {steps})")
     with isolated_params():

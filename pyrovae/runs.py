@@ -246,6 +246,22 @@ def load_run(path: str | os.PathLike, which: str = "best", device: str | torch.d
     ``weights``: for a run trained with ``--ema``, ``"averaged"`` (the default) loads the moving
     average of the weights, ``"raw"`` the optimiser's own; a run without ``--ema`` has raw weights only
     (``Run.weights`` says which were loaded).
+
+    Examples
+    --------
+    A run of one epoch of a small model, written into a scratch folder, then loaded:
+
+    >>> import shutil, tempfile
+    >>> from pyrovae import TrainConfig, train, load_run
+    >>> out = tempfile.mkdtemp()
+    >>> config = TrainConfig(epochs=1, hidden_dims=(32,), latent_dim=2, out=out, name="first", no_tensorboard=True)
+    >>> result = train(config, progress=False)
+    >>> sorted(p.name for p in result.run_dir.iterdir())
+    ['best.pt', 'config.json', 'elbo.png', 'last.pt', 'metrics.jsonl', 'summary.json']
+    >>> run = load_run(result.run_dir)  # the best checkpoint; load_run(..., which="last") the last one
+    >>> type(run.model).__name__, run.config.latent_dim, run.checkpoint.name
+    ('VAE', 2, 'best.pt')
+    >>> shutil.rmtree(out)
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last' (got {which!r})")

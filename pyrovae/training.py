@@ -39,37 +39,40 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pyro
 import torch
-import torch.distributed as tdist
 from pyro.infer import SVI
 
 from .averaging import CHECKPOINT_KEY as EMA_KEY
 from .averaging import WeightAverage, averaged_state
 from .board import Board
 from .budget import TimeBudget
-from .config import CONTINUES, PREBINARIZED, RESUMABLE, TrainConfig, parse_duration, resumed_config, unresumable
+from .config import (
+    CONTINUES,
+    PREBINARIZED,
+    RESUMABLE,
+    TrainConfig,
+    check_used,
+    parse_duration,
+    resumed_config,
+    unresumable,
+)
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
-from .files import TMP_SUFFIX, OutputError, dumps, write_json, write_text_atomic
+from .distributed import ProcessGroup, rank, resolve_device, world_size  # noqa: F401 (resolve_device: its old home)
 from .marginal import derive_seed, isolated_params
 from .metrics import component_usage, responsibilities, split_scores
 from .model import build_model
 from .nets import set_autocast
 from .objectives import Optimizer, build_elbo
-from .runs import (
-    CHECKPOINT_FORMAT,
-    RunLock,
-    link_checkpoint,
-    load_checkpoint,
-    load_state,
-    read_metrics,
-    save_checkpoint,
-)
+from .rundir import RunDirectory, default_run_dir, is_run_file
+from .runs import CHECKPOINT_FORMAT, load_checkpoint, load_state
 
-__all__ = ["train", "train_or_reuse", "TrainResult", "TrainingDiverged", "resolve_device", "prepare_data",
+__all__ = ["train", "Trainer", "Hook", "hooked", "TrainingData", "Progress", "Recorder", "train_or_reuse",
+           "TrainResult", "TrainingDiverged", "prepare_data", "load_training_data", "learning_rate", "kl_scale",
+           "epoch_batches", "build_svi", "train_row", "validation_scores", "test_scores", "components_in_use",
+           "watch_components", "checkpoint_state", "restore_checkpoint",
            "count_since_best", "finished_run", "data_fingerprint"]
 
 #: importance samples per example for the test-split ELBO printed at the end of training
@@ -109,29 +112,6 @@ def count_since_best(since_best: int, improved: bool, epoch: int, warmup_epochs:
     return since_best + 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device of ``--device name`` (``auto``, ``cpu`` or ``cuda``; ``auto`` picks CUDA where there is one),
-    the GPU of ``local_rank`` for CUDA; ``ValueError`` for ``cuda`` without a visible device."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA device is visible; use --device cpu or auto")
-        return torch.device("cuda", local_rank)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"--device must be auto, cpu or cuda (got {name!r})")
-
-
-@dataclass
-class _Data:
-    train_grey: torch.Tensor  # (N, D), on device; binarised per epoch when dynamic
-    train_fixed: torch.Tensor  # the training images as scored (static-binarised or grey)
-    val: torch.Tensor
-    image_shape: tuple[int, int]
-    train_labels: torch.Tensor | None
-
-
 def prepare_data(config: TrainConfig, split: str, device, fix: str | None = None) -> Dataset:
     """Load ``split`` of the run's dataset, binarised the way the run scores data
     (static for a binarised run, grey otherwise), checked against the likelihood, on ``device``;
@@ -145,79 +125,8 @@ def prepare_data(config: TrainConfig, split: str, device, fix: str | None = None
     return ds
 
 
-class _Dist:
-    """This process's place in a data-parallel run (world size 1 without torchrun)."""
-
-    def __init__(self, device_name: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = resolve_device(device_name, self.local_rank)
-        self.owns_group = False
-        if self.world > 1 and not tdist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            tdist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-            self.owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        tdist.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, obj):
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        tdist.all_gather_object(out, obj)
-        return out
-
-    def raise_any(self, error: str | None) -> None:
-        """Raise ``ValueError`` on every process if any process passes an error message
-        (a collective: all processes must call it)."""
-        errors = [e for e in self.gather(error) if e]
-        if errors:
-            raise ValueError(errors[0])
-
-    def close(self, finished: bool = True):
-        """Leave the process group. After a finished run every rank first waits for the others:
-        a rank that tears gloo down while rank 0 is still evaluating the test split could
-        abort ("terminate called without an active exception", seen in 1 of 7 benchmark runs).
-        After an error no barrier: the other ranks may never reach it."""
-        if self.owns_group and tdist.is_initialized():
-            if finished:
-                tdist.barrier()
-            tdist.destroy_process_group()
-
-
 #: what resuming needs from last.pt beside the model
 _RESUME_KEYS = ("optimizer", "global_step", "best_val_elbo", "best_epoch", "epochs_since_best", "rng")
-
-
-def _is_run_file(name: str) -> bool:
-    """Whether a file of this name is one a pyrovae run writes (before its first checkpoint)."""
-    return (name in ("config.json", "metrics.jsonl", "elbo.png", "summary.json", "best.pt")
-            or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(TMP_SUFFIX)))
-
-
-def _append_line(path: Path, line: str) -> None:
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-    except OSError as e:
-        raise OutputError(f"{path}: cannot be written ({e.strerror}); free some space, then --resume "
-                          f"{path.parent}") from None
-
-
-def _run_dir(config: TrainConfig) -> Path:
-    name = config.name or f"{Path(config.dataset).stem}-{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
-    return Path(config.out) / name
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -234,17 +143,27 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progress: bool = True,
-          write: bool = True) -> TrainResult:
+          write: bool = True, hooks: tuple[Hook, ...] | list[Hook] = ()) -> TrainResult:
     """Train the model of ``config`` (or continue the run in ``resume``) and return a summary.
 
     ``progress`` shows a tqdm bar over epochs; ``write=False`` keeps everything in memory
-    (no run directory), for experiments that only need the numbers.
+    (no run directory), for experiments that only need the numbers; ``hooks``: :class:`Hook` objects
+    the :class:`Trainer` runs at each epoch's start, each step, each epoch's end and the end.
+
+    Examples
+    --------
+    One epoch of a small model on mnist5k, kept in memory (``write=False``: no run directory):
+
+    >>> from pyrovae import TrainConfig, train
+    >>> result = train(TrainConfig(epochs=1, hidden_dims=(32,), latent_dim=2), progress=False, write=False)
+    >>> result.run_dir is None, result.epochs_done, result.best_epoch, result.stopped_by
+    (True, 1, 1, 'epochs')
+    >>> result.test["num_examples"], result.test["elbo"] < 0  # the test split's ELBO, nats per image
+    (500, True)
     """
-    t_start = time.perf_counter()
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig as its config (got {type(config).__name__}): build one with "
                         "TrainConfig(...) or, from a mapping of settings, TrainConfig.from_dict(...)")
-    resume_state = None
     fresh = resume is None  # (a stored run's settings are not checked again by the rules of a new one)
     if resume is not None:
         run_dir = Path(resume)
@@ -252,32 +171,29 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
             raise FileNotFoundError(f"{run_dir}: no such run directory; give the folder that pyrovae train printed")
         config = resumed_config(TrainConfig.load(run_dir / "config.json"),
                                 {k: getattr(config, k) for k in RESUMABLE}, run_dir)
-        if (run_dir / "last.pt").is_file():
-            resume_state = load_checkpoint(run_dir / "last.pt")
-        else:  # stopped before its first checkpoint: start it again, with its own settings
-            if int(os.environ.get("RANK", "0")) == 0:
+        if not (run_dir / "last.pt").is_file():  # stopped before its first checkpoint: start it again, as it was
+            if rank() == 0:
                 print(f"pyrovae train: {run_dir} holds no checkpoint yet (it stopped before its first epoch "
                       "ended): starting it again from epoch 0 with its config.json", file=sys.stderr)
             config = dataclasses.replace(config, out=str(run_dir.parent), name=run_dir.name)
             resume = None
     if fresh:  # its own messages first (the settings' checks), then the rule on unused ones
         config.resolved()
-        config.check_used()
-    if (config.dataset in PREBINARIZED and config.binarize in ("dynamic", "static")
-            and int(os.environ.get("RANK", "0")) == 0 and resume is None):
+        check_used(config)
+    if config.dataset in PREBINARIZED and config.binarize in ("dynamic", "static") and rank() == 0 and resume is None:
         print(f"pyrovae train: note: {config.dataset} is binary already (sampled once by its authors); it is "
               f"used as it is, not resampled by --binarize {config.binarize}", file=sys.stderr)
     config = config.resolved()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if config.batch_size % world:  # before joining the process group, so that no process waits for the others
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world} processes "
                          f"(torchrun --nproc-per-node x --nnodes): use a multiple of {world}")
-    env = _Dist(config.device)
+    env = ProcessGroup(config.device)
     finished = False
     trainer = None
     try:
-        trainer = _Trainer(config, env, resume_state, Path(resume) if resume else None, progress, write)
-        result = trainer.run(t_start)
+        trainer = Trainer(config, resume=resume, progress=progress, write=write, hooks=hooks, processes=env)
+        result = trainer.fit()
         finished = True
         return result
     except KeyboardInterrupt as e:
@@ -286,9 +202,8 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
         raise
     finally:
         if trainer is not None:
-            trainer.lock.release()
+            trainer.close()
         env.close(finished)
-
 
 
 def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "choose another --out",
@@ -331,7 +246,7 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
     if (run_dir / "last.pt").is_file():
         train(config, resume=run_dir, progress=progress)
         return run_dir, "resumed"
-    if run_dir.exists() and any(not _is_run_file(p.name) for p in run_dir.iterdir()):
+    if run_dir.exists() and any(not is_run_file(p.name) for p in run_dir.iterdir()):
         raise ValueError(f"{run_dir} holds files that are not a pyrovae run's: remove it or {fix}")
     train(config, progress=progress)  # (a run killed before its first checkpoint is taken over)
     return run_dir, "trained"
@@ -366,15 +281,238 @@ def data_fingerprint(images: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-class _Trainer:
-    def __init__(self, config: TrainConfig, env: _Dist, resume_state, resume_dir, progress: bool, write: bool):
-        self.config, self.env, self.progress = config, env, progress and env.main
-        self.device = env.device
-        self.write = write and env.main
+@dataclass
+class TrainingData:
+    """A run's data on its device. ``train_grey`` is what an epoch draws from (binarised again each
+    epoch with ``--binarize dynamic``), ``train_fixed`` the training images as scored (statically
+    binarised, or grey), ``val`` the validation split as scored. A benchmark may give the trainer a
+    subset (``dataclasses.replace(trainer.data, train_grey=..., train_fixed=...)``) to time epochs
+    on fewer images."""
+
+    train_grey: torch.Tensor
+    train_fixed: torch.Tensor
+    val: torch.Tensor
+    image_shape: tuple[int, int]
+    train_labels: torch.Tensor | None
+
+
+def load_training_data(config: TrainConfig, processes: ProcessGroup, progress: bool = False) -> TrainingData:
+    """The training and validation splits of ``config``'s dataset on ``processes.device``, checked
+    against the likelihood; with ``--download`` under ``torchrun`` rank 0 fetches the files while the
+    other processes wait (a download each would race)."""
+    c = config
+    if c.download and processes.world > 1:
+        error = None
+        if processes.main:
+            try:
+                load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column, download=True,
+                             progress=progress)
+            except (ValueError, FileNotFoundError) as e:
+                error = str(e)
+        processes.raise_any(error)
+        c = dataclasses.replace(c, download=False)
+    train = load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column,
+                         download=c.download, progress=progress)
+    if len(train) == 0:
+        raise ValueError(f"{c.dataset}: the training split is empty")
+    train = train.to(processes.device)
+    if c.binarize == "none":
+        check_likelihood(train, c.likelihood, "none")
+    val = prepare_data(c, "val", processes.device)
+    fixed = static_binarized(train).images if c.binarize != "none" else train.images
+    return TrainingData(train.images, fixed, val.images, train.image_shape, train.labels)
+
+
+def learning_rate(config: TrainConfig, epoch: int, horizon: int | None) -> float:
+    r"""The rate of ``epoch`` (counted from 0): ``--lr`` for a constant schedule or before a ``--time-limit``
+    plan exists (``horizon`` None), else the cosine from ``--lr`` down to ``--lr-min`` over ``horizon`` epochs,
+
+    .. math:: \eta_e = \eta_{\min} + \tfrac12 (\eta - \eta_{\min}) \big(1 + \cos(\pi \min(e, H) / H)\big).
+    """
+    if config.lr_schedule == "constant" or horizon is None:
+        return config.lr
+    return config.lr_min + 0.5 * (config.lr - config.lr_min) * (1 + math.cos(math.pi * min(epoch, horizon) / horizon))
+
+
+def kl_scale(config: TrainConfig, epoch: int, global_step: int, steps_per_epoch: int) -> float:
+    """The KL warm-up's weight at a step of ``epoch`` (counted from 0): grown per step to 1 over
+    ``--warmup-epochs`` epochs' steps, or with ``--warmup-unit epoch`` held at (epoch + 1) / --warmup-epochs
+    for the whole epoch; 1 without warm-up."""
+    w = config.warmup_epochs
+    if w == 0:
+        return 1.0
+    if config.warmup_unit == "epoch":
+        return min(1.0, (epoch + 1) / w)
+    return min(1.0, (global_step + 1) / (w * steps_per_epoch))
+
+
+class Hook:
+    """Code run by a :class:`Trainer` at fixed points of training; subclass it and override what you need.
+
+    Hooks run on every process of a data-parallel run, in the order given. A hook may raise: an exception
+    ends training the way the same exception inside an epoch would (``KeyboardInterrupt`` as Ctrl-C does,
+    keeping every saved epoch). Pass hooks to :func:`train` or :class:`Trainer`, or make every trainer in a
+    block run them with :func:`hooked` (for a run started by the command line).
+    """
+
+    def epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before the first step of ``epoch`` (counted from 0)."""
+
+    def step(self, trainer: Trainer, epoch: int, step: int, loss: float) -> None:
+        """After each optimisation step, with the batch's loss (a sum over its examples)."""
+
+    def epoch_end(self, trainer: Trainer, row: dict) -> None:
+        """After an epoch's metrics row is written and its checkpoint saved (``row["epoch"]`` counts from 1)."""
+
+    def end(self, trainer: Trainer) -> None:
+        """When the last epoch is over, before the best epoch's weights are restored and scored on test."""
+
+
+_HOOKED: list[Hook] = []
+
+
+@contextlib.contextmanager
+def hooked(*hooks: Hook):
+    """Every :class:`Trainer` built inside the block also runs ``hooks`` (after its own)."""
+    _HOOKED.extend(hooks)
+    try:
+        yield
+    finally:
+        del _HOOKED[len(_HOOKED) - len(hooks):]
+
+
+@dataclass
+class Progress:
+    """Where a run stands besides its weights: the counters ``last.pt`` keeps so that ``--resume`` goes on
+    exactly (``epoch``: epochs done; ``since_best``: what ``--patience`` compares, :func:`count_since_best`)."""
+
+    epoch: int = 0
+    global_step: int = 0
+    best_val: float = -math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "global_step": self.global_step, "best_val_elbo": self.best_val,
+                "best_epoch": self.best_epoch, "epochs_since_best": self.since_best}
+
+    @classmethod
+    def from_state(cls, state: dict, source: Path) -> Progress:
+        missing = [k for k in _RESUME_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"{source}: a damaged checkpoint ({', '.join(missing)} missing); "
+                             "resume from an intact last.pt or train again")
+        return cls(int(state["epoch"]), int(state["global_step"]), float(state["best_val_elbo"]),
+                   int(state["best_epoch"]), int(state["epochs_since_best"]))
+
+    def scored(self, val_elbo: float, config: TrainConfig) -> bool:
+        """Count one more finished epoch with this validation ELBO; whether it is the best so far."""
+        self.epoch += 1
+        improved = val_elbo > self.best_val
+        if improved:
+            self.best_val, self.best_epoch = val_elbo, self.epoch
+        self.since_best = count_since_best(self.since_best, improved, self.epoch, config.warmup_epochs,
+                                           config.patience_after_warmup)
+        return improved
+
+
+class Recorder:
+    """Where a run's epochs go: its :class:`~pyrovae.rundir.RunDirectory` and TensorBoard (rank 0 with
+    ``write``), or memory (the best epoch's weights only)."""
+
+    def __init__(self, path: Path, write: bool):
+        self.run, self.write = RunDirectory(path), write
+        self.board: Board | None = None
+        self.best_in_memory: dict | None = None
+        self.epochs_this_session = 0
+
+    def open(self, trainer: Trainer, resumed: bool) -> None:
+        """Take the run directory (on rank 0; every process learns of its error) and open TensorBoard."""
+        c, error = trainer.config, None
+        if self.write:
+            try:
+                self.run.open(c, trainer.progress.epoch if resumed else None)
+            except ValueError as e:
+                error = str(e)
+            except BaseException:
+                self.run.release()
+                raise
+        if error:
+            self.run.release()
+        trainer.processes.raise_any(error)  # (or the others would wait forever)
+        self.board = Board(self.run.path, enabled=self.write and not c.no_tensorboard,
+                           start_epoch=trainer.progress.epoch, images_every=c.tensorboard_images_every,
+                           image_shape=trainer.data.image_shape, val_images=trainer.data.val, seed=c.seed)
+
+    def epoch(self, trainer: Trainer, row: dict, improved: bool, t0: float) -> None:
+        """Write the epoch (row, ``last.pt``, ``best.pt``, TensorBoard), or keep the best weights in memory."""
+        rng = trainer.processes.gather(_rng_state(trainer.device))  # (a collective: every process takes part)
+        model = trainer.model
+        if self.write:
+            if hasattr(model, "fit_code_distribution"):
+                with trainer.averaged():
+                    model.fit_code_distribution(trainer.data.train_fixed)
+            state = checkpoint_state(trainer, rng)
+            row["epoch_seconds"] = time.perf_counter() - t0
+            self.run.record(row, state, improved)
+            self.epochs_this_session += 1
+            with trainer.averaged():
+                self.board.epoch(row, model)
+        else:
+            row["epoch_seconds"] = time.perf_counter() - t0
+            if improved:
+                with trainer.averaged():
+                    self.best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore_best(self, model, device) -> None:
+        """Give ``model`` the best epoch's weights (averaged, with --ema)."""
+        if self.write:
+            load_state(model, averaged_state(self.run.best(device)), self.run.path / "best.pt")
+        elif self.best_in_memory is not None:
+            model.load_state_dict(self.best_in_memory)
+
+    def interrupted(self) -> None:
+        self.board.close()
+        if self.write and self.epochs_this_session:
+            self.run.plot()
+
+    def finish(self, config: TrainConfig, summary: dict) -> None:
+        if self.write:
+            self.run.finish(summary)
+            test = summary["test"]
+            self.board.finish(config.to_dict(), {"best_val_elbo": summary["best_val_elbo"],
+                                                 "epochs_done": summary["epochs_done"],
+                                                 **({"test_elbo": test["elbo"]} if test and test.get("elbo")
+                                                    is not None else {})})
+
+
+class Trainer:
+    r"""Trains one model by SVI: the loop behind :func:`train`, with :class:`Hook`\ s for code of your own.
+
+    Building it seeds torch with ``--seed``, loads the data, builds the model and takes the run
+    directory (``write=False``: none, everything in memory); with ``resume`` (a run directory) it
+    restores the model, optimiser, averaged weights, counters and random state from its ``last.pt``.
+    :meth:`fit` trains to the end (``--epochs``, ``--patience`` or ``--time-limit``) and returns a
+    :class:`TrainResult`; :meth:`epoch` runs one epoch, for benchmarks that time them. Use it as a
+    context manager, or call :meth:`close`, to release the run directory's lock.
+
+    ``processes``: the :class:`~pyrovae.distributed.ProcessGroup` to train in (default: one made
+    from ``--device`` and ``torchrun``'s environment); ``data``: the run's :class:`TrainingData`
+    when it is loaded already (by :func:`load_training_data`, e.g. for many trainers over one dataset).
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: str | os.PathLike | None = None, progress: bool = True,
+                 write: bool = True, hooks: tuple[Hook, ...] | list[Hook] = (), processes: ProcessGroup | None = None,
+                 data: TrainingData | None = None):
+        self._t_start = time.perf_counter()  # (the run's wall time counts its set-up too)
+        self.processes = env = processes or ProcessGroup(config.device)
+        self.config, self.device = config, env.device
+        self.show_progress, self.write = progress and env.main, write and env.main
+        self.hooks = (*hooks, *_HOOKED)
         if config.batch_size % env.world:
             raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {env.world} processes")
         torch.manual_seed(config.seed)
-        self.data = self._load_data()
+        self.data = data if data is not None else load_training_data(config, env, self.show_progress)
         self.data_fingerprint = data_fingerprint(self.data.train_grey)
         self.model = build_model(config, data_dim=self.data.train_grey.shape[1], image_shape=self.data.image_shape,
                                  train_images=self.data.train_fixed).to(self.device)
@@ -382,438 +520,341 @@ class _Trainer:
             set_autocast(self.model, torch.bfloat16)
         #: the weights' moving average (--ema), or None
         self.ema = WeightAverage(self.model, config.ema) if config.ema > 0 else None
-        self.run_dir = resume_dir or _run_dir(config)
-        self.lock = RunLock(self.run_dir if self.write else None)
-        self._pending_resume = False
-        self.start_epoch, self.global_step = 0, 0
-        self.best_val, self.best_epoch, self.since_best = -math.inf, 0, 0
-        #: seconds of training epochs so far (over every session of a resumed run), and the --time-limit plan
-        saved = resume_state or {}  # (a resumed run's seconds spent and plan)
+        self.recorder = Recorder(Path(resume) if resume is not None else default_run_dir(config), self.write)
+        self.run_dir = self.recorder.run.path
+        state = load_checkpoint(self.run_dir / "last.pt") if resume is not None else {}
+        #: the counters (epochs done, steps, best epoch) and the --time-limit plan, as checkpoints keep them
+        self.progress = Progress.from_state(state, self.run_dir / "last.pt") if state else Progress()
+        self.start_epoch = self.progress.epoch
         self.budget = TimeBudget(parse_duration(config.time_limit) if config.time_limit is not None else None,
-                                 config.epochs, spent=float(saved.get("train_seconds", 0.0)),
-                                 planned_epochs=saved.get("planned_epochs"),
-                                 planned_budget=saved.get("planned_budget"),
-                                 planned_max_epochs=saved.get("planned_max_epochs"))
-        self.resume_state = resume_state
-        if resume_state is not None:
-            missing = [k for k in _RESUME_KEYS if k not in resume_state]
-            if missing:
-                raise ValueError(f"{self.run_dir / 'last.pt'}: a damaged checkpoint ({', '.join(missing)} missing); "
-                                 "resume from an intact last.pt or train again")
-            load_state(self.model, resume_state["model"], self.run_dir / "last.pt")
-            stored_print = resume_state.get("data_fingerprint")
-            if stored_print is not None and stored_print != self.data_fingerprint:
-                raise ValueError(f"{config.dataset} in --data-dir {config.data_dir} is not the data {self.run_dir} was "
-                                 "trained on (its training split differs): point --data-dir at that data")
-            if self.ema is not None:
-                if EMA_KEY not in resume_state:
-                    raise ValueError(f"{self.run_dir / 'last.pt'}: holds no averaged weights for --ema: resume it "
-                                     "with the settings it was trained with")
-                self.ema.load_state_dict(resume_state[EMA_KEY])
-            self.start_epoch = int(resume_state["epoch"])
-            self.global_step = int(resume_state["global_step"])
-            self.best_val = float(resume_state["best_val_elbo"])
-            self.best_epoch = int(resume_state["best_epoch"])
-            self.since_best = int(resume_state["epochs_since_best"])
-            ranks = resume_state["rng"]
-            if len(ranks) == env.world:
-                _set_rng_state(ranks[env.rank], self.device)
-            else:  # another world size: continue deterministically, if not identically
-                torch.manual_seed(derive_seed(config.seed, self.start_epoch, env.rank))
+                                 config.epochs, spent=float(state.get("train_seconds", 0.0)),
+                                 planned_epochs=state.get("planned_epochs"), planned_budget=state.get("planned_budget"),
+                                 planned_max_epochs=state.get("planned_max_epochs"))
+        if state:
+            restore_checkpoint(self, state)
         elif env.world > 1:
             torch.manual_seed(derive_seed(config.seed, 0, env.rank))
-        error = None
-        if self.write:
-            try:
-                self._prepare_run_dir()
-            except ValueError as e:
-                error = str(e)
-            except BaseException:
-                self.lock.release()
-                raise
-        if error:
-            self.lock.release()
-        env.raise_any(error)  # every process learns of rank 0's error, or the others would wait forever
-        self.board = Board(self.run_dir, enabled=self.write and not config.no_tensorboard,
-                           start_epoch=self.start_epoch, images_every=config.tensorboard_images_every,
-                           image_shape=self.data.image_shape, val_images=self.data.val, seed=config.seed)
-        #: seconds of the last epoch's phases (steps, validation, checkpoint), for benchmarks
+        #: ``pyro.infer.SVI`` over the model and guide, its ELBO and its optimiser (None for a kind fitted once)
+        self.svi, self.elbo, self.optimizer = (build_svi(config, self.model, self.ema, state.get("optimizer"))
+                                               if self.model.trains_by_svi else (None, None, None))
+        self.recorder.open(self, resumed=bool(state))
+        self._params: dict = {"params": {}, "constraints": {}}
+        #: seconds of the last epoch's phases (data, steps, validation, checkpoint), for benchmarks
         self.phase_seconds: dict[str, float] = {}
+        self.last_row: dict | None = None
         self._warned_components = False
-        self._epochs_this_session = 0
-        if (env.main and config.prior_init == "kmeans" and config.prior_init_epochs >= config.epochs
-                and self.start_epoch <= config.prior_init_epochs):
-            print(f"pyrovae train: warning: --prior-init-epochs {config.prior_init_epochs} is not below --epochs "
-                  f"{config.epochs}: the run ends before k-means sets the mixture, so its prior stays N(0, I) "
-                  "(resume with more --epochs, or lower --prior-init-epochs)", file=sys.stderr)
+        if env.main:
+            _warn_if_kmeans_never_runs(config, self.start_epoch)
 
-    # --- set-up ----------------------------------------------------------------------
-    def _load_data(self) -> _Data:
-        c = self.config
-        if c.download and self.env.world > 1:
-            # rank 0 fetches the files while the others wait (a download each would race)
-            error = None
-            if self.env.main:
-                try:
-                    load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column, download=True,
-                                 progress=self.progress)
-                except (ValueError, FileNotFoundError) as e:
-                    error = str(e)
-            self.env.raise_any(error)
-            c = dataclasses.replace(c, download=False)
-        train = load_dataset(c.dataset, "train", data_dir=c.data_dir, label_column=c.label_column,
-                             download=c.download, progress=self.progress)
-        if len(train) == 0:
-            raise ValueError(f"{c.dataset}: the training split is empty")
-        train = train.to(self.device)
-        if c.binarize == "none":
-            check_likelihood(train, c.likelihood, "none")
-        val = prepare_data(c, "val", self.device)
-        fixed = static_binarized(train).images if c.binarize != "none" else train.images
-        return _Data(train.images, fixed, val.images, train.image_shape, train.labels)
+    def __enter__(self) -> Trainer:
+        return self
 
-    def _prepare_run_dir(self) -> None:
-        """Take the run directory: a new run creates it (or takes over one that an earlier run
-        left without a checkpoint); a resumed run only reads it: nothing in it changes until
-        the first new epoch has finished (:meth:`_commit_resume`)."""
-        d = self.run_dir
-        self.lock.acquire()
-        if self.resume_state is None:
-            if d.exists() and any(d.iterdir()):
-                names = {p.name for p in d.iterdir()}
-                if "last.pt" in names:
-                    raise ValueError(f"{d} already exists: continue it with --resume {d}, or choose another --name")
-                foreign = sorted(n for n in names if not _is_run_file(n))
-                if foreign:
-                    raise ValueError(f"{d} holds files that are not a pyrovae run's ({', '.join(foreign[:3])}): "
-                                     "choose another --name or --out")
-                print(f"pyrovae train: {d} holds no checkpoint (an earlier run stopped before its first epoch "
-                      "ended): taking it over", file=sys.stderr)
-                for p in d.iterdir():
-                    p.unlink()
-            d.mkdir(parents=True, exist_ok=True)
-            self.config.save(d / "config.json")
-            write_text_atomic(d / "metrics.jsonl", "")
-        else:
-            # read now, so that a damaged file stops the resume before anything is trained or written
-            self._resume_rows = [r for r in read_metrics(d / "metrics.jsonl") if r["epoch"] <= self.start_epoch]
-            self._pending_resume = True
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-    def _commit_resume(self) -> None:
-        """After the first new epoch of a resumed run: write its settings back (e.g. more
-        --epochs), drop metric rows of an epoch that was not checkpointed (killed in between),
-        and remove temporary files that killed writes left."""
-        d = self.run_dir
-        self._pending_resume = False
-        if TrainConfig.load(d / "config.json") != self.config:
-            self.config.save(d / "config.json")
-        write_text_atomic(d / "metrics.jsonl", "".join(dumps(r, indent=None) + "\n" for r in self._resume_rows))
-        # the run is no longer finished: its summary is written again at its end
-        (d / "summary.json").unlink(missing_ok=True)
-        for p in d.glob(f".*{TMP_SUFFIX}"):
-            try:
-                p.unlink()
-            except OSError:
-                pass
-
-    def _batches(self, epoch: int) -> list[torch.Tensor]:
-        from torch.utils.data import DistributedSampler
-
-        n = self.data.train_grey.shape[0]
-        sampler = DistributedSampler(range(n), num_replicas=self.env.world, rank=self.env.rank, shuffle=True,
-                                     seed=self.config.seed, drop_last=False)
-        sampler.set_epoch(epoch)
-        idx = torch.tensor(list(iter(sampler)), dtype=torch.long, device=self.device)
-        return list(idx.split(self.config.batch_size // self.env.world))
-
-    def _train_images(self, epoch: int) -> torch.Tensor:
-        c = self.config
-        if c.binarize == "dynamic":
-            return binarize(self.data.train_grey, derive_seed(c.seed, epoch, 1))
-        return self.data.train_fixed
-
-    def _lr(self, epoch: int) -> float:
-        """The schedule's learning rate of ``epoch``: cosine over --epochs, or over the planned epochs of a
-        --time-limit run (while its first epochs are timed, the schedule's start, --lr)."""
-        c = self.config
-        horizon = self.budget.horizon()
-        if c.lr_schedule == "constant" or horizon is None:
-            return c.lr
-        return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * min(epoch, horizon) / horizon))
+    def close(self) -> None:
+        """Release the run directory's lock (a trainer that never trains must still do this)."""
+        self.recorder.run.release()
 
     @property
     def planned_epochs(self) -> int | None:
         """The epochs that fit in --time-limit (``None`` without one, or before the plan is made)."""
         return self.budget.planned_epochs
 
-    def _kl_scale(self, epoch: int, steps_per_epoch: int) -> float:
-        """The KL warm-up's weight at this step of ``epoch`` (counted from 0): grown per step, or with
-        ``--warmup-unit epoch`` held at (epoch + 1) / --warmup-epochs for the whole epoch."""
-        w = self.config.warmup_epochs
-        if w == 0:
-            return 1.0
-        if self.config.warmup_unit == "epoch":
-            return min(1.0, (epoch + 1) / w)
-        return min(1.0, (self.global_step + 1) / (w * steps_per_epoch))
+    def averaged(self):
+        """A block in which the model holds its averaged weights (with --ema; else the weights as they are)."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     # --- the loop ----------------------------------------------------------------------
-    def run(self, t_start: float) -> TrainResult:
+    def fit(self) -> TrainResult:
+        """Train from where the run stands to its end, then score the best epoch on the test split."""
         from tqdm.auto import tqdm
 
-        c = self.config
-        if c.model == "pca":
-            return self._fit_pca(t_start)
-        svi, elbo, optim = self._objective()
+        t_start, c = self._t_start, self.config
+        if not self.model.trains_by_svi:
+            return self._fit_once(t_start)
         self.budget.resume(self.start_epoch, c.time_limit, self.run_dir)
         bar = tqdm(total=self.planned_epochs or c.epochs, initial=self.start_epoch, desc="train", unit="epoch",
-                   disable=not self.progress)
-        stopped_early, epochs_done, stopped_by = False, self.start_epoch, "epochs"
-        last = c.epochs
+                   disable=not self.show_progress)
+        stopped_by, last = "epochs", c.epochs
         if self.budget.stop(self.start_epoch):  # resumed with nothing left of the plan
             stopped_by, last = self.budget.stop(self.start_epoch), self.start_epoch
         try:
-            with pyro.get_param_store().scope():
-                for epoch in range(self.start_epoch, last):
-                    row = self._epoch(epoch, svi, elbo, optim)
-                    epochs_done = epoch + 1
-                    bar.update(1)
-                    bar.set_postfix(val_elbo=f"{row['val_elbo']:.2f}", best=f"{self.best_val:.2f}")
-                    if c.patience and self.since_best >= c.patience:
-                        stopped_early, stopped_by = True, "patience"
-                        break
-                    if self.budget.stop(epochs_done):
-                        stopped_by = self.budget.stop(epochs_done)
-                        break
-                    if self.planned_epochs is not None and bar.total != self.planned_epochs:
-                        bar.total = self.planned_epochs
-                        bar.refresh()
+            for epoch in range(self.start_epoch, last):
+                row = self.epoch(epoch)
+                for hook in self.hooks:
+                    hook.epoch_end(self, row)
+                bar.update(1)
+                bar.set_postfix(val_elbo=f"{row['val_elbo']:.2f}", best=f"{self.progress.best_val:.2f}")
+                if c.patience and self.progress.since_best >= c.patience:
+                    stopped_by = "patience"
+                    break
+                if self.budget.stop(epoch + 1):
+                    stopped_by = self.budget.stop(epoch + 1)
+                    break
+                if self.planned_epochs is not None and bar.total != self.planned_epochs:
+                    bar.total = self.planned_epochs
+                    bar.refresh()
         except KeyboardInterrupt:
             bar.close()
-            self.board.close()
-            if self.write and self._epochs_this_session:
-                self._plot()
+            self.recorder.interrupted()
             raise
         except BaseException:
-            self.board.close()
+            self.recorder.board.close()
             raise
         bar.close()
-        return self._finish(t_start, epochs_done, stopped_early, stopped_by)
+        return self._finish(t_start, stopped_by)
 
-    def _objective(self) -> tuple[SVI, object, Optimizer]:
-        c = self.config
-        elbo = build_elbo(c)
-        optim = Optimizer(c.lr, c.clip_norm * c.batch_size, c.weight_decay,
-                          normalize_grads=c.optimizer == "adamnormgrad",
-                          after_step=self.ema.update if self.ema is not None else None)
-        svi = SVI(self.model.model, self.model.guide, optim, loss=elbo)
-        if self.resume_state is not None:
-            optim.set_state(self.resume_state["optimizer"])
-        return svi, elbo, optim
-
-    def _epoch(self, epoch: int, svi: SVI, elbo, optim) -> dict:
+    def epoch(self, epoch: int) -> dict:
+        """Train one epoch (``epoch`` counted from 0), score the validation split, save the epoch
+        (when writing) and return its metrics row."""
+        for hook in self.hooks:
+            hook.epoch_start(self, epoch)
         c, t0 = self.config, time.perf_counter()
-        model = self.model
+        model, elbo, progress = self.model, self.elbo, self.progress
         if hasattr(model, "prior"):
             model.prior.before_epoch(epoch, lambda: _encode(model, self.data.train_fixed))
-        x_epoch = self._train_images(epoch)
-        batches = self._batches(epoch)
-        optim.set_lr(self._lr(epoch))
+        x_epoch = (binarize(self.data.train_grey, derive_seed(c.seed, epoch, 1)) if c.binarize == "dynamic"
+                   else self.data.train_fixed)
+        batches = epoch_batches(self.data.train_grey.shape[0], self.processes, c, epoch)
+        lr = learning_rate(c, epoch, self.budget.horizon())
+        self.optimizer.set_lr(lr)
         if hasattr(elbo, "reset_terms"):
             elbo.reset_terms()
         loss_sum, seen = 0.0, 0
         model.train()
         t_steps = time.perf_counter()
-        with warnings.catch_warnings(), pyro.validation_enabled(False):
+        # (the trainer's own Pyro parameter store: two trainers in one process never share names)
+        with warnings.catch_warnings(), pyro.validation_enabled(False), pyro.get_param_store().scope(self._params):
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             for step, idx in enumerate(batches):
-                loss = svi.step(x_epoch[idx], self._kl_scale(epoch, len(batches)))
+                loss = self.svi.step(x_epoch[idx], kl_scale(c, epoch, progress.global_step, len(batches)))
                 if not math.isfinite(loss):
-                    if epoch == 0:
-                        where = ("no checkpoint was written yet: lower --lr or add --warmup-epochs and train again "
-                                 "(the same command takes the directory over)")
-                    else:
-                        where = (f"the last good checkpoint is {self.run_dir / 'last.pt'} (epoch {epoch}): lower "
-                                 "--lr or add --warmup-epochs, then --resume")
-                    raise TrainingDiverged(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; {where}")
+                    raise TrainingDiverged(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
+                                           + _diverged_advice(epoch, self.run_dir))
                 loss_sum += loss
                 seen += idx.numel()
-                self.global_step += 1
+                progress.global_step += 1
+                for hook in self.hooks:
+                    hook.step(self, epoch, step, loss)
         t_val = time.perf_counter()  # the loss of each step is a float already: the device is in step
-        terms = elbo.pop_terms() if hasattr(elbo, "pop_terms") else {}
-        recon = float(terms["recon"]) if "recon" in terms else math.nan
-        kl = float(terms["kl"]) if "kl" in terms else math.nan
-        loss_sum, seen, recon, kl = self.env.sum([loss_sum, float(seen), recon, kl])
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": self._lr(epoch),
-               "kl_scale": self._kl_scale(epoch, len(batches)) if c.warmup_epochs else 1.0}
-        if c.model == "mixture":
-            row["train_elbo"] = -loss_sum / seen  # exact: the component is summed out
-        else:
-            row["train_recon"] = recon / seen
-            if not math.isnan(kl):
-                row["train_kl"] = kl / seen
-            row["train_elbo"] = (recon - kl) / seen if not math.isnan(kl) else recon / seen
-        with self._averaged():
-            val = self._val_scores()
-            row.update({f"val_{k}": v for k, v in val.items() if v is not None})
-            self._watch_components(row)
-        improved = row["val_elbo"] > self.best_val
-        if improved:
-            self.best_val, self.best_epoch = row["val_elbo"], epoch + 1
-        self.since_best = count_since_best(self.since_best, improved, epoch + 1, c.warmup_epochs,
-                                           c.patience_after_warmup)
+        row = train_row(c, model, elbo, self.processes, [loss_sum, float(seen)], epoch, lr,
+                        kl_scale(c, epoch, progress.global_step, len(batches)))
+        with self.averaged():
+            row.update({f"val_{k}": v for k, v in validation_scores(model, self.data.val, self.processes).items()
+                        if v is not None})
+            self._warned_components = watch_components(model, self.data.val, row, c, self.processes.main,
+                                                       self._warned_components)
+        improved = progress.scored(row["val_elbo"], c)
         t_save = time.perf_counter()
         # the budget's clock: the mean over processes, so that every process makes the same plan
-        seconds = self.env.sum([t_save - t0])[0] / self.env.world
-        self.budget.epoch_done(epoch + 1, seconds)
+        self.budget.epoch_done(epoch + 1, self.processes.sum([t_save - t0])[0] / self.processes.world)
         if self.planned_epochs is not None:
             row["planned_epochs"] = self.planned_epochs
-        rng = self.env.gather(_rng_state(self.device))
-        if self.write:
-            if hasattr(model, "fit_code_distribution"):
-                with self._averaged():
-                    model.fit_code_distribution(self.data.train_fixed)
-            state = self._state(epoch + 1, optim, rng)
-            row["epoch_seconds"] = time.perf_counter() - t0
-            if self._pending_resume:
-                self._commit_resume()
-            _append_line(self.run_dir / "metrics.jsonl", dumps(row, indent=None))
-            save_checkpoint(state, self.run_dir / "last.pt")
-            self._epochs_this_session += 1
-            if improved:
-                link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
-            with self._averaged():
-                self.board.epoch(row, model)
-        else:
-            row["epoch_seconds"] = time.perf_counter() - t0
-            if improved:
-                with self._averaged():
-                    self._best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.recorder.epoch(self, row, improved, t0)
         t_end = time.perf_counter()
         self.phase_seconds = {"data": t_steps - t0, "steps": t_val - t_steps, "validation": t_save - t_val,
                               "checkpoint": t_end - t_save, "epoch": t_end - t0}
         self.last_row = row
         return row
 
-    def _averaged(self):
-        """A block in which the model holds its averaged weights (with --ema; else the weights as they are)."""
-        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
-
-    def _watch_components(self, row: dict) -> None:
-        """For a mixture prior: how many components hold at least :data:`COMPONENT_SHARE` / K of the
-        validation codes' responsibility (``val_components_used`` in the metrics), and one line
-        on stderr the first time some fall below it (the mixture has then shrunk)."""
-        prior = getattr(self.model, "prior", None)
-        if prior is None or not getattr(self.model, "has_posterior", False) or prior.num_components < 2:
-            return
-        if not getattr(prior, "fitted", torch.tensor(True)):  # k-means has not run yet: N(0, I) for now
-            return
-        resp = responsibilities(self.model, self.data.val)
-        k = resp.shape[1]
-        usage = component_usage(resp, COMPONENT_SHARE / k)
-        row["val_components_used"] = usage["components_used"]
-        if usage["components_used"] < k and not self._warned_components and self.env.main:
-            self._warned_components = True
-            # (k-means is advice only for priors that have it and do not use it already)
-            kmeans = "kmeans" in prior.inits and self.config.prior_init != "kmeans"
-            print(f"pyrovae train: warning: epoch {row['epoch']}: only {usage['components_used']} of the prior's {k} "
-                  f"components hold {100 * COMPONENT_SHARE / k:.2g}% or more of the validation data (a tenth of an "
-                  "even share); the mixture is effectively smaller (val_components_used in metrics.jsonl; "
-                  f"{'--prior-init kmeans or ' if kmeans else ''}fewer components keep them in use)", file=sys.stderr)
-
-    def _val_scores(self) -> dict:
-        """Mean validation scores, with fixed noise; in a data-parallel run every process
-        scores its share of the split and the means are combined, so no process repeats
-        another's work."""
-        env, val = self.env, self.data.val
-        shard = val[env.rank :: env.world] if val.shape[0] >= env.world else val
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(VAL_SEED + env.rank)
-            scores = split_scores(self.model, shard, num_samples=1)
-        if env.world == 1 or shard is val:
-            return scores
-        keys = sorted(k for k, v in scores.items() if v is not None)
-        n = float(shard.shape[0])
-        sums = env.sum([scores[k] * n for k in keys] + [n])
-        return {k: total / sums[-1] for k, total in zip(keys, sums)}
-
-    def _state(self, epochs_done: int, optim, rng: list) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "kind": self.model.kind,
-            "data_dim": int(self.data.train_grey.shape[1]),
-            "image_shape": list(self.data.image_shape),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": optim.get_state() if optim is not None else {},
-            "epoch": epochs_done,
-            "global_step": self.global_step,
-            "best_val_elbo": self.best_val,
-            "best_epoch": self.best_epoch,
-            "epochs_since_best": self.since_best,
-            **self.budget.state(),
-            "rng": rng,
-            "data_fingerprint": self.data_fingerprint,
-            **({EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}),
-        }
-
-    # --- PCA: one fit, same run directory ------------------------------------------------
-    def _fit_pca(self, t_start: float) -> TrainResult:
+    def _fit_once(self, t_start: float) -> TrainResult:
+        """A kind fitted in closed form when built (PCA): one row, one checkpoint, same run directory."""
         t0 = time.perf_counter()
         val = split_scores(self.model, self.data.val, num_samples=1)
         row = {"epoch": 1, **{f"val_{k}": v for k, v in val.items() if v is not None}}
-        self.best_val, self.best_epoch = row.get("val_elbo", math.nan), 1
-        if self.write:
-            row["epoch_seconds"] = time.perf_counter() - t0
-            _append_line(self.run_dir / "metrics.jsonl", dumps(row, indent=None))
-            save_checkpoint(self._state(1, None, self.env.gather(_rng_state(self.device))), self.run_dir / "last.pt")
-            link_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
+        self.progress.scored(row.get("val_elbo", math.nan), self.config)
+        self.progress.best_val, self.progress.best_epoch = row.get("val_elbo", math.nan), 1
+        self.recorder.epoch(self, row, True, t0)
         self.last_row = row
-        return self._finish(t_start, 1, False, "epochs")
+        return self._finish(t_start, "epochs")
 
-    # --- the end ---------------------------------------------------------------------------
-    def _finish(self, t_start: float, epochs_done: int, stopped_early: bool, stopped_by: str) -> TrainResult:
+    def _finish(self, t_start: float, stopped_by: str) -> TrainResult:
+        for hook in self.hooks:
+            hook.end(self)
         test = None
-        if self.env.main:
-            if self.write:
-                best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
-                load_state(self.model, averaged_state(best), self.run_dir / "best.pt")
-            elif getattr(self, "_best_in_memory", None) is not None:
-                self.model.load_state_dict(self._best_in_memory)
-            test = self._test_scores()
-        seconds = time.perf_counter() - t_start
-        result = TrainResult(self.run_dir if self.write else None, epochs_done, self.best_epoch, self.best_val, test,
-                             seconds, stopped_early, stopped_by, self.planned_epochs)
-        if self.write:
-            self._plot()
-            summary = {"epochs_done": epochs_done, "best_epoch": self.best_epoch, "best_val_elbo": self.best_val,
-                       "stopped_early": stopped_early, "stopped_by": stopped_by, "test": test, "seconds": seconds,
-                       "train_seconds": self.budget.spent, "peak_rss_mb": _peak_rss_mb()}
-            if self.budget.seconds is not None:
-                summary.update(time_limit=self.config.time_limit, time_limit_seconds=self.budget.seconds,
-                               planned_epochs=self.planned_epochs)
-            write_json(self.run_dir / "summary.json", summary)
-            self.board.finish(self.config.to_dict(), {"best_val_elbo": self.best_val, "epochs_done": epochs_done,
-                                                      **({"test_elbo": test["elbo"]} if test and test.get("elbo")
-                                                         is not None else {})})
-        return result
+        if self.processes.main:
+            self.recorder.restore_best(self.model, self.device)
+            test = test_scores(self.config, self.model, self.device)
+        p, seconds = self.progress, time.perf_counter() - t_start
+        summary = {"epochs_done": p.epoch, "best_epoch": p.best_epoch, "best_val_elbo": p.best_val,
+                   "stopped_early": stopped_by == "patience", "stopped_by": stopped_by, "test": test,
+                   "seconds": seconds, "train_seconds": self.budget.spent, "peak_rss_mb": _peak_rss_mb()}
+        if self.budget.seconds is not None:
+            summary.update(time_limit=self.config.time_limit, time_limit_seconds=self.budget.seconds,
+                           planned_epochs=self.planned_epochs)
+        self.recorder.finish(self.config, summary)
+        return TrainResult(self.run_dir if self.write else None, p.epoch, p.best_epoch, p.best_val, test, seconds,
+                           stopped_by == "patience", stopped_by, self.planned_epochs)
 
-    def _test_scores(self) -> dict | None:
-        try:
-            test = prepare_data(self.config, "test", self.device)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"pyrovae train: note: no test-split score ({' '.join(str(e).split())})", file=sys.stderr)
-            return None
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(VAL_SEED)
-            scores = split_scores(self.model, test.images, num_samples=TEST_NUM_SAMPLES)
-        return {"num_examples": len(test), "num_samples": TEST_NUM_SAMPLES, **scores}
 
-    def _plot(self) -> None:
-        from .plots import plot_training_curves
+def restore_checkpoint(trainer: Trainer, state: dict) -> None:
+    """Give ``trainer`` what ``state`` (its run's ``last.pt``) keeps besides the counters: the weights, the
+    averaged weights (--ema) and each process's random state; ``ValueError`` where the data or the settings
+    are not the ones the run was trained with."""
+    c, env, last = trainer.config, trainer.processes, trainer.run_dir / "last.pt"
+    load_state(trainer.model, state["model"], last)
+    stored_print = state.get("data_fingerprint")
+    if stored_print is not None and stored_print != trainer.data_fingerprint:
+        raise ValueError(f"{c.dataset} in --data-dir {c.data_dir} is not the data {trainer.run_dir} was "
+                         "trained on (its training split differs): point --data-dir at that data")
+    if trainer.ema is not None:
+        if EMA_KEY not in state:
+            raise ValueError(f"{last}: holds no averaged weights for --ema: resume it with the settings it "
+                             "was trained with")
+        trainer.ema.load_state_dict(state[EMA_KEY])
+    ranks = state["rng"]
+    if len(ranks) == env.world:
+        _set_rng_state(ranks[env.rank], trainer.device)
+    else:  # another world size: continue deterministically, if not identically
+        torch.manual_seed(derive_seed(c.seed, trainer.start_epoch, env.rank))
 
-        rows = read_metrics(self.run_dir / "metrics.jsonl")
-        if rows:
-            plot_training_curves(rows, self.run_dir / "elbo.png")
+
+def _warn_if_kmeans_never_runs(config: TrainConfig, start_epoch: int) -> None:
+    if (config.prior_init == "kmeans" and config.prior_init_epochs >= config.epochs
+            and start_epoch <= config.prior_init_epochs):
+        print(f"pyrovae train: warning: --prior-init-epochs {config.prior_init_epochs} is not below --epochs "
+              f"{config.epochs}: the run ends before k-means sets the mixture, so its prior stays N(0, I) "
+              "(resume with more --epochs, or lower --prior-init-epochs)", file=sys.stderr)
+
+
+def checkpoint_state(trainer: Trainer, rng: list) -> dict:
+    """The checkpoint of where ``trainer`` stands (:data:`~pyrovae.runs.CHECKPOINT_FORMAT`): settings, the
+    model's weights, the optimiser, the counters, the time budget, every process's random state, the
+    training data's fingerprint and, with --ema, the averaged weights."""
+    t = trainer
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": t.config.to_dict(),
+        "kind": t.model.kind,
+        "data_dim": int(t.data.train_grey.shape[1]),
+        "image_shape": list(t.data.image_shape),
+        "model": {k: v.detach().cpu() for k, v in t.model.state_dict().items()},
+        "optimizer": t.optimizer.get_state() if t.optimizer is not None else {},
+        **t.progress.state(),
+        **t.budget.state(),
+        "rng": rng,
+        "data_fingerprint": t.data_fingerprint,
+        **({EMA_KEY: t.ema.state_dict()} if t.ema is not None else {}),
+    }
+
+
+def build_svi(config: TrainConfig, model, ema: WeightAverage | None, optimizer_state: dict | None = None):
+    """``(SVI, its ELBO, its Optimizer)`` for ``model``: the ELBO of ``--elbo``
+    (:func:`~pyrovae.objectives.build_elbo`), Adam (or AdamNormGrad) with ``--clip-norm`` and
+    ``--weight-decay``, updating ``ema`` after each step."""
+    elbo = build_elbo(config)
+    optim = Optimizer(config.lr, config.clip_norm * config.batch_size, config.weight_decay,
+                      normalize_grads=config.optimizer == "adamnormgrad",
+                      after_step=ema.update if ema is not None else None)
+    svi = SVI(model.model, model.guide, optim, loss=elbo)
+    if optimizer_state is not None:
+        optim.set_state(optimizer_state)
+    return svi, elbo, optim
+
+
+def epoch_batches(num_examples: int, processes: ProcessGroup, config: TrainConfig, epoch: int) -> list[torch.Tensor]:
+    """This process's batches of ``epoch``: its ``DistributedSampler`` shard of a shuffle seeded by
+    (``--seed``, epoch), in batches of ``--batch-size`` / processes."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(num_examples), num_replicas=processes.world, rank=processes.rank,
+                                 shuffle=True, seed=config.seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    idx = torch.tensor(list(iter(sampler)), dtype=torch.long, device=processes.device)
+    return list(idx.split(config.batch_size // processes.world))
+
+
+def train_row(config: TrainConfig, model, elbo, processes: ProcessGroup, sums: list[float], epoch: int, lr: float,
+              scale: float) -> dict:
+    """The epoch's training figures per example, summed over the processes: the loss (``sums`` =
+    [loss, examples]), and the ELBO with its reconstruction and KL terms as the ELBO recorded them
+    (for an :attr:`~pyrovae.model.ModelKind.enumerated` kind the loss is -log p(x) itself)."""
+    terms = elbo.pop_terms() if hasattr(elbo, "pop_terms") else {}
+    recon = float(terms["recon"]) if "recon" in terms else math.nan
+    kl = float(terms["kl"]) if "kl" in terms else math.nan
+    loss_sum, seen, recon, kl = processes.sum([*sums, recon, kl])
+    row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": lr,
+           "kl_scale": scale if config.warmup_epochs else 1.0}
+    if model.enumerated:
+        row["train_elbo"] = -loss_sum / seen
+    else:
+        row["train_recon"] = recon / seen
+        if not math.isnan(kl):
+            row["train_kl"] = kl / seen
+        row["train_elbo"] = (recon - kl) / seen if not math.isnan(kl) else recon / seen
+    return row
+
+
+def watch_components(model, val: torch.Tensor, row: dict, config: TrainConfig, main: bool, warned: bool) -> bool:
+    """For a mixture prior: ``val_components_used`` in the row (:func:`components_in_use`), and one line on
+    stderr (on the ``main`` process, unless ``warned`` already) the first time some fall below their share:
+    the mixture has then shrunk. Returns whether it has warned."""
+    used = components_in_use(model, val)
+    if used is None:
+        return warned
+    row["val_components_used"], k = used, model.prior.num_components
+    if used < k and not warned and main:
+        # (k-means is advice only for priors that have it and do not use it already)
+        kmeans = "kmeans" in model.prior.inits and config.prior_init != "kmeans"
+        print(f"pyrovae train: warning: epoch {row['epoch']}: only {used} of the prior's {k} components hold "
+              f"{100 * COMPONENT_SHARE / k:.2g}% or more of the validation data (a tenth of an even share); the "
+              "mixture is effectively smaller (val_components_used in metrics.jsonl; "
+              f"{'--prior-init kmeans or ' if kmeans else ''}fewer components keep them in use)", file=sys.stderr)
+        return True
+    return warned
+
+
+def _diverged_advice(epoch: int, run_dir: Path) -> str:
+    if epoch == 0:
+        return ("no checkpoint was written yet: lower --lr or add --warmup-epochs and train again "
+                "(the same command takes the directory over)")
+    return (f"the last good checkpoint is {run_dir / 'last.pt'} (epoch {epoch}): lower --lr or add "
+            "--warmup-epochs, then --resume")
+
+
+def validation_scores(model, val: torch.Tensor, processes: ProcessGroup) -> dict:
+    """Mean validation scores (:func:`~pyrovae.metrics.split_scores`, one sample, the fixed noise of
+    :data:`VAL_SEED`); in a data-parallel run every process scores its share of the split and the
+    means are combined, so no process repeats another's work."""
+    env, device = processes, processes.device
+    shard = val[env.rank :: env.world] if val.shape[0] >= env.world else val
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(VAL_SEED + env.rank)
+        scores = split_scores(model, shard, num_samples=1)
+    if env.world == 1 or shard is val:
+        return scores
+    keys = sorted(k for k, v in scores.items() if v is not None)
+    n = float(shard.shape[0])
+    sums = env.sum([scores[k] * n for k in keys] + [n])
+    return {k: total / sums[-1] for k, total in zip(keys, sums)}
+
+
+def test_scores(config: TrainConfig, model, device) -> dict | None:
+    """The test split's ELBO with :data:`TEST_NUM_SAMPLES` samples each (``None``, with a note, where
+    the dataset has no test split)."""
+    try:
+        test = prepare_data(config, "test", device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pyrovae train: note: no test-split score ({' '.join(str(e).split())})", file=sys.stderr)
+        return None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(VAL_SEED)
+        scores = split_scores(model, test.images, num_samples=TEST_NUM_SAMPLES)
+    return {"num_examples": len(test), "num_samples": TEST_NUM_SAMPLES, **scores}
+
+
+def components_in_use(model, val: torch.Tensor) -> int | None:
+    """How many of a mixture prior's K components hold at least :data:`COMPONENT_SHARE` / K of the
+    validation codes' responsibility; ``None`` without a mixture prior in use (or before k-means has
+    set it)."""
+    prior = getattr(model, "prior", None)
+    if not model.has_posterior or prior is None or prior.num_components < 2:
+        return None
+    if not getattr(prior, "fitted", torch.tensor(True)):  # k-means has not run yet: N(0, I) for now
+        return None
+    resp = responsibilities(model, val)
+    return component_usage(resp, COMPONENT_SHARE / resp.shape[1])["components_used"]
 
 
 def _peak_rss_mb() -> float | None:

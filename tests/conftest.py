@@ -113,19 +113,17 @@ def load_experiment(name: str):
 def interrupted_at(epoch: int, *, after: bool = False):
     """Training inside the block is stopped by a KeyboardInterrupt (as by Ctrl-C) at the start of
     ``epoch``, or with ``after=True`` once that epoch's row is written; the block expects it."""
-    import pyrovae.training as training
+    from pyrovae.training import Hook, hooked
 
-    original = training._Trainer._epoch
+    class Interrupt(Hook):
+        def epoch_start(self, trainer, e):
+            if e == epoch and not after:
+                raise KeyboardInterrupt
 
-    def interrupted(self, e, *args):
-        if e == epoch and not after:
-            raise KeyboardInterrupt
-        row = original(self, e, *args)
-        if e == epoch:
-            raise KeyboardInterrupt
-        return row
+        def epoch_end(self, trainer, row):
+            if after and row["epoch"] == epoch + 1:
+                raise KeyboardInterrupt
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training._Trainer, "_epoch", interrupted)
+    with hooked(Interrupt()):
         with pytest.raises(KeyboardInterrupt):
             yield

@@ -19,7 +19,7 @@ from pyrovae.data import binarize, load_dataset
 from pyrovae.marginal import log_weight_terms
 from pyrovae.model import build_model
 from pyrovae.nets import set_autocast
-from pyrovae.objectives import Optimizer, _clip_grad_norm_, build_elbo
+from pyrovae.objectives import Optimizer, build_elbo, clip_grad_norm_
 from pyrovae.runs import load_checkpoint, read_metrics
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -85,8 +85,8 @@ def test_clipping_on_the_device_and_on_the_host_agree():
     norm = float(torch.cat([g.flatten() for g in grads]).norm())
     for clip in (norm / 3, norm * 3):  # clipped, and left alone
         host, device = [g.clone() for g in grads], [g.clone() for g in grads]
-        _clip_grad_norm_(host, clip, sync=True)
-        _clip_grad_norm_(device, clip, sync=False)
+        clip_grad_norm_(host, clip, sync=True)
+        clip_grad_norm_(device, clip, sync=False)
         for a, b in zip(host, device):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
         new_norm = float(torch.cat([g.flatten() for g in host]).norm())
@@ -130,16 +130,13 @@ def test_dropping_gradients_after_the_step_changes_no_number(monkeypatch):
 
 @cuda
 def test_cuda_training_keeps_data_on_the_device_and_checkpoints_on_the_host(tmp_path):
-    from pyrovae.training import _Dist, _Trainer
+    from pyrovae.training import Trainer
 
     config = TrainConfig(dataset="digits", hidden_dims=(64,), latent_dim=4, epochs=2, batch_size=64,
                          out=str(tmp_path), name="gpu", device="cuda").resolved()
-    trainer = _Trainer(config, _Dist("cuda"), None, None, False, True)
-    try:
+    with Trainer(config, progress=False) as trainer:  # (releases the run directory's lock: it never trains)
         assert trainer.data.train_grey.is_cuda and trainer.data.train_fixed.is_cuda and trainer.data.val.is_cuda
         assert all(p.is_cuda for p in trainer.model.parameters())
-    finally:
-        trainer.lock.release()  # the run directory's lock file: this trainer never trains
     result = train(TrainConfig(**{**config.to_dict(), "name": "gpu-run", "hidden_dims": (64,)}), progress=False)
     state = load_checkpoint(result.run_dir / "last.pt")
     assert all(v.device.type == "cpu" for v in state["model"].values())
@@ -178,7 +175,7 @@ def test_a_statically_binarised_split_is_the_same_images_on_the_gpu(tmp_path):
     """A seeded CUDA generator draws other bits than the CPU's: the fixed binary data (what a run is
     trained and scored on) are drawn on the host, so a GPU run and a CPU run see the same images."""
     from pyrovae.data import static_binarized
-    from pyrovae.training import _Dist, _Trainer, prepare_data
+    from pyrovae.training import Trainer, prepare_data
 
     grey = load_dataset("digits", "train")
     on_host = static_binarized(grey).images
@@ -186,11 +183,8 @@ def test_a_statically_binarised_split_is_the_same_images_on_the_gpu(tmp_path):
     config = TrainConfig(dataset="digits", hidden_dims=(16,), latent_dim=2, epochs=1, out=str(tmp_path),
                          name="bits", device="cuda").resolved()
     assert torch.equal(prepare_data(config, "val", "cuda").images.cpu(), prepare_data(config, "val", "cpu").images)
-    trainer = _Trainer(config, _Dist("cuda"), None, None, False, True)
-    try:
+    with Trainer(config, progress=False) as trainer:
         assert torch.equal(trainer.data.train_fixed.cpu(), on_host)
-    finally:
-        trainer.lock.release()
 
 
 @cuda

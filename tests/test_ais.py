@@ -20,7 +20,7 @@ from conftest import child_env, cli
 from test_marginal import data_from, exact_log_px, mean_se, ppca_vae, set_proposal
 
 from pyrovae import TrainConfig, estimate_log_px, load_run, train
-from pyrovae.ais import _evaluate, _hmc, _Start, ais_log_px, bdmc, sigmoidal_schedule, simulate
+from pyrovae.ais import ChainStart, ais_log_px, bdmc, chain_state, hmc_move, sigmoidal_schedule, simulate
 from pyrovae.marginal import ExampleNoise, isolated_params
 from pyrovae.quadrature import quadrature_log_px
 from pyrovae.training import prepare_data
@@ -76,12 +76,12 @@ def test_hmc_at_beta_1_leaves_the_gaussian_posterior_invariant():
     chains = 4000
     noise = ExampleNoise(0, 0, 1, "cpu")
     with isolated_params(), pyro.validation_enabled(False):
-        start = _Start(vae, x, chains, "guide", noise)
+        start = ChainStart(vae, x, chains, "guide", noise)
         z0 = post_mean + torch.randn(chains, 1, 2, dtype=torch.float64) @ torch.linalg.cholesky(post_cov).T
-        state = _evaluate(vae, x, {"z": z0.float()}, start)
+        state = chain_state(vae, x, {"z": z0.float()}, start)
         step = torch.full((1,), 0.5)
         for _ in range(20):
-            state, _ = _hmc(vae, x, state, torch.tensor(1.0), start, step, 5, noise, chains)
+            state, _ = hmc_move(vae, x, state, torch.tensor(1.0), start, step, 5, noise, chains)
     z = state.z["z"][:, 0].double()
     se_mean = post_cov.diagonal().sqrt() / math.sqrt(chains)
     assert bool(((z.mean(0) - post_mean).abs() < 4 * se_mean).all())

@@ -82,14 +82,13 @@ def _worker(rank: int, world: int, jobs: list[dict], results: str) -> None:
     torch.set_num_threads(1)
     import pyrovae.training as tr
 
-    finish = tr._Trainer._finish
+    class KeepParams(tr.Hook):
+        """Each rank's final parameters (before the best epoch's are restored) and whether it writes."""
 
-    def keep_params(self, *args, **kwargs):
-        params = {k: v.detach().clone() for k, v in self.model.named_parameters()}
-        torch.save({"params": params, "writes": self.write}, Path(results) / f"{self.config.name}-rank{rank}.pt")
-        return finish(self, *args, **kwargs)
-
-    tr._Trainer._finish = keep_params
+        def end(self, trainer):
+            params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+            torch.save({"params": params, "writes": trainer.write},
+                       Path(results) / f"{trainer.config.name}-rank{rank}.pt")
     load = tr.load_dataset
 
     def load_counting_downloads(*args, **kwargs):
@@ -105,7 +104,8 @@ def _worker(rank: int, world: int, jobs: list[dict], results: str) -> None:
         os.environ["MASTER_PORT"] = str(job["port"])
         outcome = "ok"
         try:
-            tr.train(TrainConfig.from_dict(job["config"]), resume=job.get("resume"), progress=False)
+            tr.train(TrainConfig.from_dict(job["config"]), resume=job.get("resume"), progress=False,
+                     hooks=[KeepParams()])
         except ValueError as e:
             outcome = f"ValueError: {e}"
         (Path(results) / f"{job['id']}-rank{rank}.json").write_text(json.dumps(outcome))

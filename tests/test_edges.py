@@ -80,14 +80,14 @@ def test_ess_is_computed_from_the_very_log_weights_the_estimate_used(monkeypatch
     model = load_run(narrow_run).model
     x = prepare_data(load_run(narrow_run).config, "test", "cpu").images[:6]
     seen = []
-    score = marginal._score
+    score = marginal.score_traces
 
     def spy(*args):
         terms = score(*args)
         seen.append((terms["log_lik"] + terms["log_prior"] - terms["log_q"]).double())
         return terms
 
-    monkeypatch.setattr(marginal, "_score", spy)
+    monkeypatch.setattr(marginal, "score_traces", spy)
     est = estimate_log_px(model, x, 50, seed=3, chunk_size=60, batch_size=6)
     log_w = torch.cat(seen)  # (K, B), chunk after chunk
     w = (log_w - log_w.max(0).values).exp()

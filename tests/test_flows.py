@@ -16,7 +16,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from pyrovae import TrainConfig, build_model, estimate_log_px, load_run, train
-from pyrovae.marginal import _score, _trace_guide, isolated_params
+from pyrovae.marginal import isolated_params, score_traces, trace_guide
 from pyrovae.objectives import Optimizer, RecordedIWAE
 from pyrovae.quadrature import quadrature_log_px
 from pyrovae.runs import read_metrics
@@ -121,11 +121,11 @@ def test_every_chunked_draw_is_scored_with_its_own_exact_density(monkeypatch):
     import pyrovae.marginal as marginal
 
     def spy(model, xb, guide_trace, num_samples):
-        terms = _score(model, xb, guide_trace, num_samples)
+        terms = score_traces(model, xb, guide_trace, num_samples)
         seen.append((xb, guide_trace.nodes["z"]["value"].detach().clone(), terms["log_q"].detach().clone()))
         return terms
 
-    monkeypatch.setattr(marginal, "_score", spy)
+    monkeypatch.setattr(marginal, "score_traces", spy)
     estimate_log_px(vae, x, 9, chunk_size=8, batch_size=4)  # 2 samples per pass: 5 passes
     assert len(seen) == 5
     for xb, z, log_q in seen:
@@ -154,8 +154,8 @@ def test_iwae_bound_with_a_flow_guide_is_the_per_example_bound_from_traces():
         loss = iwae.loss(vae.model, vae.guide, x)
     torch.manual_seed(3)
     with isolated_params(), torch.no_grad():
-        trace = _trace_guide(vae, x, K)
-        t = _score(vae, x, trace, K)
+        trace = trace_guide(vae, x, K)
+        t = score_traces(vae, x, trace, K)
     log_w = (t["log_lik"] + t["log_prior"] - t["log_q"]).double()
     by_hand = float((torch.logsumexp(log_w, 0) - math.log(K)).sum())
     assert -loss == pytest.approx(by_hand, abs=1e-3)

@@ -27,6 +27,7 @@ from pyrovae import TrainConfig, estimate_log_px, load_run, train
 from pyrovae.data import read_idx
 from pyrovae.files import dumps
 from pyrovae.runs import load_checkpoint, read_metrics, save_checkpoint
+from pyrovae.training import Hook, hooked
 
 TINY = ["--dataset", "digits", "--hidden-dims", "16", "--latent-dim", "3", "--quiet"]
 
@@ -61,26 +62,26 @@ def _copy(run_dir: Path, dest: Path) -> Path:
 # --- 1. a run stopped before its first checkpoint -----------------------------------------------------------
 
 
-def _stop_in_first_epoch(monkeypatch, how):
-    original = training._Trainer._epoch
+class _StopInFirstEpoch(Hook):
+    """Ctrl-C ("interrupt") or a NaN loss ("diverge") as the first epoch starts."""
 
-    def epoch(self, e, *args):
+    def __init__(self, monkeypatch, how):
+        self.monkeypatch, self.how = monkeypatch, how
+
+    def epoch_start(self, trainer, e):
         if e == 0:
-            if how == "interrupt":
+            if self.how == "interrupt":
                 raise KeyboardInterrupt
             import pyro.infer
 
-            monkeypatch.setattr(pyro.infer.SVI, "step", lambda *a, **k: math.nan)
-        return original(self, e, *args)
-
-    monkeypatch.setattr(training._Trainer, "_epoch", epoch)
+            self.monkeypatch.setattr(pyro.infer.SVI, "step", lambda *a, **k: math.nan)
 
 
 @pytest.mark.parametrize("how, code", [("interrupt", 130), ("diverge", 1)])
 def test_a_run_stopped_before_its_first_checkpoint_is_no_dead_end(capsys, monkeypatch, tmp_path, how, code):
     args = ["train", *TINY, "--epochs", "2", "--out", str(tmp_path), "--name", "x"]
-    _stop_in_first_epoch(monkeypatch, how)
-    got, _, err = cli(capsys, *args)
+    with hooked(_StopInFirstEpoch(monkeypatch, how)):
+        got, _, err = cli(capsys, *args)
     assert got == code
     line = one_line(err)
     assert "(epoch 0)" not in line  # no checkpoint "of epoch 0" is named: there is none
@@ -92,9 +93,8 @@ def test_a_run_stopped_before_its_first_checkpoint_is_no_dead_end(capsys, monkey
     assert got == 0 and "taking it over" in err
     assert [r["epoch"] for r in read_metrics(tmp_path / "x" / "metrics.jsonl")] == [1, 2]
     # and --resume of such a directory starts it again from its stored settings
-    _stop_in_first_epoch(monkeypatch, "interrupt")
-    assert cli(capsys, "train", *TINY, "--epochs", "2", "--out", str(tmp_path), "--name", "y")[0] == 130
-    monkeypatch.undo()
+    with hooked(_StopInFirstEpoch(monkeypatch, "interrupt")):
+        assert cli(capsys, "train", *TINY, "--epochs", "2", "--out", str(tmp_path), "--name", "y")[0] == 130
     got, _, err = cli(capsys, "train", "--resume", str(tmp_path / "y"), "--quiet")
     assert got == 0 and "starting it again from epoch 0" in err
     assert load_checkpoint(tmp_path / "y" / "last.pt")["epoch"] == 2
@@ -302,7 +302,7 @@ def test_ctrl_c_in_the_middle_of_an_estimate_is_one_line_and_130_and_writes_noth
                                                                                    tmp_path):
     import pyrovae.marginal as marginal
 
-    scored, score = [], marginal._score
+    scored, score = [], marginal.score_traces
 
     def interrupted_on_the_second_chunk(*a, **k):
         scored.append(1)
@@ -310,7 +310,7 @@ def test_ctrl_c_in_the_middle_of_an_estimate_is_one_line_and_130_and_writes_noth
             raise KeyboardInterrupt
         return score(*a, **k)
 
-    monkeypatch.setattr(marginal, "_score", interrupted_on_the_second_chunk)
+    monkeypatch.setattr(marginal, "score_traces", interrupted_on_the_second_chunk)
     got, out, err = cli(capsys, "evaluate", str(run), "--num-samples", "50", "--chunk-size", "50", "--quiet",
                         "--json", str(tmp_path / "r.json"))
     assert len(scored) == 2 and got == 130, err
@@ -326,14 +326,14 @@ def test_a_resume_that_fails_before_its_first_epoch_changes_no_file(capsys, monk
     (d / ".last.pt.abc123.tmp").write_bytes(b"left by a killed write")
     before = snapshot(d)
 
-    def fail(self, *args):
-        raise ValueError("the data went away")
+    class Fail(Hook):
+        def epoch_start(self, trainer, epoch):
+            raise ValueError("the data went away")
 
-    monkeypatch.setattr(training._Trainer, "_epoch", fail)
-    got, _, err = cli(capsys, "train", "--resume", str(d), "--epochs", "5", "--quiet")
+    with hooked(Fail()):
+        got, _, err = cli(capsys, "train", "--resume", str(d), "--epochs", "5", "--quiet")
     assert got == 2 and "the data went away" in one_line(err)
     assert snapshot(d) == before  # config.json still says 2 epochs; metrics untouched
-    monkeypatch.undo()
     got, _, err = cli(capsys, "train", "--resume", str(d), "--epochs", "3", "--quiet", "--no-tensorboard")
     assert got == 0, err
     assert json.loads((d / "config.json").read_text())["epochs"] == 3

@@ -334,10 +334,10 @@ def test_by_component_on_one_component_fills_the_grid_and_compare_on_one_example
 
 
 def test_one_example_shows_n_a_for_its_standard_error():
-    from pyrovae.compare import _pm
+    from pyrovae.compare import plus_minus
 
-    assert _pm(-1.0, float("nan")) == "-1.00 ± n/a (1 example)"
-    assert _pm(-1.0, 0.25, signed=True) == "-1.00 ± 0.25"
+    assert plus_minus(-1.0, float("nan")) == "-1.00 ± n/a (1 example)"
+    assert plus_minus(-1.0, 0.25, signed=True) == "-1.00 ± 0.25"
 
 
 # --- 11. evaluate's estimate of its own time ----------------------------------------------------------------

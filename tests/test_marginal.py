@@ -24,11 +24,11 @@ from test_model import closed_form_elbo, linear_gaussian_vae
 from pyrovae import TrainConfig
 from pyrovae.marginal import (
     LOG_WEIGHT_BUDGET,
-    _layout,
     default_chunk_size,
     estimate_log_px,
     isolated_params,
     log_weight_terms,
+    pass_layout,
 )
 from pyrovae.model import build_model
 from pyrovae.objectives import RecordedIWAE
@@ -194,7 +194,7 @@ def test_estimate_on_cuda_matches_the_closed_form():
 @pytest.mark.parametrize("n, K, chunk, batch", [(10_000, 5000, 2048, 100), (3, 10**7, 2048, 100), (50, 1, 2048, 100),
                                                 (7, 13, 5, 3), (1000, 10, 65536, 100)])
 def test_layout_respects_chunk_and_log_weight_budget(n, K, chunk, batch):
-    b, s = _layout(n, K, chunk, batch, keep_log_w=True)
+    b, s = pass_layout(n, K, chunk, batch, keep_log_w=True)
     assert 1 <= b <= batch and 1 <= s <= K
     assert b * s <= chunk or (b == 1 and s == 1)
     assert b * K <= max(LOG_WEIGHT_BUDGET, K)  # log-weights kept for PSIS

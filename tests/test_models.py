@@ -24,7 +24,7 @@ from pyro.infer import Trace_ELBO
 from test_marginal import mean_se
 
 from pyrovae import TrainConfig, build_model, estimate_log_px, train
-from pyrovae.marginal import _score, _trace_guide, isolated_params
+from pyrovae.marginal import isolated_params, score_traces, trace_guide
 from pyrovae.metrics import evaluate
 from pyrovae.objectives import Optimizer, RecordedFreeBitsELBO, RecordedIWAE
 from pyrovae.runs import read_metrics
@@ -106,7 +106,7 @@ def test_iwae_bound_with_two_layers_is_the_per_example_bound_from_traces():
                                                                                                    x)
     torch.manual_seed(3)
     with isolated_params(), torch.no_grad():
-        t = _score(vae, x, _trace_guide(vae, x, K), K)
+        t = score_traces(vae, x, trace_guide(vae, x, K), K)
     log_w = (t["log_lik"] + t["log_prior"] - t["log_q"]).double()
     assert -loss == pytest.approx(float((torch.logsumexp(log_w, 0) - math.log(K)).sum()), abs=1e-3)
 

@@ -20,6 +20,17 @@ import pyrovae.training as training
 from pyrovae import TrainConfig, train
 from pyrovae.config import parse_duration
 from pyrovae.runs import load_checkpoint, read_metrics
+from pyrovae.training import Hook
+
+
+class Pace(Hook):
+    """Sets how far the fake clock moves per reading during each epoch: ``step_of(epoch)``."""
+
+    def __init__(self, clock, step_of):
+        self.clock, self.step_of = clock, step_of
+
+    def epoch_start(self, trainer, epoch):
+        self.clock["step"] = self.step_of(epoch)
 
 
 @pytest.fixture
@@ -98,14 +109,7 @@ def test_a_run_that_slows_down_after_its_plan_shortens_the_plan_to_keep_its_budg
     """From epoch 7 on every epoch takes 9 s instead of 3: at epoch 7 the plan of 10 would end at 27 + 3 x 4
     (the mean of the session's epochs after its first) = 39 s, past 30 s by more than 5%, so it shrinks to the
     7 that fit."""
-    original = training._Trainer._epoch
-
-    def slower(self, e, *args):
-        clock["step"] = 3.0 if e >= 6 else 1.0
-        return original(self, e, *args)
-
-    monkeypatch.setattr(training._Trainer, "_epoch", slower)
-    result = train(config(tmp_path), progress=False)
+    result = train(config(tmp_path), progress=False, hooks=[Pace(clock, lambda e: 3.0 if e >= 6 else 1.0)])
     rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
     assert [r.get("planned_epochs") for r in rows] == [None] * 3 + [10] * 3 + [7]
     assert (result.epochs_done, result.planned_epochs, result.stopped_by) == (7, 7, "time_limit")
@@ -120,14 +124,8 @@ def test_a_resumed_sessions_slow_first_epoch_is_spent_but_does_not_set_the_pace(
     it, so at epoch 11 (39 s spent, 9 epochs left at 3 s: 66 s, past 63) the plan becomes the 18 that fit."""
     with interrupted_at(6, after=True):
         train(config(tmp_path, time_limit="60s"), progress=False)
-    original = training._Trainer._epoch
-
-    def slow_first(self, e, *args):
-        clock["step"] = 3.0 if e == 7 else 1.0
-        return original(self, e, *args)
-
-    monkeypatch.setattr(training._Trainer, "_epoch", slow_first)
-    result = train(config(tmp_path, time_limit="60s"), resume=tmp_path / "r", progress=False)
+    result = train(config(tmp_path, time_limit="60s"), resume=tmp_path / "r", progress=False,
+                   hooks=[Pace(clock, lambda e: 3.0 if e == 7 else 1.0)])
     rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
     assert [r.get("planned_epochs") for r in rows[3:]] == [20] * 7 + [18] * 8
     assert (result.epochs_done, result.stopped_by) == (18, "time_limit")
@@ -141,15 +139,8 @@ def test_a_run_that_speeds_up_after_its_plan_lengthens_the_plan_to_use_its_budge
     are spent and 5 epochs left would end at 53.25 s, under 57, so the plan becomes 5 + 33 // 5.25 = 11; and
     so on. The run ends inside the 5% band, having spent 57 s in 15 epochs (at the first pace, 60 s in 10).
     The schedule anneals over the plan in force at each epoch."""
-    original = training._Trainer._epoch
-
-    def faster(self, e, *args):
-        clock["step"] = 2.0 if e < 4 else 1.0
-        return original(self, e, *args)
-
-    monkeypatch.setattr(training._Trainer, "_epoch", faster)
     c = config(tmp_path, time_limit="60s")
-    result = train(c, progress=False)
+    result = train(c, progress=False, hooks=[Pace(clock, lambda e: 2.0 if e < 4 else 1.0)])
     rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
     plans = [r["planned_epochs"] for r in rows[3:]]
     assert plans == [10, 11, 12, 13, 13, 14, 14, 14, 15, 15, 15, 15]

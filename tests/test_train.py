@@ -15,6 +15,7 @@ import torch
 import pyrovae.training as training
 from pyrovae import TrainConfig, load_run, train
 from pyrovae.runs import load_checkpoint, read_metrics, save_checkpoint
+from pyrovae.training import Hook
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:
@@ -57,17 +58,13 @@ def test_same_seed_same_numbers(tmp_path):
 
 def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = train(tiny(tmp_path, name="straight", epochs=4), progress=False)
-    original = training._Trainer._epoch
+    class CtrlC(Hook):
+        def epoch_start(self, trainer, epoch):
+            if epoch == 2:
+                raise KeyboardInterrupt  # Ctrl-C as the third epoch starts
 
-    def interrupted(self, epoch, *args):
-        if epoch == 2:
-            raise KeyboardInterrupt  # Ctrl-C as the third epoch starts
-        return original(self, epoch, *args)
-
-    monkeypatch.setattr(training._Trainer, "_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path, name="split", epochs=4), progress=False)
-    monkeypatch.undo()
+        train(tiny(tmp_path, name="split", epochs=4), progress=False, hooks=[CtrlC()])
     assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 2
     resumed = train(tiny(tmp_path, name="split", epochs=4), resume=tmp_path / "split", progress=False)
     assert resumed.epochs_done == 4

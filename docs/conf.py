@@ -6,6 +6,10 @@ the tutorial a notebook that myst-nb executes on every build.
 """
 
 import os
+import sys
+
+# docs/_ext: cli_reference, the parser the command-line reference (api/cli.md) is generated from
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ext"))
 
 project = "pyrovae"
 author = "the pyrovae authors"
@@ -19,6 +23,8 @@ extensions = [
     "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "myst_nb",
+    # the command-line reference, rendered from pyrovae.cli.build_parser() at every build
+    "sphinxarg.ext",
 ]
 
 # the study reports are written by the experiments and included by the Results pages, not built alone

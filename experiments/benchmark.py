@@ -79,7 +79,7 @@ _FIX = "rerun with another --out"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="experiments/benchmark.py",
-        description="Train the ladder of models on statically binarised MNIST, each row for a fixed wall-clock "
+        description="Train eight model configurations on statically binarised MNIST, each for a fixed wall-clock "
         "budget, and report validation log p(x) (K importance samples), ELBO, KL, active units, Pareto k-hat, "
         "epochs, minutes, peak memory, AIS for the best two rows, and the published figure beside each.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -292,12 +292,15 @@ def _main(args, argv) -> int:
              "- Training: the 50,000 training images, each row for the minutes shown (`--time-limit`), the best "
              "validation epoch kept; minutes are the epochs' own seconds on 2 CPU cores.",
              f"- log p(x): importance sampling with each run's q(z|x), K = {num_samples} per image, the same per-image "
-             "noise streams for every row; Δ: paired over the same images, ± its standard error. The validation "
+             "noise streams for every row; Δ: paired over the same images, ± its standard error. ELBO: the mean of "
+             "the same K log-weights per image, at the best validation epoch (training's own validation ELBO draws "
+             "z once per image, so it can differ in the second decimal). The validation "
              "split also chose each row's best epoch, so its figures are slightly optimistic; the test column is "
              "clean where the test file is present.",
              "- AIS: `pyrovae evaluate --estimator ais` defaults (T = 500, 4 chains, 5 leapfrog steps) for the two "
              "rows with the best log p(x).",
-             "- Published figures are on the test split, after hundreds to thousands of GPU epochs.",
+             "- Published figures are on the test split of the same statically binarized MNIST, after hundreds "
+             "to thousands of GPU epochs.",
              "", "![validation ELBO against training minutes](elbo_vs_minutes.png)", "", f"Command: `{command}`", ""]
     text = "\n".join(lines)
     write_text_atomic(out / "benchmark.md", text)

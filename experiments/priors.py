@@ -64,7 +64,8 @@ ANCHORS = [
     "VaDE (Jiang et al. 2017): 94.46% cluster accuracy on full MNIST (70k images) with a 10-component "
     "mixture prior, a 500-500-2000-10 network and autoencoder pretraining.",
     "Finite Bernoulli mixture fitted by plain EM on the 5k digits (statically binarised), scored on real "
-    "MNIST test digits (issue 4): K=10 -168.5, K=50 -160.3, K=512 -153.5 nats; a textbook VAE on the "
+    "MNIST test digits (reference figures given when this study was set, not computed by pyrovae): "
+    "K=10 -168.5, K=50 -160.3, K=512 -153.5 nats; a textbook VAE on the "
     "same digits about -96.",
 ]
 
@@ -266,7 +267,7 @@ def _main(args, argv) -> int:
         f"{shared['prior_init_epochs']} epoch(s).",
         "log p(x): importance sampling with the guide q(z|x) as proposal (in expectation the IWAE bound at "
         "that K, a lower bound), ± the standard error over test examples; the finite mixture's log p(x) is "
-        "exact (its ELBO equals it: p(m|x) is computed exactly, and its KL is KL(p(m|x) || p(m))). "
+        "exact (its ELBO equals it: p(k|x) is computed exactly, and its KL is KL(p(k|x) || p(k))). "
         "Pareto k̂ > 0.7: the share of examples whose importance weights PSIS flags as too heavy-tailed for "
         "the estimate to have converged; read those rows' log p(x) as lower bounds.",
         "Δ vs standard: the mean over the same test examples of log p(x) minus the standard prior's, ± the "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import ESTIMATORS, RESUMABLE, WHOLE_LIMIT  # (config imports no torch: --help stays fast)
 
-__all__ = ["main", "exit_code_of"]
+__all__ = ["main", "build_parser", "exit_code_of"]
 
 #: the exceptions that mean bad input (a file, an array, a flag, a checkpoint): exit code 2
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)
@@ -142,8 +142,8 @@ def estimator_options(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    root = _Parser(prog="pyrovae", description="The VAE of the design notes as a Pyro program: train, "
-                   "estimate log p(x), look at samples.")
+    root = _Parser(prog="pyrovae", description="The variational autoencoder of docs/theory.md as a Pyro program: "
+                   "train, estimate log p(x), look at samples.")
     sub = root.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model; writes runs/<name>/",
@@ -269,8 +269,8 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_reconstruct)
 
     i = run_command("interpolate", "PNG: decoded along the line between the codes of two images",
-                    "The notes' full moon and half moon: decode the straight line between the codes of images "
-                    "I and J of the split, originals at both ends.")
+                    "Decode the straight line between the codes of images I and J of the split, originals at "
+                    "both ends: what the decoder makes of the space between two codes.")
     data_flags(i)
     i.add_argument("--pair", type=_whole, nargs=2, metavar=("I", "J"), required=True, help="indices into the split")
     i.add_argument("--steps", type=_whole, default=10, help="images along the line (default: 10)")
@@ -280,6 +280,21 @@ def _parser() -> argparse.ArgumentParser:
     for p in (t, e, cp, bd, s, r, i):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return root
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyrovae`` command's argument parser: every subcommand and flag with its default, as
+    ``pyrovae --help`` and ``pyrovae COMMAND --help`` print them. The documentation's command-line
+    reference is generated from it.
+
+    Examples
+    --------
+    >>> from pyrovae.cli import build_parser
+    >>> args = build_parser().parse_args(["evaluate", "runs/first", "--num-samples", "100"])
+    >>> args.command, args.run, args.num_samples, args.estimator
+    ('evaluate', 'runs/first', 100, 'is')
+    """
+    return _parser()
 
 
 # --- train ---------------------------------------------------------------------------------
@@ -320,7 +335,9 @@ def _train(args) -> int:
     print(f"epochs: {result.epochs_done} (best {result.best_epoch}{early}), {result.seconds:.1f} s")
     if result.test is not None and result.test.get("elbo") is not None:
         t = result.test
-        what = "ELBO" if config.model in ("vae",) else "score (the bound it optimises)"
+        from .model import MODEL_KINDS
+
+        what = "ELBO" if MODEL_KINDS[config.model].has_posterior else "score (the bound it optimises)"
         print(f"test {what}: {t['elbo']:.2f} nats per example ({t['num_examples']} examples, "
               f"{t['num_samples']} samples each)")
     if not config.no_tensorboard:  # the one place a run mentions TensorBoard unasked
@@ -347,8 +364,8 @@ def _base_config(preset: str | None, config_file: str | None):
 def _load(args, device=None):
     import torch
 
+    from .distributed import resolve_device
     from .runs import load_run
-    from .training import resolve_device
 
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must lie in [0, 2^63) (got {args.seed})")
@@ -441,12 +458,12 @@ def _split(args, run):
 
 
 def _evaluate(args) -> int:
+    from .distributed import ProcessGroup
     from .metrics import evaluate, format_report, shard_bounds
     from .pictures import code_prior
     from .plots import plot_latent_2d
-    from .training import _Dist
 
-    env = _Dist(args.device)  # under torchrun: one shard of the examples per process
+    env = ProcessGroup(args.device)  # under torchrun: one shard of the examples per process
     finished = False
     try:
         error = None
@@ -468,7 +485,7 @@ def _evaluate(args) -> int:
         return 0
     report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "weights": run.weights, "dataset": ds.name,
               "split": ds.split, "processes": env.world, "seed": args.seed, **report}
-    if getattr(run.model, "latent_dim", 0) == 2 and run.model.kind != "mixture":
+    if run.model.has_code and run.model.latent_dim == 2:
         import torch
 
         with torch.no_grad():
@@ -507,9 +524,9 @@ def _write_json(where: str | None, obj) -> None:
 
 def _compare(args) -> int:
     from .compare import compare_runs, markdown_table, plot_differences
+    from .distributed import resolve_device
     from .files import write_text_atomic
     from .runs import load_run
-    from .training import resolve_device
 
     runs = list(args.runs)
     for r in runs:

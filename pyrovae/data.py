@@ -43,6 +43,17 @@ class Dataset:
 
     ``images`` is ``(N, D)`` float32 in [0, 1]; ``labels`` is ``(N,)`` int64 or ``None``;
     ``image_shape`` is ``(H, W)`` with ``H * W == D``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyrovae import Dataset, load_dataset
+    >>> toy = Dataset("toy", "train", images=torch.rand(6, 4), labels=torch.arange(6), image_shape=(2, 2))
+    >>> len(toy), toy.data_dim, len(toy.subset(3))
+    (6, 4, 3)
+    >>> test = load_dataset("mnist5k", "test")
+    >>> test.name, test.split, len(test), test.image_shape
+    ('mnist5k', 'test', 500, (28, 28))
     """
 
     name: str
@@ -129,6 +140,20 @@ def load_dataset(
 
     ``download`` fetches a named dataset's files into ``data_dir`` first, with a progress bar unless
     ``progress`` is false.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyrovae import load_dataset
+    >>> from pyrovae.data import static_binarized
+    >>> test = load_dataset("mnist5k", "test")
+    >>> len(test), tuple(test.images.shape), test.image_shape
+    (500, (500, 784), (28, 28))
+    >>> sorted(set(test.labels.tolist()))  # stratified: every digit is there
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    >>> binary = static_binarized(test)  # the 0/1 images pyrovae evaluate scores: the same draw every time
+    >>> sorted(binary.images.unique().tolist()), torch.equal(binary.images, static_binarized(test).images)
+    ([0.0, 1.0], True)
     """
     if split not in SPLITS + ("all",):
         raise DataError(f"split must be one of train, val, test, all (got {split!r})")

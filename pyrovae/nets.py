@@ -22,7 +22,8 @@ from torch import nn
 
 from .distributions import softplus
 
-__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "set_autocast", "he_init_", "log_scale_from", "NETS"]
+# set_autocast and he_init_, helpers of the trainer and the models, stay importable but are not public
+__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "log_scale_from", "NETS"]
 
 #: values of ``--net``
 NETS = ("mlp", "gated", "conv")

@@ -8,8 +8,8 @@ import torch
 
 from .files import write_atomic
 
-__all__ = ["save_image_grid", "plot_training_curves", "plot_latent_2d", "figure", "image_path",
-           "IMAGE_SUFFIXES"]
+# image_path, the commands' check of a picture's file name, stays importable but is not public
+__all__ = ["save_image_grid", "plot_training_curves", "plot_latent_2d", "figure", "IMAGE_SUFFIXES"]
 
 #: image files a picture may be written to (what PIL writes)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")

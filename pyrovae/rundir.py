@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .files import TMP_SUFFIX, OutputError, dumps, write_json, write_text_atomic
 from .runs import RunLock, link_checkpoint, load_checkpoint, read_metrics, save_checkpoint
 
-__all__ = ["RunDirectory", "is_run_file", "default_run_dir"]
+__all__ = ["RunDirectory"]
 
 
 def is_run_file(name: str) -> bool:

@@ -69,11 +69,8 @@ from .objectives import Optimizer, build_elbo
 from .rundir import RunDirectory, default_run_dir, is_run_file
 from .runs import CHECKPOINT_FORMAT, load_checkpoint, load_state
 
-__all__ = ["train", "Trainer", "Hook", "hooked", "TrainingData", "Progress", "Recorder", "train_or_reuse",
-           "TrainResult", "TrainingDiverged", "prepare_data", "load_training_data", "learning_rate", "kl_scale",
-           "epoch_batches", "build_svi", "train_row", "validation_scores", "test_scores", "components_in_use",
-           "watch_components", "checkpoint_state", "restore_checkpoint",
-           "count_since_best", "finished_run", "data_fingerprint"]
+__all__ = ["train", "Trainer", "Hook", "hooked", "TrainResult", "TrainingDiverged", "TrainingData", "Progress",
+           "load_training_data", "prepare_data", "train_or_reuse", "finished_run"]
 
 #: importance samples per example for the test-split ELBO printed at the end of training
 TEST_NUM_SAMPLES = 10

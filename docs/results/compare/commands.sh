@@ -1,6 +1,7 @@
 #!/bin/sh
-# The numbers and pictures of the comparing guide (docs/guide/compare.md) and the TensorBoard guide
-# (docs/guide/tensorboard.md):
+# The table and plot of "Comparing three priors" (docs/results/compare.md), an example for the
+# guide "Comparing models" (docs/guide/compare.md), and the TensorBoard picture that the guide
+# "Watching a run: TensorBoard" (docs/guide/tensorboard.md) shows:
 # three runs at the default settings but the prior, one comparison, one picture of their
 # TensorBoard events. Run from the repository root: sh docs/results/compare/commands.sh
 # (about 20 minutes on 2 CPU cores; a rerun reuses nothing: remove results/compare first).

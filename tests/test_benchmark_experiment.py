@@ -42,8 +42,9 @@ def test_benchmark_quick_trains_scores_and_reuses(tmp_path, capsys):
     assert "--data-dir DIR" in text and str(data) not in text
     head = (out / "headline.md").read_text().splitlines()  # the README's table, from the same figures
     assert len(head) == 4 and head[2].startswith("| vae | standard VAE")
-    vae = result["validation"]["rows"][0]["report"]
-    assert f"| {vae['elbo']:.2f} | {vae['log_px']:.2f} ± {vae['log_px_se']:.2f} |" in head[2]
+    vae = result["test"]["rows"][0]["report"]  # the test split's figures, where it is present
+    assert "(test)" in head[0] and f"| {vae['elbo']:.2f} | {vae['log_px']:.2f} ± {vae['log_px_se']:.2f} |" in head[2]
+    assert "10 test images" in head[2]  # AIS for the best two (chosen on validation) on test images
     assert f"{rows['vae']['ais']['log_px']:.2f} ± " in head[2] and head[2].endswith("| −89.9 |")
     with Image.open(out / "elbo_vs_minutes.png") as im:
         assert im.size[0] > 400
@@ -68,3 +69,35 @@ def test_the_two_level_row_is_the_best_row_without_its_weight_decay_for_fewer_mi
     assert two_level["weight_decay"] == 0 and best["weight_decay"] == 0.02
     assert (two_level["time_limit"], best["time_limit"]) == ("15m", "30m")
     assert best["hierarchy"] == "two-level" and best["prior"] == "vamp" and best["lr"] == 1e-3
+
+
+def test_the_paper_rows_train_on_the_papers_schedule_and_run_only_when_named(tmp_path):
+    study = load_experiment("benchmark")
+    args = study._parser().parse_args(["--data-dir", str(tmp_path)])
+    paper = study.row_settings("vamp-paper", args)
+    assert "time_limit" not in paper and paper["epochs"] == 2000 and paper["patience"] == 50
+    assert "vamp-paper" not in study.DEFAULT_ROWS and "hvae-vamp-paper" not in study.DEFAULT_ROWS
+
+
+def test_the_caltech_benchmark_runs_its_three_rows_on_validation_when_the_file_has_no_test_part(tmp_path, capsys):
+    from test_caltech import write_mat
+
+    study = load_experiment("benchmark")
+    data, out = tmp_path / "data", tmp_path / "c"
+    data.mkdir()
+    write_mat(data, splits=("train", "val"), sizes=(120, 40, 0))
+    args = ["--quick", "--quiet", "--dataset", "caltech101-silhouettes", "--data-dir", str(data), "--out", str(out),
+            "--ais-examples", "10"]
+    assert study.main(args) == 0
+    result = json.loads((out / "benchmark.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["vae", "vamp-500", "hvae-vamp"] and result["test"] is None
+    assert rows["vae"]["settings"]["prior"] == "standard" and rows["hvae-vamp"]["settings"]["hierarchy"] == "two-level"
+    assert all(r["settings"]["dataset"] == "caltech101-silhouettes" for r in rows.values())
+    assert sum("ais" in r for r in rows.values()) == 2 and all(r["ais"]["split"] == "val" for r in rows.values()
+                                                             if "ais" in r)
+    head = (out / "headline.md").read_text().splitlines()
+    assert "(validation)" in head[0] and "Caltech 101 Silhouettes" in (out / "benchmark.md").read_text()
+    capsys.readouterr()
+    assert study.main(args[:-2] + ["--rows", "iaf"]) == 2  # a binarized-MNIST row is not a Caltech row
+    assert "unknown rows iaf for caltech101-silhouettes" in capsys.readouterr().err

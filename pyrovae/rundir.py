@@ -11,6 +11,7 @@ an epoch that was never checkpointed and removes what killed writes left. Readin
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .config import TrainConfig
 from .files import TMP_SUFFIX, OutputError, dumps, write_json, write_text_atomic
 from .runs import RunLock, link_checkpoint, load_checkpoint, read_metrics, save_checkpoint
 
-__all__ = ["RunDirectory"]
+__all__ = ["RunDirectory", "export_run", "EXPORT_MARK"]
 
 
 def is_run_file(name: str) -> bool:
@@ -123,3 +124,51 @@ class RunDirectory:
 
     def release(self) -> None:
         self.lock.release()
+
+
+#: what an exported run leaves out of its best checkpoint: what only resuming needs
+EXPORT_DROPS = ("optimizer", "rng")
+#: the file that marks an exported run (and says where it came from)
+EXPORT_MARK = "exported.json"
+_EXPORT_FILES = ("config.json", "metrics.jsonl", "summary.json", "elbo.png")
+
+
+def export_run(run_dir: str | os.PathLike, dest: str | os.PathLike) -> dict:
+    """Copy a finished run into ``dest`` compactly, for sharing: its settings, metrics, summary and curves, and
+    its best checkpoint without the optimiser's state and the random states (:data:`EXPORT_DROPS`), which only
+    ``--resume`` needs. ``pyrovae evaluate``, ``compare``, ``sample``, ``reconstruct`` and ``interpolate`` read
+    the copy as they read the run (with ``--ema``, both the averaged and the raw weights are kept); it cannot be
+    resumed. The data's folder is left out of its settings (it is the user's own: evaluate the copy with
+    ``--data-dir DIR``), and ``out``/``name`` name the copy. Returns ``{"files": [...], "bytes": total}``.
+
+    ``ValueError`` for a folder that is not a finished run, or a ``dest`` that already holds files.
+    """
+    import shutil
+
+    src, dest = Path(run_dir), Path(dest)
+    if not (src / "best.pt").is_file() or not (src / "config.json").is_file():
+        raise ValueError(f"{src}: not a pyrovae run directory (no best.pt and config.json): give the folder that "
+                         "pyrovae train printed")
+    if not (src / "summary.json").is_file():
+        raise ValueError(f"{src}: the run has not finished (no summary.json): let it finish, or --resume it to its "
+                         "end, then export it")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"{dest} already exists and is not an empty folder: choose a new one")
+    state = load_checkpoint(src / "best.pt")
+    slim = {k: v for k, v in state.items() if k not in EXPORT_DROPS}
+    # the folders are the user's own (--data-dir DIR for the data); the copy names itself
+    local = {"data_dir": TrainConfig().data_dir, "out": str(dest.parent), "name": dest.name}
+    slim["config"] = {**slim["config"], **local}
+    dest.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(slim, dest / "best.pt")
+    TrainConfig.from_dict({**TrainConfig.load(src / "config.json").to_dict(), **local},
+                          str(src / "config.json")).save(dest / "config.json")
+    names = ["best.pt", "config.json"]
+    for name in _EXPORT_FILES[1:]:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+            names.append(name)
+    write_json(dest / EXPORT_MARK, {"from": str(src.resolve()), "epoch": int(state["epoch"]),
+                                    "left_out": list(EXPORT_DROPS)})
+    names.append(EXPORT_MARK)
+    return {"files": names, "bytes": sum((dest / n).stat().st_size for n in names)}

@@ -66,7 +66,7 @@ from .metrics import component_usage, responsibilities, split_scores
 from .model import build_model
 from .nets import set_autocast
 from .objectives import Optimizer, build_elbo
-from .rundir import RunDirectory, default_run_dir, is_run_file
+from .rundir import EXPORT_MARK, RunDirectory, default_run_dir, is_run_file
 from .runs import CHECKPOINT_FORMAT, load_checkpoint, load_state
 
 __all__ = ["train", "Trainer", "Hook", "hooked", "TrainResult", "TrainingDiverged", "TrainingData", "Progress",
@@ -168,6 +168,9 @@ def train(config: TrainConfig, *, resume: str | os.PathLike | None = None, progr
             raise FileNotFoundError(f"{run_dir}: no such run directory; give the folder that pyrovae train printed")
         config = resumed_config(TrainConfig.load(run_dir / "config.json"),
                                 {k: getattr(config, k) for k in RESUMABLE}, run_dir)
+        if (run_dir / EXPORT_MARK).is_file():
+            raise ValueError(f"{run_dir} is an exported run (settings, metrics and best weights only): it cannot "
+                             f"be resumed; train it again: pyrovae train --config {run_dir / 'config.json'} --name NEW")
         if not (run_dir / "last.pt").is_file():  # stopped before its first checkpoint: start it again, as it was
             if rank() == 0:
                 print(f"pyrovae train: {run_dir} holds no checkpoint yet (it stopped before its first epoch "

@@ -283,7 +283,7 @@ def test_a_misspelt_command_fails(tmp_path, monkeypatch, capsys):
     text = "```bash\npyrovae evalute runs/first\npyrovae train --epoch 1 --name first\n```\n"
     assert [argv for argv in map(pyrovae_argv, split_commands(shell_lines(text)[0]))] == [["evalute", "runs/first"]]
     assert spelling_problems(["evalute", "runs/first"]) == [
-        "no command 'evalute' (commands: train, evaluate, compare, bdmc, sample, reconstruct, interpolate)"]
+        "no command 'evalute' (commands: train, evaluate, compare, bdmc, sample, reconstruct, interpolate, export)"]
     assert spelling_problems(["train", "--epoch", "1"]) == ["train: no flag '--epoch'"]
     assert spelling_problems(["evaluate", "runs/first", "--num-sample=10"]) == ["evaluate: no flag '--num-sample'"]
     monkeypatch.chdir(tmp_path)

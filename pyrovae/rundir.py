@@ -168,7 +168,7 @@ def export_run(run_dir: str | os.PathLike, dest: str | os.PathLike) -> dict:
         if (src / name).is_file():
             shutil.copyfile(src / name, dest / name)
             names.append(name)
-    write_json(dest / EXPORT_MARK, {"from": str(src.resolve()), "epoch": int(state["epoch"]),
+    write_json(dest / EXPORT_MARK, {"from": src.resolve().name, "epoch": int(state["epoch"]),
                                     "left_out": list(EXPORT_DROPS)})
     names.append(EXPORT_MARK)
     return {"files": names, "bytes": sum((dest / n).stat().st_size for n in names)}

@@ -280,8 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="copy a finished run compactly (settings, metrics, best weights) for sharing",
                        description="Copy a finished run into DEST: config.json, metrics.jsonl, summary.json, elbo.png "
                        "and best.pt without the optimiser's state and the random states, which only --resume needs "
-                       "(a third to a half of the size). evaluate, compare, sample, reconstruct and interpolate read DEST "
-                       "as they read the run; it cannot be resumed.")
+                       "(a third to a half of the size). evaluate, compare, sample, reconstruct and interpolate read "
+                       "DEST as they read the run; it cannot be resumed.")
     x.add_argument("run", metavar="RUN", type=_path, help="a finished run directory")
     x.add_argument("dest", metavar="DEST", type=_path, help="a new (or empty) folder")
     x.set_defaults(func=_export)

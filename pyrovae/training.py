@@ -663,8 +663,7 @@ class Trainer:
         t0 = time.perf_counter()
         val = split_scores(self.model, self.data.val, num_samples=1)
         row = {"epoch": 1, **{f"val_{k}": v for k, v in val.items() if v is not None}}
-        self.progress.scored(row.get("val_elbo", math.nan), self.config)
-        self.progress.best_val, self.progress.best_epoch = row.get("val_elbo", math.nan), 1
+        self.progress = Progress(epoch=1, best_val=row.get("val_elbo", math.nan), best_epoch=1)
         self.recorder.epoch(self, row, True, t0)
         self.last_row = row
         return self._finish(t_start, "epochs")

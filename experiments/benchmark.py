@@ -25,14 +25,18 @@ once would share the cores and each would fit fewer epochs into its minutes.
 
 The paper rows (``vamp-paper``, ``hvae-vamp-paper``) train on the VampPrior paper's own schedule (up to 2,000
 epochs, early stopping after 50 without a better validation ELBO): hours each; they run when ``--rows`` names
-them. ``--dataset caltech101-silhouettes`` runs the paper's three rows on Caltech 101 Silhouettes instead (the
-standard VAE, the VampPrior and the two-level model, on the paper presets' settings), each for ``--minutes``.
+them, or are scored from finished runs of theirs with ``--reuse-from DIR`` (such as the shipped runs in
+``docs/results/benchmark/runs``). ``--dataset caltech101-silhouettes`` runs the paper's three rows on
+Caltech 101 Silhouettes instead (the standard VAE, the VampPrior and the two-level model, on the paper
+presets' settings), each for ``--minutes``.
 
 Usage::
 
     python experiments/benchmark.py --data-dir DIR                      # every row (about 7 hours)
     python experiments/benchmark.py --data-dir DIR --dataset caltech101-silhouettes --minutes 10
     python experiments/benchmark.py --data-dir DIR --rows vae,vamp-500  # some rows
+    python experiments/benchmark.py --data-dir DIR --rows vamp-paper,hvae-vamp-paper \
+        --reuse-from docs/results/benchmark/runs                         # the shipped paper runs, scored
     python experiments/benchmark.py --data-dir DIR --quick              # tiny nets, seconds per row
 """
 
@@ -136,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny networks, a few seconds per row, K=20 on 50 images: "
                    "checks that everything runs (numbers mean nothing)")
     p.add_argument("--out", default="results/benchmark", help="output folder (runs under OUT/runs)")
+    p.add_argument("--reuse-from", action="append", default=[], metavar="DIR",
+                   help="a folder of finished runs (such as the shipped docs/results/benchmark/runs, or another "
+                   "study's OUT/runs; may be given again): a run there with a row's settings is scored in place "
+                   "instead of trained. Its folder, name and data location may differ; for the paper rows also "
+                   "the --time-limit of the stretches it trained in, if it ended by its own schedule (early "
+                   "stopping or its last epoch), not by a budget")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--train-row", help=argparse.SUPPRESS)  # internal: train one row in this process
     return p
@@ -193,6 +203,32 @@ def _train_row(name: str, args) -> Path:
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise ValueError(f"row {name} did not train: {last}")
     return run_dir
+
+
+def reusable_run(name: str, args) -> Path | None:
+    """A finished run under ``--reuse-from`` with row ``name``'s settings, or ``None``.
+
+    Every setting must match but the run's folder and name, its data location (the data's identity is
+    what its checkpoint fingerprints) and, for a row on the paper's own schedule, the ``--time-limit`` of
+    the stretches it was trained in: such a run must have ended by that schedule (early stopping or its
+    last epoch), since a run cut short by a budget is not the row."""
+    own_schedule = _row(name, args.dataset)[3] is NO_LIMIT
+    ignore = {"out", "name", "data_dir"} | ({"time_limit"} if own_schedule else set())
+    wanted = _config(name, args).resolved().to_dict()
+    for folder in args.reuse_from:
+        for candidate in sorted(Path(folder).iterdir()):
+            if not ((candidate / "summary.json").is_file() and (candidate / "config.json").is_file()):
+                continue
+            try:
+                stored = TrainConfig.load(candidate / "config.json").to_dict()
+                summary = json.loads((candidate / "summary.json").read_text(encoding="utf-8"))
+            except (ValueError, OSError):
+                continue
+            if own_schedule and summary.get("stopped_by") not in ("patience", "epochs"):
+                continue
+            if all(stored.get(k) == v for k, v in wanted.items() if k not in ignore):
+                return candidate
+    return None
 
 
 def _what_and_published(name: str, dataset: str) -> tuple[str, str]:
@@ -286,12 +322,21 @@ def _main(args, argv) -> int:
         raise ValueError(f"--ais-examples must be 0 (no AIS) or more (got {args.ais_examples})")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must lie in [0, 2^63) (got {args.seed})")
+    for folder in args.reuse_from:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--reuse-from {folder}: not a folder; give a folder of finished runs, such as "
+                             "docs/results/benchmark/runs")
     out = Path(args.out)
     for name in names:  # every row's settings are checked before the first one trains
         _config(name, args).resolved()
     base = _config(names[0], args).resolved()
     val = prepare_data(base, "val", "cpu")  # a missing data file stops the study before any training
-    run_dirs = [_train_row(name, args) for name in names]
+    run_dirs = []
+    for name in names:
+        found = reusable_run(name, args)
+        if found is not None and not args.quiet:
+            print(f"{name}: scoring the finished run {found} (--reuse-from)", file=sys.stderr)
+        run_dirs.append(found if found is not None else _train_row(name, args))
 
     quick = args.quick
     num_samples = 20 if quick else args.num_samples

@@ -101,3 +101,31 @@ def test_the_caltech_benchmark_runs_its_three_rows_on_validation_when_the_file_h
     capsys.readouterr()
     assert study.main(args[:-2] + ["--rows", "iaf"]) == 2  # a binarized-MNIST row is not a Caltech row
     assert "unknown rows iaf for caltech101-silhouettes" in capsys.readouterr().err
+
+
+def test_finished_runs_elsewhere_are_scored_in_place_when_every_setting_that_counts_matches(tmp_path, capsys):
+    study = load_experiment("benchmark")
+    data, first, second = _amat_dir(tmp_path / "data"), tmp_path / "first", tmp_path / "second"
+    common = ["--quick", "--quiet", "--data-dir", str(data), "--ais-examples", "0"]
+    assert study.main(common + ["--out", str(first), "--rows", "iwae-5,vamp-paper"]) == 0
+    paper = first / "runs" / "vamp-paper"
+    summary = json.loads((paper / "summary.json").read_text())
+    config = json.loads((paper / "config.json").read_text())
+    # a paper row's run may have trained in stretches of any --time-limit, if its own schedule ended it ...
+    (paper / "summary.json").write_text(json.dumps({**summary, "stopped_by": "patience"}))
+    (paper / "config.json").write_text(json.dumps({**config, "time_limit": "5h"}))
+    args = common + ["--out", str(second), "--rows", "iwae-5,vamp-paper", "--reuse-from", str(first / "runs")]
+    assert study.main(args) == 0
+    assert not (second / "runs").exists()  # nothing trained: both scored where they are
+    runs = [r["report"]["run"] for r in json.loads((second / "benchmark.json").read_text())["validation"]["rows"]]
+    assert runs == [str(first / "runs" / "iwae-5"), str(paper)]
+    # ... but not one that a budget cut short, and a budgeted row's --time-limit must match
+    (paper / "summary.json").write_text(json.dumps({**summary, "stopped_by": "time_limit"}))
+    iwae = first / "runs" / "iwae-5" / "config.json"
+    iwae.write_text(json.dumps({**json.loads(iwae.read_text()), "time_limit": "5h"}))
+    assert study.main(args) == 0
+    assert sorted(p.name for p in (second / "runs").iterdir()) == ["iwae-5", "vamp-paper"]
+    capsys.readouterr()
+    assert study.main(common + ["--out", str(second), "--reuse-from", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--reuse-from" in err and "not a folder" in err

@@ -28,7 +28,7 @@ __all__ = ["Board", "SCALARS"]
 #: metrics.jsonl column -> TensorBoard tag
 SCALARS = {"train_elbo": "elbo/train", "val_elbo": "elbo/val", "train_recon": "recon/train", "val_recon": "recon/val",
            "train_kl": "kl/train", "val_kl": "kl/val", "lr": "lr", "kl_scale": "kl_scale",
-           "epoch_seconds": "epoch_seconds", "val_components_used": "components_used/val"}
+           "epoch_seconds": "epoch_seconds", "val_components_used": "components_used/val", "val_iwae": "iwae/val"}
 #: images per grid
 _GRID = 64
 

@@ -174,7 +174,8 @@ class TrainConfig:
     elbo: str = _setting(
         "trace",
         "trace (Trace_ELBO, sampled KL), meanfield (TraceMeanField_ELBO, closed-form KL where it exists), "
-        "iwae (importance-weighted bound with --num-particles samples)",
+        "iwae (importance-weighted bound with --num-particles samples; the best epoch is then the one with the "
+        "best validation IWAE bound at the same k, val_iwae in metrics.jsonl)",
         ELBOS,
     )
     num_particles: int = _setting(1, "samples of z per example in the objective")

@@ -37,7 +37,10 @@ def split_scores(model, images: torch.Tensor, num_samples: int = 1) -> dict[str,
 
     ``elbo`` is the bound each kind optimises: the ELBO (VAE, ``num_samples`` draws from
     q), :math:`\log p(x|m(x))` (autoencoder), :math:`\log p(x)` exactly (finite mixture, whose
-    posterior is exact) and the PPCA density (PCA on grey data; ``None`` otherwise).
+    posterior is exact) and the PPCA density (PCA on grey data; ``None`` otherwise). A VAE scored
+    with ``num_samples`` K > 1 also gives ``iwae``, the importance-weighted bound
+    :math:`\log \frac{1}{K}\sum_k w_k` over the same K draws (never below ``elbo``, the mean of their
+    :math:`\log w_k`).
     """
     was_training = model.training
     model.eval()
@@ -47,7 +50,8 @@ def split_scores(model, images: torch.Tensor, num_samples: int = 1) -> dict[str,
             # in one pass rather than Pyro's tracing once per 100 examples
             est = estimate_log_px(model, images, num_samples, diagnostics=False,
                                   batch_size=max(1, _SCORE_PAIRS // num_samples))
-            return {"elbo": _mean(est.elbo), "recon": _mean(est.recon), "kl": _mean(est.kl)}
+            scores = {"elbo": _mean(est.elbo), "recon": _mean(est.recon), "kl": _mean(est.kl)}
+            return {**scores, "iwae": _mean(est.log_px)} if num_samples > 1 else scores
         with isolated_params():
             terms = model.score_terms(images)
         return {k: _mean(v) if v is not None else None for k, v in terms.items()}

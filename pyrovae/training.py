@@ -406,7 +406,8 @@ class Progress:
                    int(state["best_epoch"]), int(state["epochs_since_best"]))
 
     def scored(self, val_elbo: float, config: TrainConfig) -> bool:
-        """Count one more finished epoch with this validation ELBO; whether it is the best so far."""
+        """Count one more finished epoch with this validation figure (:func:`selection_key`); whether it is
+        the best so far."""
         self.epoch += 1
         improved = val_elbo > self.best_val
         if improved:
@@ -565,7 +566,6 @@ class Trainer:
         """A block in which the model holds its averaged weights (with --ema; else the weights as they are)."""
         return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
-    # --- the loop ----------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train from where the run stands to its end, then score the best epoch on the test split."""
         from tqdm.auto import tqdm
@@ -585,7 +585,7 @@ class Trainer:
                 for hook in self.hooks:
                     hook.epoch_end(self, row)
                 bar.update(1)
-                bar.set_postfix(val_elbo=f"{row['val_elbo']:.2f}", best=f"{self.progress.best_val:.2f}")
+                bar.set_postfix({(k := selection_key(c)): f"{row[k]:.2f}", "best": f"{self.progress.best_val:.2f}"})
                 if c.patience and self.progress.since_best >= c.patience:
                     stopped_by = "patience"
                     break
@@ -641,11 +641,12 @@ class Trainer:
         row = train_row(c, model, elbo, self.processes, [loss_sum, float(seen)], epoch, lr,
                         kl_scale(c, epoch, progress.global_step, len(batches)))
         with self.averaged():
-            row.update({f"val_{k}": v for k, v in validation_scores(model, self.data.val, self.processes).items()
+            row.update({f"val_{k}": v for k, v in validation_scores(model, self.data.val, self.processes,
+                                                                     validation_samples(c)).items()
                         if v is not None})
             self._warned_components = watch_components(model, self.data.val, row, c, self.processes.main,
                                                        self._warned_components)
-        improved = progress.scored(row["val_elbo"], c)
+        improved = progress.scored(row[selection_key(c)], c)
         t_save = time.perf_counter()
         # the budget's clock: the mean over processes, so that every process makes the same plan
         self.budget.epoch_done(epoch + 1, self.processes.sum([t_save - t0])[0] / self.processes.world)
@@ -676,9 +677,10 @@ class Trainer:
             self.recorder.restore_best(self.model, self.device)
             test = test_scores(self.config, self.model, self.device)
         p, seconds = self.progress, time.perf_counter() - t_start
-        summary = {"epochs_done": p.epoch, "best_epoch": p.best_epoch, "best_val_elbo": p.best_val,
-                   "stopped_early": stopped_by == "patience", "stopped_by": stopped_by, "test": test,
-                   "seconds": seconds, "train_seconds": self.budget.spent, "peak_rss_mb": _peak_rss_mb()}
+        summary = {"epochs_done": p.epoch, "best_epoch": p.best_epoch, "best_val_elbo": p.best_val, "test": test,
+                   "selected_by": selection_key(self.config), "stopped_by": stopped_by, "seconds": seconds,
+                   "stopped_early": stopped_by == "patience", "train_seconds": self.budget.spent,
+                   "peak_rss_mb": _peak_rss_mb()}
         if self.budget.seconds is not None:
             summary.update(time_limit=self.config.time_limit, time_limit_seconds=self.budget.seconds,
                            planned_epochs=self.planned_epochs)
@@ -812,15 +814,29 @@ def _diverged_advice(epoch: int, run_dir: Path) -> str:
             "--warmup-epochs, then --resume")
 
 
-def validation_scores(model, val: torch.Tensor, processes: ProcessGroup) -> dict:
-    """Mean validation scores (:func:`~pyrovae.metrics.split_scores`, one sample, the fixed noise of
-    :data:`VAL_SEED`); in a data-parallel run every process scores its share of the split and the
-    means are combined, so no process repeats another's work."""
+def selection_key(config: TrainConfig) -> str:
+    """The validation figure that picks the best epoch (and that ``--patience`` counts): the figure of
+    the bound being trained. ``val_elbo`` for the ELBO; ``val_iwae``, the importance-weighted bound with
+    ``--num-particles`` k, for ``--elbo iwae`` with k > 1, which trades ELBO for a tighter bound on
+    log p(x): its ELBO may fall while the bound it optimises still rises. (``best_val_elbo`` in
+    checkpoints and summaries holds this figure; ``selected_by`` in the summary names it.)"""
+    return "val_iwae" if config.elbo == "iwae" and config.num_particles > 1 else "val_elbo"
+
+
+def validation_samples(config: TrainConfig) -> int:
+    """Draws of z per validation image: the k of the IWAE bound that :func:`selection_key` reads, else one."""
+    return config.num_particles if selection_key(config) == "val_iwae" else 1
+
+
+def validation_scores(model, val: torch.Tensor, processes: ProcessGroup, num_samples: int = 1) -> dict:
+    """Mean validation scores (:func:`~pyrovae.metrics.split_scores`, ``num_samples`` draws per image,
+    the fixed noise of :data:`VAL_SEED`); in a data-parallel run every process scores its share of the
+    split and the means are combined, so no process repeats another's work."""
     env, device = processes, processes.device
     shard = val[env.rank :: env.world] if val.shape[0] >= env.world else val
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(VAL_SEED + env.rank)
-        scores = split_scores(model, shard, num_samples=1)
+        scores = split_scores(model, shard, num_samples=num_samples)
     if env.world == 1 or shard is val:
         return scores
     keys = sorted(k for k, v in scores.items() if v is not None)

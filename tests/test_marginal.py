@@ -13,6 +13,7 @@ estimator alone; ``SE = std(d) / sqrt(n)`` over n independent examples.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pyro
@@ -267,6 +268,36 @@ def test_train_with_the_iwae_bound_from_the_command_line(tmp_path):
     est = estimate_log_px(run.model, x, 200)
     mean, se = mean_se(est.log_px - est.elbo)
     assert mean > 3 * se  # the IWAE bound at K = 200 lies above the ELBO, beyond noise
+
+
+def test_an_iwae_run_keeps_the_epoch_of_the_best_validation_iwae_bound_at_its_own_k(tmp_path):
+    from pyrovae import TrainConfig, train
+    from pyrovae.metrics import split_scores
+    from pyrovae.runs import load_checkpoint, load_run, read_metrics
+    from pyrovae.training import VAL_SEED, prepare_data
+
+    settings = dict(dataset="digits", hidden_dims=(32,), latent_dim=4, epochs=6, batch_size=128, out=str(tmp_path),
+                    no_tensorboard=True)
+    result = train(TrainConfig(**settings, name="iw", elbo="iwae", num_particles=4), progress=False)
+    rows = read_metrics(tmp_path / "iw" / "metrics.jsonl")
+    for r in rows:  # the bound at k lies above the mean of its own k log-weights
+        assert r["val_iwae"] > r["val_elbo"]
+    best = max(range(len(rows)), key=lambda i: rows[i]["val_iwae"]) + 1
+    summary = json.loads((tmp_path / "iw" / "summary.json").read_text())
+    assert (result.best_epoch, summary["best_epoch"], summary["selected_by"]) == (best, best, "val_iwae")
+    assert summary["best_val_elbo"] == rows[best - 1]["val_iwae"]
+    assert load_checkpoint(tmp_path / "iw" / "best.pt")["epoch"] == best
+    run = load_run(tmp_path / "iw")  # the figure is the IWAE bound with 4 draws on the validation split
+    val = prepare_data(run.config, "val", run.device).images
+    with torch.random.fork_rng():
+        torch.manual_seed(VAL_SEED)
+        again = split_scores(run.model, val, num_samples=4)
+    assert again["iwae"] == pytest.approx(rows[best - 1]["val_iwae"], abs=1e-4)
+    # the ELBO's runs keep selecting by the validation ELBO, with one draw
+    train(TrainConfig(**settings, name="elbo"), progress=False)
+    plain = read_metrics(tmp_path / "elbo" / "metrics.jsonl")
+    assert all("val_iwae" not in r for r in plain)
+    assert json.loads((tmp_path / "elbo" / "summary.json").read_text())["selected_by"] == "val_elbo"
 
 
 def test_linear_gaussian_vae_on_mnist5k_reaches_the_ppca_maximum_likelihood(tmp_path):

@@ -268,8 +268,9 @@ def _plot(curves: dict[str, tuple[list[float], list[float]]], path: Path, title:
 
 
 def _minutes(s: dict) -> str:
-    """Training minutes, of the row's budget or on its own schedule."""
-    if s.get("time_limit"):
+    """Training minutes, of the row's budget or on its own schedule (a paper row's run may have trained in
+    stretches, each with a --time-limit of its own: those are not the row's budget)."""
+    if s.get("time_limit") and not s.get("own_schedule"):
         return f"{s['train_seconds'] / 60:.1f} of {s['time_limit']}"
     return f"{s['train_seconds'] / 60:.1f} ({s['epochs_done']} epochs, its own schedule)"
 
@@ -371,6 +372,7 @@ def _main(args, argv) -> int:
         row["what"], row["published"] = _what_and_published(row["name"], args.dataset)
         row["summary"] = {k: summary.get(k) for k in ("epochs_done", "best_epoch", "stopped_by", "train_seconds",
                                                         "time_limit", "planned_epochs", "peak_rss_mb")}
+        row["summary"]["own_schedule"] = "time_limit" not in row_settings(row["name"], args)
         row["settings"] = TrainConfig.load(run_dir / "config.json").to_dict()
         if test_result is not None:
             t = next(x for x in test_result["rows"] if x["name"] == row["name"])["report"]

@@ -119,6 +119,10 @@ def test_finished_runs_elsewhere_are_scored_in_place_when_every_setting_that_cou
     assert not (second / "runs").exists()  # nothing trained: both scored where they are
     runs = [r["report"]["run"] for r in json.loads((second / "benchmark.json").read_text())["validation"]["rows"]]
     assert runs == [str(first / "runs" / "iwae-5"), str(paper)]
+    study_args = study._parser().parse_args(["--data-dir", str(data)])  # a paper row's stretches are no budget
+    assert study._minutes({"train_seconds": 600.0, "epochs_done": 7, "time_limit": "5h",
+                           "own_schedule": "time_limit" not in study.row_settings("vamp-paper", study_args)}) == \
+        "10.0 (7 epochs, its own schedule)"
     # ... but not one that a budget cut short, and a budgeted row's --time-limit must match
     (paper / "summary.json").write_text(json.dumps({**summary, "stopped_by": "time_limit"}))
     iwae = first / "runs" / "iwae-5" / "config.json"

@@ -108,3 +108,27 @@ def test_each_shipped_runs_first_three_epochs_are_reproduced_exactly(run):
         pytest.skip("set PYROVAE_TEST_DATA_DIR to the folder of the shipped runs' data")
     stored = read_metrics(SHIPPED / run / "metrics.jsonl")[:3]
     assert _comparable(first_epochs_again(SHIPPED / run, 3, data)) == _comparable(stored)
+
+
+#: the shipped runs' test figures (importance sampling, K = 5000, seed 0, the raw best weights), from
+#: `pyrovae evaluate RUN --split test --num-samples 5000 --json PATH` on the finished runs before export:
+#: the mean over all 10,000 images (docs/results/paper.md) and over the first 200 (from the same JSON's
+#: per-example values; each image draws from its own noise stream, so a 200-image evaluation repeats them)
+REPORTED = {"vampprior-paper": (-85.75658501802651, -96.34380032378535),
+            "hvae-vampprior-paper": (-84.93388821103125, -95.68427171955128)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", sorted(REPORTED))
+def test_each_shipped_run_scores_its_reported_figure_on_the_first_test_images(run, capsys):
+    """Needs PYROVAE_TEST_DATA_DIR (see above). The whole split: PYROVAE_TEST_FULL_SPLIT=1 (15-40 minutes a run)."""
+    data = os.environ.get("PYROVAE_TEST_DATA_DIR")
+    if not data:
+        pytest.skip("set PYROVAE_TEST_DATA_DIR to the folder of the shipped runs' data")
+    full = os.environ.get("PYROVAE_TEST_FULL_SPLIT") == "1"
+    subset = [] if full else ["--num-examples", "200"]
+    code, out, err = cli(capsys, "evaluate", str(SHIPPED / run), "--data-dir", data, "--split", "test",
+                         "--num-samples", "5000", "--allow-long", "--quiet", "--json", "-", *subset)
+    assert code == 0, err
+    report = json.loads(out[out.index("{"):])
+    assert report["log_px"] == pytest.approx(REPORTED[run][0 if full else 1], abs=1e-3)

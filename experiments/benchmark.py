@@ -59,7 +59,7 @@ from pyrovae.compare import compare_runs, markdown_table  # noqa: E402
 from pyrovae.config import preset_settings, used_only  # noqa: E402
 from pyrovae.files import write_json, write_text_atomic  # noqa: E402
 from pyrovae.runs import read_metrics  # noqa: E402
-from pyrovae.training import prepare_data, train_or_reuse  # noqa: E402
+from pyrovae.training import find_finished_run, prepare_data, train_or_reuse  # noqa: E402
 
 VAMP = {"prior": "vamp", "prior_components": 500}
 #: a row's minutes when it trains on its own schedule (its epochs and early stopping), without --time-limit
@@ -213,22 +213,9 @@ def reusable_run(name: str, args) -> Path | None:
     the stretches it was trained in: such a run must have ended by that schedule (early stopping or its
     last epoch), since a run cut short by a budget is not the row."""
     own_schedule = _row(name, args.dataset)[3] is NO_LIMIT
-    ignore = {"out", "name", "data_dir"} | ({"time_limit"} if own_schedule else set())
-    wanted = _config(name, args).resolved().to_dict()
-    for folder in args.reuse_from:
-        for candidate in sorted(Path(folder).iterdir()):
-            if not ((candidate / "summary.json").is_file() and (candidate / "config.json").is_file()):
-                continue
-            try:
-                stored = TrainConfig.load(candidate / "config.json").to_dict()
-                summary = json.loads((candidate / "summary.json").read_text(encoding="utf-8"))
-            except (ValueError, OSError):
-                continue
-            if own_schedule and summary.get("stopped_by") not in ("patience", "epochs"):
-                continue
-            if all(stored.get(k) == v for k, v in wanted.items() if k not in ignore):
-                return candidate
-    return None
+    ignore = ("out", "name", "data_dir") + (("time_limit",) if own_schedule else ())
+    ended_by_schedule = (lambda summary: summary.get("stopped_by") in ("patience", "epochs")) if own_schedule else None
+    return find_finished_run(_config(name, args), args.reuse_from, ignore, accept=ended_by_schedule)
 
 
 def _what_and_published(name: str, dataset: str) -> tuple[str, str]:

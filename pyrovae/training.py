@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +72,7 @@ from .rundir import EXPORT_MARK, RunDirectory, default_run_dir, is_run_file
 from .runs import CHECKPOINT_FORMAT, load_checkpoint, load_state
 
 __all__ = ["train", "Trainer", "Hook", "hooked", "TrainResult", "TrainingDiverged", "TrainingData", "Progress",
-           "load_training_data", "prepare_data", "train_or_reuse", "finished_run"]
+           "load_training_data", "prepare_data", "train_or_reuse", "find_finished_run", "finished_run"]
 
 #: importance samples per example for the test-split ELBO printed at the end of training
 TEST_NUM_SAMPLES = 10
@@ -224,14 +226,9 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
     """
     wanted = config.resolved().to_dict()
     folders = reuse_from if isinstance(reuse_from, list) else [] if reuse_from is None else [reuse_from]
-    for candidate in (c for f in folders if Path(f).is_dir() for c in sorted(Path(f).iterdir())):
-        if (candidate / "summary.json").is_file() and (candidate / "config.json").is_file():
-            try:
-                stored = TrainConfig.load(candidate / "config.json").to_dict()
-            except (ValueError, FileNotFoundError):
-                continue
-            if all(stored.get(k) == v for k, v in wanted.items() if k not in ignore):
-                return candidate, "reused"
+    found = find_finished_run(config, folders, ignore)
+    if found is not None:
+        return found, "reused"
     run_dir = Path(config.out) / config.name
     raised = False  # only settings a resume may change differ (a raised --time-limit or --epochs): resume
     if (run_dir / "config.json").is_file():
@@ -250,6 +247,27 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
         raise ValueError(f"{run_dir} holds files that are not a pyrovae run's: remove it or {fix}")
     train(config, progress=progress)  # (a run killed before its first checkpoint is taken over)
     return run_dir, "trained"
+
+
+def find_finished_run(config: TrainConfig, folders: list[str | os.PathLike], ignore: tuple[str, ...] = ("out", "name"),
+                      accept: typing.Callable[[dict], bool] | None = None) -> Path | None:
+    """The first run, in ``folders`` searched in order (each a folder of run directories; one that
+    is missing is skipped), that has a ``summary.json`` and every resolved setting of ``config`` but
+    those in ``ignore``; with ``accept``, also one whose summary it accepts. ``None`` if there is none.
+    Runs whose settings or summary cannot be read are passed over."""
+    wanted = config.resolved().to_dict()
+    for candidate in (c for f in folders if Path(f).is_dir() for c in sorted(Path(f).iterdir())):
+        if not ((candidate / "summary.json").is_file() and (candidate / "config.json").is_file()):
+            continue
+        try:
+            stored = TrainConfig.load(candidate / "config.json").to_dict()
+            if accept is not None and not accept(json.loads((candidate / "summary.json").read_text(encoding="utf-8"))):
+                continue
+        except (ValueError, FileNotFoundError):
+            continue
+        if all(stored.get(k) == v for k, v in wanted.items() if k not in ignore):
+            return candidate
+    return None
 
 
 def finished_run(run_dir: Path) -> bool:

@@ -284,6 +284,10 @@ def _parser() -> argparse.ArgumentParser:
                        "DEST as they read the run; it cannot be resumed.")
     x.add_argument("run", metavar="RUN", type=_path, help="a finished run directory")
     x.add_argument("dest", metavar="DEST", type=_path, help="a new (or empty) folder")
+    x.add_argument("--weights", choices=("both", "averaged"), default="both",
+                   help="for a run trained with --ema: keep both its raw and its averaged weights, or only the "
+                   "averaged ones that every command uses by default (about half the size; the copy then refuses "
+                   "--weights raw)")
     x.set_defaults(func=_export)
 
     for p in (t, e, cp, bd, s, r, i, x):
@@ -294,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> int:
     from .rundir import export_run
 
-    done = export_run(args.run, args.dest)
+    done = export_run(args.run, args.dest, weights=args.weights)
     print(f"{args.dest}: {', '.join(done['files'])} ({done['bytes'] / 2**20:.1f} MB)")
     return 0
 

@@ -74,6 +74,10 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+#: a checkpoint key that only an export with ``--weights averaged`` writes: its model state holds the buffers,
+#: and the parameters are the averaged ones under the averaging's key alone
+KEPT_KEY = "weights_kept"
+
 #: what a checkpoint must hold, and of which type
 _CHECKPOINT_KEYS = {"format": int, "config": dict, "kind": str, "data_dim": int, "image_shape": list, "model": dict,
                     "epoch": int}
@@ -284,6 +288,9 @@ def load_run(path: str | os.PathLike, which: str = "best", device: str | torch.d
     else:
         config = TrainConfig.from_dict(state["config"], str(ckpt))
     model = build_model(config, data_dim=int(state["data_dim"]), image_shape=tuple(state["image_shape"]))
+    if weights == "raw" and state.get(KEPT_KEY) == "averaged":
+        raise ValueError(f"{ckpt}: this copy keeps only the averaged weights (pyrovae export --weights averaged); "
+                         "use them (leave out --weights raw), or score the original run for the raw ones")
     averaged = weights == "averaged" and bool(state.get(EMA_KEY))
     load_state(model, averaged_state(state) if averaged else state["model"], ckpt)
     device = torch.device(device)

@@ -50,6 +50,32 @@ def test_an_exported_run_is_smaller_and_scores_exactly_as_the_run(tmp_path, caps
     assert cli(capsys, "compare", str(run), str(dest), "--num-samples", "10", "--quiet")[0] == 0
 
 
+def test_an_export_of_the_averaged_weights_only_is_smaller_scores_as_the_run_and_refuses_the_raw_ones(tmp_path,
+                                                                                                    capsys):
+    run = train(tiny(tmp_path, hidden_dims=(64, 64)), progress=False).run_dir
+    both, averaged = tmp_path / "both", tmp_path / "averaged"
+    assert cli(capsys, "export", str(run), str(both))[0] == 0
+    assert cli(capsys, "export", str(run), str(averaged), "--weights", "averaged")[0] == 0
+    slim, full = load_checkpoint(averaged / "best.pt"), load_checkpoint(run / "best.pt")
+    kept = set(full["model"]) - set(full["ema"]["params"])  # the buffers: not averaged, so kept as they are
+    assert set(slim["model"]) == kept and all(torch.equal(slim["model"][k], full["model"][k]) for k in kept)
+    assert all(torch.equal(slim["ema"]["params"][k], v) for k, v in full["ema"]["params"].items())
+    assert (averaged / "best.pt").stat().st_size < 0.6 * (both / "best.pt").stat().st_size
+    assert "raw weights" in json.loads((averaged / "exported.json").read_text())["left_out"]
+    reports = []
+    for d in (run, averaged):
+        got, out, err = cli(capsys, "evaluate", str(d), "--num-samples", "20", "--json", "-", "--quiet")
+        assert got == 0, err
+        report = json.loads(out[out.index("{"):])
+        reports.append({k: report[k] for k in ("log_px", "elbo", "kl", "weights")})
+    assert reports[0] == reports[1] and reports[0]["weights"] == "averaged"
+    got, _, err = cli(capsys, "evaluate", str(averaged), "--num-samples", "20", "--weights", "raw", "--quiet")
+    assert got == 2 and "keeps only the averaged weights" in one_line(err)
+    plain = train(tiny(tmp_path, ema=0.0, name="plain"), progress=False).run_dir
+    got, _, err = cli(capsys, "export", str(plain), str(tmp_path / "p"), "--weights", "averaged")
+    assert got == 2 and "without --ema" in one_line(err) and not (tmp_path / "p").exists()
+
+
 def test_an_exported_run_leaves_the_data_folder_out_and_cannot_be_resumed(tmp_path, capsys):
     run = train(tiny(tmp_path, data_dir=str(tmp_path / "my-data")), progress=False).run_dir
     dest = tmp_path / "shared"

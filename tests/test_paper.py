@@ -61,7 +61,8 @@ def test_the_paper_presets_resolve_to_the_reference_codes_defaults(preset, two_l
 
 
 #: the 3-hour recipe: --preset bmnist-best with these flags
-RECIPE_FLAGS = {"elbo": "iwae", "num_particles": 20, "ema": 0.999, "scale_head": "clipped-log-var", "epochs": 100}
+RECIPE_FLAGS = {"elbo": "iwae", "num_particles": 20, "ema": 0.999, "scale_head": "clipped-log-var", "epochs": 100,
+                "patience": 10}
 
 
 def test_the_three_hour_preset_is_bmnist_best_with_the_recipes_flags_and_no_time_limit():

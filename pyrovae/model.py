@@ -364,8 +364,8 @@ class TwoLevelVAE(VAE):
     pseudo-inputs); ``"z1"`` is the lower layer. Unlike the bottom-up stack, the decoder sees both
     layers and the guide infers z first, from x alone. :math:`p(x|z_1, z)` and
     :math:`q(z_1|x, z)` are :class:`~pyrovae.nets.JointNet` networks; every conditional is a
-    diagonal Gaussian whose log-scale a network outputs (the paper clips log-variances to
-    [-6, 2]; here they are free).
+    diagonal Gaussian whose log-scale a network outputs, read as ``--scale-head`` says (free by
+    default; ``clipped-log-var``, the paper's log-variances through hardtanh(-6, 2), in its presets).
     """
 
     def __init__(self, encoder: Encoder, z1_encoder: JointNet, z1_prior: Encoder, decoder: JointNet, prior: Prior,

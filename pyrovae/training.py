@@ -253,8 +253,11 @@ def find_finished_run(config: TrainConfig, folders: list[str | os.PathLike], ign
                       accept: typing.Callable[[dict], bool] | None = None) -> Path | None:
     """The first run, in ``folders`` searched in order (each a folder of run directories; one that
     is missing is skipped), that has a ``summary.json`` and every resolved setting of ``config`` but
-    those in ``ignore``; with ``accept``, also one whose summary it accepts. ``None`` if there is none.
-    Runs whose settings or summary cannot be read are passed over."""
+    those in ``ignore`` and those that change only where and how a run runs (the resumable settings
+    outside :data:`~pyrovae.config.CONTINUES`: device, data location, TensorBoard); with ``accept``, also
+    one whose summary it accepts. ``None`` if there is none. Runs whose settings or summary cannot be
+    read are passed over."""
+    ignore = tuple(ignore) + tuple(k for k in RESUMABLE if k not in CONTINUES)
     wanted = config.resolved().to_dict()
     for candidate in (c for f in folders if Path(f).is_dir() for c in sorted(Path(f).iterdir())):
         if not ((candidate / "summary.json").is_file() and (candidate / "config.json").is_file()):

@@ -160,3 +160,17 @@ def test_each_shipped_run_scores_its_reported_figure_on_the_first_test_images(ru
     assert code == 0, err
     report = json.loads(out[out.index("{"):])
     assert report["log_px"] == pytest.approx(REPORTED[run][0 if full else 1], abs=1e-3)
+
+
+def test_a_finished_run_is_found_whatever_its_logging_device_or_data_folder_but_not_with_another_setting(tmp_path):
+    from pyrovae.training import find_finished_run
+
+    run = train(tiny(tmp_path, epochs=1), progress=False).run_dir
+    dest = tmp_path / "shipped"
+    dest.mkdir()
+    run.rename(dest / "r")
+    moved = tiny(tmp_path / "elsewhere", epochs=1, no_tensorboard=False, tensorboard_images_every=3, device="cpu",
+                 data_dir=str(tmp_path / "other-data"))
+    assert find_finished_run(moved, [dest]) == dest / "r"
+    for changed in (dict(weight_decay=0.1), dict(epochs=2), dict(seed=1)):
+        assert find_finished_run(tiny(tmp_path, **{"epochs": 1, **changed}), [dest]) is None, changed

@@ -24,7 +24,8 @@ from its last checkpoint, within what is left of its budget. Rows run one after 
 once would share the cores and each would fit fewer epochs into its minutes.
 
 The paper rows (``vamp-paper``, ``hvae-vamp-paper``) train on the VampPrior paper's own schedule (up to 2,000
-epochs, early stopping after 50 without a better validation ELBO), and ``recipe-3h`` on its preset's (early stopping):
+epochs, early stopping after 50 without a better validation ELBO), and ``recipe-3h`` on its preset's (a cosine
+over 100 minutes, early stopping):
 hours each; they run when ``--rows`` names them, or are scored from finished runs of theirs with
 ``--reuse-from DIR`` (such as the shipped runs in ``docs/results/benchmark/runs``).
 ``--dataset caltech101-silhouettes`` runs the paper's three rows on Caltech 101 Silhouettes instead (the
@@ -62,7 +63,7 @@ from pyrovae.runs import read_metrics  # noqa: E402
 from pyrovae.training import find_finished_run, prepare_data, train_or_reuse  # noqa: E402
 
 VAMP = {"prior": "vamp", "prior_components": 500}
-#: a row's minutes when it trains on its own schedule (its epochs and early stopping), without --time-limit
+#: a row's minutes when it trains on its own schedule (its epochs, early stopping and its preset's own budget, if any)
 NO_LIMIT = "no limit"
 #: the VampPrior paper's test-split figures on Caltech 101 Silhouettes: its table (arXiv:1705.07120v5, AISTATS
 #: 2018) could not be read from this project's offline machines, and no copy that names the model behind each
@@ -94,8 +95,9 @@ ROWS = [
      "−85.57 (VampPrior K = 500, Tomczak & Welling 2018, Table 2)"),
     ("hvae-vamp-paper", "two levels + VampPrior on the paper's own schedule (the hvae-vampprior-paper preset)",
      "preset:hvae-vampprior-paper", NO_LIMIT, "−83.19 (HVAE + VampPrior, Tomczak & Welling 2018, Table 2)"),
-    ("recipe-3h", "the 3-hour recipe (the bmnist-3h preset): best's model trained by the IWAE bound (k = 20), "
-     "weight-averaged (EMA 0.999), log-variances bounded to [−6, 2], up to 100 epochs, early stopping after 10",
+    ("recipe-3h", "the 3-hour recipe (the bmnist-3h preset): best's model with weight decay 0.1, trained by the "
+     "IWAE bound (k = 20), weight-averaged (EMA 0.999), log-variances bounded to [−6, 2], a cosine over the epochs "
+     "that fit in 100 minutes, early stopping after 10",
      "preset:bmnist-3h", NO_LIMIT,
      "−83.19 (HVAE + VampPrior, Tomczak & Welling 2018, Table 2: the figure to beat)"),
 ]
@@ -133,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                    f"Silhouettes ({', '.join(r[0] for r in CALTECH_ROWS)})")
     p.add_argument("--minutes", type=float, default=15, help="training minutes of each row without a budget of "
                    "its own (on binarized MNIST the vae, vamp-500 and best rows have 45, 90 and 30; the paper rows "
-                   "and recipe-3h train on their own schedule, without a budget)")
+                   "train on their own schedule, without a budget, and recipe-3h on its preset's 100 minutes)")
     p.add_argument("--rows", default=None, help="comma-separated subset of rows (default: every row of the dataset "
                    f"but those on their own schedule, {', '.join(r[0] for r in ROWS if r[3] is NO_LIMIT)}: hours each)")
     p.add_argument("--num-samples", type=int, default=5000, help="importance samples K per image")

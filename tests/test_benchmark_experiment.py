@@ -77,11 +77,12 @@ def test_the_paper_rows_train_on_the_papers_schedule_and_run_only_when_named(tmp
     paper = study.row_settings("vamp-paper", args)
     assert "time_limit" not in paper and paper["epochs"] == 2000 and paper["patience"] == 50
     assert "vamp-paper" not in study.DEFAULT_ROWS and "hvae-vamp-paper" not in study.DEFAULT_ROWS
-    # the 3-hour recipe is its preset to the letter: early stopping, IWAE-20, EMA, no budget of the row's own
+    # the 3-hour recipe is its preset to the letter: its 100 minutes (not --minutes), early stopping, IWAE-20, EMA
     recipe = study.row_settings("recipe-3h", args)
-    assert "time_limit" not in recipe and "recipe-3h" not in study.DEFAULT_ROWS
-    assert {k: recipe[k] for k in ("epochs", "patience", "elbo", "num_particles", "ema", "hierarchy")} == \
-        {"epochs": 100, "patience": 10, "elbo": "iwae", "num_particles": 20, "ema": 0.999, "hierarchy": "two-level"}
+    assert recipe["time_limit"] == "100m" and "recipe-3h" not in study.DEFAULT_ROWS
+    assert {k: recipe[k] for k in ("epochs", "patience", "elbo", "num_particles", "ema", "hierarchy", "weight_decay")} \
+        == {"epochs": 100, "patience": 10, "elbo": "iwae", "num_particles": 20, "ema": 0.999, "hierarchy": "two-level",
+            "weight_decay": 0.1}
 
 
 def test_the_caltech_benchmark_runs_its_three_rows_on_validation_when_the_file_has_no_test_part(tmp_path, capsys):

@@ -219,7 +219,7 @@ def reusable_run(name: str, args) -> Path | None:
     the stretches it was trained in: such a run must have ended by that schedule (early stopping or its
     last epoch), since a run cut short by a budget is not the row."""
     own_schedule = _row(name, args.dataset)[3] is NO_LIMIT
-    ignore = ("out", "name", "data_dir") + (("time_limit",) if own_schedule else ())
+    ignore = ("out", "name") + (("time_limit",) if own_schedule else ())
     ended_by_schedule = (lambda summary: summary.get("stopped_by") in ("patience", "epochs")) if own_schedule else None
     return find_finished_run(_config(name, args), args.reuse_from, ignore, accept=ended_by_schedule)
 

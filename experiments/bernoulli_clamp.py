@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
 
 from pyrovae import estimate_log_px, load_dataset, load_run  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
-from pyrovae.distributions import BernoulliImages, softplus  # noqa: E402
+from pyrovae.distributions import BernoulliImages  # noqa: E402
 
 #: the reference code's bound on a pixel's probability
 EPSILON = 1e-5
@@ -46,9 +46,8 @@ def clamped_bernoulli(epsilon: float = EPSILON):
     bound = math.log((1 - epsilon) / epsilon)
     plain = BernoulliImages.log_prob
 
-    def log_prob(self, value):
-        logits = self.logits.clamp(-bound, bound)
-        return torch.einsum("...d,...d->...", logits, value) - softplus(logits).sum(-1)
+    def log_prob(self, value):  # the plain density of the clamped logits
+        return plain(BernoulliImages(self.logits.clamp(-bound, bound)), value)
 
     BernoulliImages.log_prob = log_prob
     try:

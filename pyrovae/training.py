@@ -216,8 +216,8 @@ def train_or_reuse(config: TrainConfig, *, progress: bool = True, fix: str = "ch
     interrupted (from ``last.pt``), ``"trained"`` otherwise. Returns ``(run_dir, how)``.
 
     ``reuse_from``: a folder of runs (another study's ``runs/``), or a list of them searched in
-    order; a finished run there with the same settings (but those in ``ignore``) is used
-    instead of training again (``"reused"``).
+    order; a finished run there with the same settings (as :func:`find_finished_run` compares
+    them) is used instead of training again (``"reused"``).
 
     Refuses, with ``ValueError`` ending in ``fix``, a directory trained with other settings
     (any resolved setting but those in ``ignore``, and those a resume may change: a run whose

@@ -25,8 +25,6 @@ def test_clamped_density_is_bernoulli_of_clamped_probabilities():
     assert torch.allclose(plain.double(), dist.Bernoulli(logits=logits.double()).to_event(1).log_prob(x.double()))
 
 
-
-
 @pytest.mark.parametrize("shift, zero", [(0.0, True), (40.0, False)])
 def test_paired_difference_is_zero_inside_the_bound_only(shift, zero):
     torch.manual_seed(0)

@@ -22,8 +22,8 @@ def _amat_dir(folder):
 def test_benchmark_quick_trains_scores_and_reuses(tmp_path, capsys):
     study = load_experiment("benchmark")
     data, out = _amat_dir(tmp_path / "data"), tmp_path / "b"
-    args = ["--quick", "--quiet", "--data-dir", str(data), "--out", str(out), "--rows", "vae,hvae-vamp",
-            "--ais-examples", "10"]
+    args = ["--quick", "--quiet", "--val-num-samples", "7", "--data-dir", str(data), "--out", str(out), "--rows",
+            "vae,hvae-vamp", "--ais-examples", "10"]
     assert study.main(args) == 0
     result = json.loads((out / "benchmark.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
@@ -37,6 +37,8 @@ def test_benchmark_quick_trains_scores_and_reuses(tmp_path, capsys):
     assert rows["hvae-vamp"]["settings"]["hierarchy"] == "two-level"
     assert "−89.9" in rows["vae"]["published"] and "−83.19" in rows["hvae-vamp"]["published"]
     assert result["validation"]["num_examples"] == 50 and result["test"]["num_examples"] == 30
+    # test, the reported split, at --num-samples (at most 20 in --quick); validation, which only ranks, at its own K
+    assert (result["test"]["num_samples"], result["validation"]["num_samples"]) == (20, 7)
     text = (out / "benchmark.md").read_text()
     assert "| vae |" in text and "| hvae-vamp |" in text and "Command: `python experiments/benchmark.py" in text
     assert "--data-dir DIR" in text and str(data) not in text
@@ -93,11 +95,12 @@ def test_the_caltech_benchmark_runs_its_three_rows_on_validation_when_the_file_h
     data.mkdir()
     write_mat(data, splits=("train", "val"), sizes=(120, 40, 0))
     args = ["--quick", "--quiet", "--dataset", "caltech101-silhouettes", "--data-dir", str(data), "--out", str(out),
-            "--ais-examples", "10"]
+            "--val-num-samples", "7", "--ais-examples", "10"]
     assert study.main(args) == 0
     result = json.loads((out / "benchmark.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["vae", "vamp-500", "hvae-vamp"] and result["test"] is None
+    assert result["validation"]["num_samples"] == 20  # with no test part, validation is reported: --num-samples
     assert rows["vae"]["settings"]["prior"] == "standard" and rows["hvae-vamp"]["settings"]["hierarchy"] == "two-level"
     assert all(r["settings"]["dataset"] == "caltech101-silhouettes" for r in rows.values())
     assert sum("ais" in r for r in rows.values()) == 2 and all(r["ais"]["split"] == "val" for r in rows.values()

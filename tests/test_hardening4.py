@@ -249,6 +249,7 @@ def test_a_run_resumes_from_a_moved_data_dir_holding_the_same_data_only(tmp_path
 @pytest.mark.parametrize("flags, words", [
     (["--rows", "mog-10,mog-10"], "more than once"),
     (["--num-samples", "0"], "--num-samples"),
+    (["--val-num-samples", "0"], "--val-num-samples"),
     (["--ais-examples", "-1"], "--ais-examples"),
 ])
 def test_the_benchmark_checks_every_flag_before_any_work(tmp_path, capsys, flags, words):

@@ -1,0 +1,134 @@
+r"""Does it matter that pyrovae's AdamNormGrad normalises fused tensors whole?
+
+The VampPrior paper's optimiser (github.com/jmtomczak/vae_vampprior, ``utils/optimizer.py``) divides each
+parameter tensor's gradient by its own 2-norm before Adam. Its networks keep every map in its own
+``nn.Linear``: a gated layer's value map and gate map apart, an encoder's mean head and log-variance head
+apart. pyrovae stores each such pair as one tensor (one matrix product), so ``--optimizer adamnormgrad``
+divides the pair's gradient :math:`g = (g_1, g_2)` by :math:`\lVert g \rVert` where the paper's code divides
+:math:`g_1` by :math:`\lVert g_1 \rVert`. Part 1 then receives :math:`s_t\, g_1 / \lVert g_1 \rVert` with
+
+.. math:: s_t = \lVert g_{1,t} \rVert / \lVert g_t \rVert \in (0, 1].
+
+Adam's step :math:`\hat m / (\sqrt{\hat v} + \epsilon)` is unchanged when every gradient of a tensor is
+multiplied by one constant, so the two optimisers differ only as much as :math:`s_t` varies from step to
+step. This script measures that: over ``--steps`` minibatches it records :math:`s_t` for every part of every
+fused tensor (weights and biases) and prints each part's mean share and its coefficient of variation
+(standard deviation over mean), for a trained run at β = 1 and for a fresh model of the same settings at the
+first warm-up epoch's β::
+
+    python experiments/adamnormgrad_parts.py docs/results/benchmark/runs/hvae-vampprior-paper --data-dir DIR
+    python experiments/adamnormgrad_parts.py RUN --data-dir DIR --steps 5  # seconds
+
+A coefficient of variation of a few per cent moves the steps by about that much: far less than a
+minibatch's own noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a clone
+    sys.path.insert(0, str(ROOT))
+
+from pyrovae import build_model, load_run  # noqa: E402
+from pyrovae.cli import exit_code_of  # noqa: E402
+from pyrovae.marginal import isolated_params  # noqa: E402
+from pyrovae.nets import Encoder, GatedDense  # noqa: E402
+from pyrovae.objectives import build_elbo  # noqa: E402
+from pyrovae.training import prepare_data  # noqa: E402
+
+
+def fused_parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear, list[int]]]:
+    """Every linear map that holds several of the paper's maps: ``(name, map, sizes of its parts)``, the
+    parts stacked along the output dimension (a gated layer's value and gate; an encoder's mean and
+    log-scale heads, and a flow guide's context where there is one)."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, GatedDense):
+            found.append((name, m.linear, [m.linear.out_features // 2] * 2))
+        elif isinstance(m, Encoder):
+            head = m.linear_maps[-1]
+            sizes = [m.latent_dim, m.latent_dim] + ([m.context_dim] if m.context_dim else [])
+            found.append((f"{name} (head)", head, sizes))
+    joint = getattr(model, "z1_encoder", None)  # the two-level model's q(z1|x, z): mean and log-scale
+    if joint is not None:
+        head = joint.linear_maps[-1]
+        found.append(("z1_encoder (head)", head, [head.out_features // 2] * 2))
+    return found
+
+
+def shares(model, config, images: torch.Tensor, beta: float, steps: int, batch_size: int, seed: int) -> dict:
+    """``{part: [s_t for each step]}``: each part's share of its tensor's gradient norm, weights and
+    biases separately, over ``steps`` minibatches drawn with ``seed``."""
+    elbo, parts = build_elbo(config), fused_parts(model)
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, list[float]] = {}
+    for _ in range(steps):
+        x = images[torch.randint(len(images), (batch_size,), generator=generator)]
+        with isolated_params():
+            loss = elbo.differentiable_loss(model.model, model.guide, x, beta)
+        model.zero_grad()
+        loss.backward()
+        for name, linear, sizes in parts:
+            for kind, p in (("weight", linear.weight), ("bias", linear.bias)):
+                if p is None or p.grad is None:
+                    continue
+                whole = p.grad.norm()
+                for i, piece in enumerate(p.grad.split(sizes, dim=0)):
+                    out.setdefault(f"{name} {kind} part {i + 1}", []).append((piece.norm() / whole).item())
+    return out
+
+
+def summary_table(measured: dict[str, dict[str, list[float]]]) -> str:
+    lines = ["| when | parts | mean share s | coefficient of variation of s over steps: median | largest |",
+             "|---|---:|---:|---:|---:|"]
+    for when, per_part in measured.items():
+        cvs = [statistics.pstdev(v) / statistics.mean(v) for v in per_part.values() if statistics.mean(v) > 0]
+        mean_share = statistics.mean(statistics.mean(v) for v in per_part.values())
+        lines.append(f"| {when} | {len(per_part)} | {mean_share:.2f} | {statistics.median(cvs):.1%} | "
+                     f"{max(cvs):.1%} |")
+    return "\n".join(lines)
+
+
+def _main(args) -> int:
+    if args.steps < 2:
+        raise ValueError(f"--steps must be at least 2 to measure a variation (got {args.steps})")
+    run = load_run(args.run)
+    config = run.config
+    if not fused_parts(run.model):
+        raise ValueError(f"{args.run}: the model has no fused maps (no gated layers or Gaussian heads); "
+                         "nothing to measure")
+    data = prepare_data(type(config).from_dict({**config.to_dict(), "data_dir": args.data_dir}).resolved(),
+                        "train", "cpu")
+    first_beta = 1.0 / config.warmup_epochs if config.warmup_epochs else 1.0
+    measured = {"trained (its best weights), β = 1": shares(run.model, config, data.images, 1.0, args.steps,
+                                                            args.batch_size, args.seed)}
+    torch.manual_seed(args.seed)
+    fresh = build_model(config, data_dim=data.data_dim, train_images=data.images, image_shape=data.image_shape)
+    measured[f"fresh (its first warm-up epoch), β = {first_beta:g}"] = shares(
+        fresh, config, data.images, first_beta, args.steps, args.batch_size, args.seed)
+    print(f"{args.run}: {len(fused_parts(run.model))} fused maps, {args.steps} minibatches of {args.batch_size}")
+    print(summary_table(measured))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="a run directory (for example docs/results/benchmark/runs/hvae-vampprior-paper)")
+    p.add_argument("--data-dir", required=True, help="the folder of the run's dataset")
+    p.add_argument("--steps", type=int, default=40, help="minibatches to measure over")
+    p.add_argument("--batch-size", type=int, default=100, help="images per minibatch (the paper's 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the minibatches and of the fresh model")
+    args = p.parse_args(argv)
+    return exit_code_of("experiments/adamnormgrad_parts.py", _main, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,26 +1,28 @@
-r"""Does it matter that pyrovae's AdamNormGrad normalises fused tensors whole?
+r"""How far apart are AdamNormGrad's steps over fused tensors and map by map (``--norm-grad-by``)?
 
 The VampPrior paper's optimiser (github.com/jmtomczak/vae_vampprior, ``utils/optimizer.py``) divides each
 parameter tensor's gradient by its own 2-norm before Adam. Its networks keep every map in its own
 ``nn.Linear``: a gated layer's value map and gate map apart, an encoder's mean head and log-variance head
-apart. pyrovae stores each such pair as one tensor (one matrix product), so ``--optimizer adamnormgrad``
-divides the pair's gradient :math:`g = (g_1, g_2)` by :math:`\lVert g \rVert` where the paper's code divides
-:math:`g_1` by :math:`\lVert g_1 \rVert`. Part 1 then receives :math:`s_t\, g_1 / \lVert g_1 \rVert` with
+apart. pyrovae stores each such pair as one tensor (one matrix product). With ``--norm-grad-by tensor``
+(pyrovae's default) ``--optimizer adamnormgrad`` divides the pair's gradient :math:`g = (g_1, g_2)` by
+:math:`\lVert g \rVert`; with ``map`` (the paper presets) it divides :math:`g_1` by :math:`\lVert g_1 \rVert`,
+as the paper's code does. Under ``tensor`` part 1 receives :math:`s_t\, g_1 / \lVert g_1 \rVert` with
 
 .. math:: s_t = \lVert g_{1,t} \rVert / \lVert g_t \rVert \in (0, 1].
 
 Adam's step :math:`\hat m / (\sqrt{\hat v} + \epsilon)` is unchanged when every gradient of a tensor is
-multiplied by one constant, so the two optimisers differ only as much as :math:`s_t` varies from step to
-step. This script measures that: over ``--steps`` minibatches it records :math:`s_t` for every part of every
-fused tensor (weights and biases) and prints each part's mean share and its coefficient of variation
-(standard deviation over mean), for a trained run at β = 1 and for a fresh model of the same settings at the
-first warm-up epoch's β::
+multiplied by one constant, so the two differ only as much as :math:`s_t` varies from step to step. This
+script measures that: over ``--steps`` minibatches it records :math:`s_t` for every part of every fused tensor
+(weights and biases) and prints each part's mean share and its coefficient of variation (standard deviation
+over mean), for a trained run at β = 1 and for a fresh model of the same settings at the first warm-up
+epoch's β::
 
     python experiments/adamnormgrad_parts.py docs/results/benchmark/runs/hvae-vampprior-paper --data-dir DIR
     python experiments/adamnormgrad_parts.py RUN --data-dir DIR --steps 5  # seconds
 
-A coefficient of variation of a few per cent moves the steps by about that much: far less than a
-minibatch's own noise.
+A coefficient of variation c reweights the gradients inside Adam's averages by about c from step to step;
+what that does to a trained model takes a paired run (``experiments/paper_differences.py``, row
+``norm-grad-by``).
 """
 
 from __future__ import annotations
@@ -39,28 +41,17 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
 from pyrovae import build_model, load_run  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
 from pyrovae.marginal import isolated_params  # noqa: E402
-from pyrovae.nets import Encoder, GatedDense  # noqa: E402
+from pyrovae.nets import FUSED_PARTS  # noqa: E402
 from pyrovae.objectives import build_elbo  # noqa: E402
 from pyrovae.training import prepare_data  # noqa: E402
 
 
 def fused_parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear, list[int]]]:
-    """Every linear map that holds several of the paper's maps: ``(name, map, sizes of its parts)``, the
-    parts stacked along the output dimension (a gated layer's value and gate; an encoder's mean and
-    log-scale heads, and a flow guide's context where there is one)."""
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, GatedDense):
-            found.append((name, m.linear, [m.linear.out_features // 2] * 2))
-        elif isinstance(m, Encoder):
-            head = m.linear_maps[-1]
-            sizes = [m.latent_dim, m.latent_dim] + ([m.context_dim] if m.context_dim else [])
-            found.append((f"{name} (head)", head, sizes))
-    joint = getattr(model, "z1_encoder", None)  # the two-level model's q(z1|x, z): mean and log-scale
-    if joint is not None:
-        head = joint.linear_maps[-1]
-        found.append(("z1_encoder (head)", head, [head.out_features // 2] * 2))
-    return found
+    """Every linear map that stacks several of the paper's maps along its outputs (marked by
+    :func:`~pyrovae.nets.mark_fused`: a gated layer's value and gate; a Gaussian head's mean and
+    log-scale, and a flow guide's context where there is one): ``(name, map, sizes of its parts)``."""
+    return [(name, m, list(getattr(m.weight, FUSED_PARTS))) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and hasattr(m.weight, FUSED_PARTS)]
 
 
 def shares(model, config, images: torch.Tensor, beta: float, steps: int, batch_size: int, seed: int) -> dict:
@@ -86,13 +77,19 @@ def shares(model, config, images: torch.Tensor, beta: float, steps: int, batch_s
 
 
 def summary_table(measured: dict[str, dict[str, list[float]]]) -> str:
-    lines = ["| when | parts | mean share s | coefficient of variation of s over steps: median | largest |",
-             "|---|---:|---:|---:|---:|"]
+    """One line per model and kind of tensor (all, weights, biases): the parts, their mean share and the
+    median and largest coefficient of variation of the share over the steps."""
+    lines = ["| when | tensors | parts | mean share s | variation of s over steps (CV): median | largest |",
+             "|---|---|---:|---:|---:|---:|"]
     for when, per_part in measured.items():
-        cvs = [statistics.pstdev(v) / statistics.mean(v) for v in per_part.values() if statistics.mean(v) > 0]
-        mean_share = statistics.mean(statistics.mean(v) for v in per_part.values())
-        lines.append(f"| {when} | {len(per_part)} | {mean_share:.2f} | {statistics.median(cvs):.1%} | "
-                     f"{max(cvs):.1%} |")
+        for kind, label in (("all", "all"), ("weight", "weights"), ("bias", "biases")):
+            chosen = [v for k, v in per_part.items() if kind == "all" or f" {kind} part " in k]
+            cvs = [statistics.pstdev(v) / statistics.mean(v) for v in chosen if statistics.mean(v) > 0]
+            if not cvs:
+                continue
+            mean_share = statistics.mean(statistics.mean(v) for v in chosen)
+            lines.append(f"| {when} | {label} | {len(chosen)} | {mean_share:.2f} | "
+                         f"{statistics.median(cvs):.1%} | {max(cvs):.1%} |")
     return "\n".join(lines)
 
 

@@ -40,14 +40,16 @@ _DEFAULTS = TrainConfig()
 #: (row, what the reference code does -> what pyrovae does by default, the settings put back)
 ROWS = [
     ("paper", "every setting as in the reference code", {}),
-    ("optimizer", "AdamNormGrad -> Adam", {"optimizer": "adam"}),
+    ("optimizer", "AdamNormGrad -> Adam", {"optimizer": "adam", "norm_grad_by": _DEFAULTS.norm_grad_by}),
+    ("norm-grad-by", "AdamNormGrad map by map -> over each fused tensor", {"norm_grad_by": "tensor"}),
     ("init", "he_init -> PyTorch's start", {"init": "torch"}),
     ("scale-head", "log-variance hardtanh(-6, 2) -> free log-scale", {"scale_head": "log-scale"}),
     ("pseudo-inputs", "hardtanh from N(0.05, 0.01) -> sigmoid from training images",
      {"pseudo_inputs": "sigmoid", "prior_init": "data"}),
     ("warmup-unit", "warm-up weight per epoch -> per step", {"warmup_unit": "step"}),
     ("pyrovae", "all of the above at pyrovae's defaults",
-     {"optimizer": "adam", "init": "torch", "scale_head": "log-scale", "pseudo_inputs": "sigmoid",
+     {"optimizer": "adam", "norm_grad_by": _DEFAULTS.norm_grad_by, "init": "torch", "scale_head": "log-scale",
+      "pseudo_inputs": "sigmoid",
       "prior_init": "data", "warmup_unit": "step", "clip_norm": _DEFAULTS.clip_norm}),
 ]
 #: a difference smaller than this is not told from seed noise by one short run

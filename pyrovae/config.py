@@ -213,6 +213,11 @@ class TrainConfig:
         "adam", "adam, or adamnormgrad (the VampPrior paper's code: each parameter's gradient divided by its own "
         "2-norm before Adam's step, so every tensor moves by about --lr whatever its gradient's size)",
         ("adam", "adamnormgrad"))
+    norm_grad_by: str = _setting(
+        "tensor", "with --optimizer adamnormgrad, what each gradient is divided by the norm of: tensor (each "
+        "stored tensor; here a gated layer's value and gate maps are one tensor, and so are a Gaussian head's mean "
+        "and log-scale maps) or map (each of those maps on its own, as in the VampPrior paper's code, which keeps "
+        "them in separate layers)", ("tensor", "map"))
     ema: float = _setting(
         0.0, "keep an exponential moving average of the weights, w_avg <- d w_avg + (1 - d) w after every step, "
         "with this decay d in [0, 1) (such as 0.999; 0 = off); validation, the best checkpoint, evaluate and "
@@ -501,6 +506,7 @@ USED_BY: dict[str, tuple] = {
     "scale_head": (_vae, "--model vae (its Gaussians' scales)"),
     "init": (lambda c: c.model in ("vae", "ae"), "--model vae or ae"),
     "optimizer": (_trained, "every --model but pca, which is fitted once"),
+    "norm_grad_by": (lambda c: _trained(c) and c.optimizer == "adamnormgrad", "--optimizer adamnormgrad"),
     "ema": (_trained, "every --model but pca, which is fitted once"),
     "weight_decay": (_trained, "every --model but pca, which is fitted once"),
     "activation": (lambda c: c.model in ("vae", "ae") and c.net == "mlp", "--net mlp of --model vae or ae (gated "

@@ -30,7 +30,7 @@ from .config import MODELS
 from .distributions import BernoulliImages
 from .flows import InverseAutoregressiveFlow
 from .likelihoods import BernoulliLikelihood, GaussianLikelihood, build_likelihood
-from .nets import Decoder, Encoder, JointNet, he_init_, log_scale_from
+from .nets import Decoder, Encoder, JointNet, he_init_, log_scale_from, mark_fused
 from .priors import Prior, build_prior
 
 __all__ = ["ModelKind", "VAE", "linear_gaussian_marginal", "TwoLevelVAE", "Autoencoder", "PCAModel", "MixtureModel",
@@ -433,6 +433,7 @@ class TwoLevelVAE(VAE):
         h, act, net = tuple(config.hidden_dims), config.activation, config.net
         encoder = Encoder(data_dim, h, d, act, 0, net, image_shape, config.encoder_dropout, config.scale_head)
         z1_encoder = JointNet([data_dim, d], h, 2 * d1, act, net)
+        mark_fused(z1_encoder.linear_maps[-1], (d1, d1))  # its mean and log-scale maps
         z1_prior = Encoder(d, h, d1, act, net=net, scale_head=config.scale_head)
         decoder = JointNet([d1, d], h, data_dim, act, net)
         prior = build_prior(config, latent_dim=d, encoder=encoder, train_images=train_images)

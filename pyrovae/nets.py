@@ -22,7 +22,7 @@ from torch import nn
 
 from .distributions import softplus
 
-# set_autocast and he_init_, helpers of the trainer and the models, stay importable but are not public
+# set_autocast, he_init_ and mark_fused, helpers of the trainer and the models, stay importable but are not public
 __all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "log_scale_from", "NETS"]
 
 #: values of ``--net``
@@ -82,17 +82,32 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+#: the attribute of a parameter tensor that stacks several maps along its first dimension: their sizes
+#: (``--norm-grad-by map`` normalises each map's gradient on its own)
+FUSED_PARTS = "fused_parts"
+
+
+def mark_fused(linear: nn.Linear, sizes: tuple[int, ...]) -> None:
+    """Record that ``linear`` stacks maps of ``sizes`` outputs (in order) in its weight and bias."""
+    if sum(sizes) != linear.out_features:
+        raise ValueError(f"fused parts {sizes} do not add up to {linear.out_features} outputs")
+    for p in (linear.weight, linear.bias):
+        if p is not None:
+            setattr(p, FUSED_PARTS, tuple(sizes))
+
+
 class GatedDense(nn.Module):
     r"""A gated dense layer (Dauphin et al. 2017; the hidden layers of Tomczak & Welling 2018):
 
     .. math:: h = (W_1 x + b_1) \odot \sigma(W_2 x + b_2)
 
     The gate is the layer's nonlinearity. Both maps are one ``nn.Linear`` of twice the width,
-    so a layer costs one matrix product."""
+    so a layer costs one matrix product (marked :func:`mark_fused`: two maps)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.linear = nn.Linear(in_features, 2 * out_features)
+        mark_fused(self.linear, (out_features, out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, gate = self.linear(x).chunk(2, dim=-1)
@@ -198,6 +213,8 @@ class Encoder(_Net):
         else:
             layers = _mlp([data_dim, *hidden_dims, out], activation, dropout, gated=net == "gated")
         super().__init__(layers, data_dim)
+        # the mean, the log-scale and the context maps share the last affine map
+        mark_fused(self.linear_maps[-1], (latent_dim, latent_dim) + ((context_dim,) if context_dim else ()))
         log_scale_from(torch.zeros(()), scale_head)  # (checks the name)
         self.latent_dim, self.context_dim, self.scale_head = latent_dim, context_dim, scale_head
 

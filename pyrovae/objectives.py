@@ -39,6 +39,7 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELB
 from pyro.optim import PyroOptim
 
 from .config import ELBOS
+from .nets import FUSED_PARTS
 
 __all__ = ["build_elbo", "Optimizer"]
 
@@ -180,7 +181,11 @@ class Optimizer(PyroOptim):
     .. math:: g \leftarrow g / (\lVert g \rVert_2 + 10^{-7}),
 
     so the step no longer depends on the loss's scale (a sum or a mean over the batch) and no tensor's
-    gradient can be larger than 1. ``after_step`` (optional) is called after every step (the weight average).
+    gradient can be larger than 1. With ``split_fused`` (``--norm-grad-by map``) a tensor that stacks
+    several maps (:func:`~pyrovae.nets.mark_fused`: a gated layer's value and gate, a Gaussian head's
+    mean and log-scale) has each map's rows of its gradient divided by their own norm, as the paper's
+    code, whose maps are separate layers, does. ``after_step`` (optional) is called after every step
+    (the weight average).
 
     (``pyro.optim.Adam`` keeps one torch optimiser per parameter and steps them in a Python
     loop; on the 784-400-50 network that alone cost about 5 ms of a 13 ms step.)
@@ -190,10 +195,10 @@ class Optimizer(PyroOptim):
     NORM_EPS = 1e-7
 
     def __init__(self, lr: float, clip_norm: float = 0.0, weight_decay: float = 0.0, normalize_grads: bool = False,
-                 after_step=None):
+                 after_step=None, split_fused: bool = False):
         # (no super().__init__: it sets per-parameter state this optimiser does not use)
         self.lr, self.clip_norm, self.weight_decay = lr, clip_norm, weight_decay
-        self.normalize_grads, self.after_step = normalize_grads, after_step
+        self.normalize_grads, self.after_step, self.split_fused = normalize_grads, after_step, split_fused
         self._optim: torch.optim.Adam | None = None
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []
@@ -219,7 +224,10 @@ class Optimizer(PyroOptim):
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
             _all_reduce_grads(self._params)
         if self.normalize_grads:
-            grads = [p.grad for p in self._params if p.grad is not None]
+            grads = []
+            for p in self._params:
+                parts = getattr(p, FUSED_PARTS, None) if self.split_fused and p.grad is not None else None
+                grads.extend(p.grad.split(parts, dim=0) if parts else [p.grad] if p.grad is not None else [])
             if grads:
                 torch._foreach_div_(grads, torch._foreach_add(torch._foreach_norm(grads), self.NORM_EPS))
         if self.clip_norm > 0:

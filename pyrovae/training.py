@@ -767,7 +767,7 @@ def build_svi(config: TrainConfig, model, ema: WeightAverage | None, optimizer_s
     ``--weight-decay``, updating ``ema`` after each step."""
     elbo = build_elbo(config)
     optim = Optimizer(config.lr, config.clip_norm * config.batch_size, config.weight_decay,
-                      normalize_grads=config.optimizer == "adamnormgrad",
+                      normalize_grads=config.optimizer == "adamnormgrad", split_fused=config.norm_grad_by == "map",
                       after_step=ema.update if ema is not None else None)
     svi = SVI(model.model, model.guide, optim, loss=elbo)
     if optimizer_state is not None:

@@ -23,12 +23,10 @@ def paper_two_level(**changes):
 def test_every_fused_map_of_the_two_level_model_is_found_with_its_parts():
     torch.manual_seed(0)
     model = build_model(paper_two_level(), data_dim=12)
-    found = {name: sizes for name, _, sizes in parts.fused_parts(model)}
-    gated = [n for n in found if not n.endswith("(head)")]
-    # q(z|x) 2, q(z1|x, z) 2 branches + 1 joint, p(z1|z) 2, p(x|z1, z) 2 branches + 1 joint
-    assert len(gated) == 10 and all(found[n] == [8, 8] for n in gated)
-    assert found["encoder (head)"] == [3, 3] and found["z1_prior (head)"] == [2, 2]
-    assert found["z1_encoder (head)"] == [2, 2]
+    found = sorted(sizes for _, _, sizes in parts.fused_parts(model))
+    # gated layers: q(z|x) 2, q(z1|x, z) 2 branches + 1 joint, p(z1|z) 2, p(x|z1, z) 2 branches + 1 joint;
+    # Gaussian heads (mean, log-scale): q(z|x) 3 + 3, q(z1|x, z) and p(z1|z) 2 + 2
+    assert found == [[2, 2], [2, 2], [3, 3]] + [[8, 8]] * 10
 
 
 def test_shares_are_each_parts_norm_over_its_tensors_so_their_squares_sum_to_one():
@@ -56,7 +54,8 @@ def test_the_script_measures_a_finished_run_and_refuses_too_few_steps(tmp_path, 
     out = capsys.readouterr().out
     assert "13 fused maps, 3 minibatches of 20" in out
     rows = [line for line in out.splitlines() if line.startswith("| trained") or line.startswith("| fresh")]
-    assert len(rows) == 2 and "β = 1 | 52 |" in rows[0] and "β = 0.01 | 52 |" in rows[1]
+    assert len(rows) == 6 and "β = 1 | all | 52 |" in rows[0] and "β = 1 | weights | 26 |" in rows[1]
+    assert "β = 1 | biases | 26 |" in rows[2] and "β = 0.01 | all | 52 |" in rows[3]
     plain = train(TrainConfig(hidden_dims=(8,), latent_dim=2, likelihood="gaussian", **{**common, "binarize": "none"},
                               name="plain", scale_head="log-scale"), progress=False)
     code = parts.main([str(plain.run_dir), "--data-dir", str(tmp_path), "--steps", "3"])

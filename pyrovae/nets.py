@@ -22,8 +22,8 @@ from torch import nn
 
 from .distributions import softplus
 
-# set_autocast, he_init_ and mark_fused, helpers of the trainer and the models, stay importable but are not public
-__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "log_scale_from", "NETS"]
+# set_autocast and he_init_, helpers of the trainer and the models, stay importable but are not public
+__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "log_scale_from", "mark_fused", "FUSED_PARTS", "NETS"]
 
 #: values of ``--net``
 NETS = ("mlp", "gated", "conv")
@@ -88,7 +88,18 @@ FUSED_PARTS = "fused_parts"
 
 
 def mark_fused(linear: nn.Linear, sizes: tuple[int, ...]) -> None:
-    """Record that ``linear`` stacks maps of ``sizes`` outputs (in order) in its weight and bias."""
+    """Record that ``linear`` stacks maps of ``sizes`` outputs (in order) in its weight and bias, so that
+    ``--norm-grad-by map`` normalises each map's gradient on its own.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from pyrovae.nets import FUSED_PARTS, mark_fused
+    >>> both = nn.Linear(3, 4)  # a mean map and a log-scale map of 2 outputs each, in one product
+    >>> mark_fused(both, (2, 2))
+    >>> getattr(both.weight, FUSED_PARTS), getattr(both.bias, FUSED_PARTS)
+    ((2, 2), (2, 2))
+    """
     if sum(sizes) != linear.out_features:
         raise ValueError(f"fused parts {sizes} do not add up to {linear.out_features} outputs")
     for p in (linear.weight, linear.bias):

@@ -56,9 +56,10 @@ def fused_parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear, list
 
 def shares(model, config, images: torch.Tensor, beta: float, steps: int, batch_size: int, seed: int) -> dict:
     """``{part: [s_t for each step]}``: each part's share of its tensor's gradient norm, weights and
-    biases separately, over ``steps`` minibatches drawn with ``seed``."""
+    biases separately, over ``steps`` minibatches drawn with ``seed`` (and the guide's draws from it)."""
     elbo, parts = build_elbo(config), fused_parts(model)
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the guide's draws of z
     out: dict[str, list[float]] = {}
     for _ in range(steps):
         x = images[torch.randint(len(images), (batch_size,), generator=generator)]

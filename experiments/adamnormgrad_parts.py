@@ -99,7 +99,8 @@ def _main(args) -> int:
         raise ValueError(f"--steps must be at least 2 to measure a variation (got {args.steps})")
     run = load_run(args.run)
     config = run.config
-    if not fused_parts(run.model):
+    found = fused_parts(run.model)
+    if not found:
         raise ValueError(f"{args.run}: the model has no fused maps (no gated layers or Gaussian heads); "
                          "nothing to measure")
     data = prepare_data(type(config).from_dict({**config.to_dict(), "data_dir": args.data_dir}).resolved(),
@@ -111,7 +112,7 @@ def _main(args) -> int:
     fresh = build_model(config, data_dim=data.data_dim, train_images=data.images, image_shape=data.image_shape)
     measured[f"fresh (its first warm-up epoch), β = {first_beta:g}"] = shares(
         fresh, config, data.images, first_beta, args.steps, args.batch_size, args.seed)
-    print(f"{args.run}: {len(fused_parts(run.model))} fused maps, {args.steps} minibatches of {args.batch_size}")
+    print(f"{args.run}: {len(found)} fused maps, {args.steps} minibatches of {args.batch_size}")
     print(summary_table(measured))
     return 0
 

@@ -348,10 +348,13 @@ def _main(args, argv) -> int:
         test = prepare_data(base, "test", "cpu")
     except (FileNotFoundError, ValueError):  # (Caltech's file may lack its test part: "no test split in ...")
         test = None
-    num_samples = min(args.num_samples, 20) if quick else args.num_samples
-    val_num_samples = num_samples if test is None else min(args.val_num_samples, num_samples if quick else 1 << 62)
+    num_samples, val_num_samples = args.num_samples, args.val_num_samples
     if quick:
+        num_samples = min(num_samples, 20)
+        val_num_samples = min(val_num_samples, num_samples)
         val, test = val.subset(50), None if test is None else test.subset(50)
+    if test is None:  # validation is the reported split
+        val_num_samples = num_samples
     score = {"seed": args.seed, "cache": True, "progress": not args.quiet}
     result = compare_runs(run_dirs, val, names=names, num_samples=val_num_samples, **score)
     test_result = None if test is None else compare_runs(run_dirs, test, names=names, num_samples=num_samples,

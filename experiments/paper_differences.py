@@ -49,8 +49,7 @@ ROWS = [
     ("warmup-unit", "warm-up weight per epoch -> per step", {"warmup_unit": "step"}),
     ("pyrovae", "all of the above at pyrovae's defaults",
      {"optimizer": "adam", "norm_grad_by": _DEFAULTS.norm_grad_by, "init": "torch", "scale_head": "log-scale",
-      "pseudo_inputs": "sigmoid",
-      "prior_init": "data", "warmup_unit": "step", "clip_norm": _DEFAULTS.clip_norm}),
+      "pseudo_inputs": "sigmoid", "prior_init": "data", "warmup_unit": "step", "clip_norm": _DEFAULTS.clip_norm}),
 ]
 #: a difference smaller than this is not told from seed noise by one short run
 NOISE_NATS = 0.3

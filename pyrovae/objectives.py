@@ -226,8 +226,10 @@ class Optimizer(PyroOptim):
         if self.normalize_grads:
             grads = []
             for p in self._params:
-                parts = getattr(p, FUSED_PARTS, None) if self.split_fused and p.grad is not None else None
-                grads.extend(p.grad.split(parts, dim=0) if parts else [p.grad] if p.grad is not None else [])
+                if p.grad is None:
+                    continue
+                parts = getattr(p, FUSED_PARTS, None) if self.split_fused else None
+                grads.extend(p.grad.split(parts, dim=0) if parts else (p.grad,))
             if grads:
                 torch._foreach_div_(grads, torch._foreach_add(torch._foreach_norm(grads), self.NORM_EPS))
         if self.clip_norm > 0:

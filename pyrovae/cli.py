@@ -189,8 +189,12 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"(default: {split_default})")
         if subset:
             p.add_argument("--num-examples", type=_whole, default=None,
-                           help="score only the first N examples of the split (default: all), such as AIS on a "
-                           "subset beside importance sampling")
+                           help="score only N examples of the split (default: all), such as AIS on a subset beside "
+                           "importance sampling; which N: --pick")
+            p.add_argument("--pick", choices=("random", "first"), default=None,
+                           help="with --num-examples: random (default: N drawn without replacement, by --seed, a "
+                           "fair sample of the split) or first (its first N; a split may be ordered: binarized "
+                           "MNIST's test file runs through the digits in blocks)")
 
     def report_flags(p, what):
         p.add_argument("--allow-long", action="store_true", help="go on with work estimated to take over an hour")
@@ -470,12 +474,24 @@ def _split(args, run):
     if ds.data_dim != run.data_dim:
         raise ValueError(f"{config.dataset} has {ds.data_dim} values per example but the run was trained on "
                          f"{run.data_dim} ({run.config.dataset}): evaluate it on data of that shape")
-    n = getattr(args, "num_examples", None)
-    if n is not None:
-        if n < 1:
-            raise ValueError(f"--num-examples must be at least 1 (got {n})")
-        ds = ds.subset(min(n, len(ds)))
     return ds
+
+
+def _scored_split(args, run):
+    """``(examples, note)``: the split of :func:`_split`, or ``--num-examples`` of it picked as ``--pick``
+    says, and a note saying which (``None`` for the whole split)."""
+    n = args.num_examples
+    if n is not None and n < 1:
+        raise ValueError(f"--num-examples must be at least 1 (got {n})")
+    if n is None and args.pick is not None:
+        raise ValueError("--pick chooses which --num-examples examples are scored: give --num-examples N too, or "
+                         "leave --pick out to score the whole split")
+    ds = _split(args, run)
+    if n is None or n >= len(ds):
+        return ds, None
+    first = args.pick == "first"
+    note = f"the first {n:,} of {len(ds):,}" if first else f"{n:,} of {len(ds):,} drawn at random (--seed {args.seed})"
+    return ds.subset(n, seed=None if first else args.seed), note
 
 
 def _evaluate(args) -> int:
@@ -490,7 +506,7 @@ def _evaluate(args) -> int:
         error = None
         try:  # every process checks; all of them refuse if any does, before the first collective
             run = _load(args, device=env.device)
-            ds = _split(args, run)
+            ds, picked = _scored_split(args, run)
             lo, hi = shard_bounds(len(ds), env.rank, env.world)
             _check_work(args, run.model, ds.images[lo:hi] if hi > lo else ds.images, hi - lo, _estimator_work(args))
         except BAD_INPUT as e:
@@ -506,6 +522,8 @@ def _evaluate(args) -> int:
         return 0
     report = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "weights": run.weights, "dataset": ds.name,
               "split": ds.split, "processes": env.world, "seed": args.seed, **report}
+    if picked is not None:
+        report["picked"] = picked
     if run.model.has_code and run.model.latent_dim == 2:
         import torch
 
@@ -565,7 +583,7 @@ def _compare(args) -> int:
 
         image_path("--plot", args.plot, (".png",))  # before the runs are scored
     first = load_run(runs[baseline], which=args.checkpoint, weights=args.weights)
-    ds = _split(args, first)
+    ds, _ = _scored_split(args, first)
     _check_work(args, first.model, ds.images, len(ds), _estimator_work(args))
     options = estimator_options(args)
     result = compare_runs(runs, ds, baseline=baseline, num_samples=args.num_samples, seed=args.seed,

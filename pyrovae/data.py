@@ -51,6 +51,8 @@ class Dataset:
     >>> toy = Dataset("toy", "train", images=torch.rand(6, 4), labels=torch.arange(6), image_shape=(2, 2))
     >>> len(toy), toy.data_dim, len(toy.subset(3))
     (6, 4, 3)
+    >>> toy.subset(3, seed=0).labels  # three at random, in the split's order
+    tensor([2, 3, 5])
     >>> test = load_dataset("mnist5k", "test")
     >>> test.name, test.split, len(test), test.image_shape
     ('mnist5k', 'test', 500, (28, 28))
@@ -73,9 +75,20 @@ class Dataset:
         labels = None if self.labels is None else self.labels.to(device)
         return Dataset(self.name, self.split, self.images.to(device), labels, self.image_shape)
 
-    def subset(self, n: int) -> "Dataset":
-        labels = None if self.labels is None else self.labels[:n]
-        return Dataset(self.name, self.split, self.images[:n], labels, self.image_shape)
+    def subset(self, n: int, seed: int | None = None) -> "Dataset":
+        """``n`` of the split's examples (all of them when ``n`` is not smaller): the first ``n``, or, with
+        ``seed``, ``n`` drawn at random without replacement, kept in the split's order. A split may be
+        ordered (binarized MNIST's test file runs through the digits in blocks, its first 1,000 images
+        mostly zeros), so only a random subset is a fair sample of it."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"subset: n must be a whole number of examples, at least 1 (got {n!r})")
+        if seed is None or n >= len(self):
+            index = slice(0, n)
+        else:
+            gen = torch.Generator().manual_seed(int(seed))
+            index = torch.randperm(len(self), generator=gen)[:n].sort().values.to(self.images.device)
+        labels = None if self.labels is None else self.labels[index]
+        return Dataset(self.name, self.split, self.images[index], labels, self.image_shape)
 
 
 def binarize(images: torch.Tensor, seed: int) -> torch.Tensor:

@@ -349,7 +349,10 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
 
 def format_report(report: dict) -> str:
     """One aligned table of a report, for the terminal."""
-    rows = [("model", report.get("model")), ("examples", report.get("num_examples"))]
+    examples = report.get("num_examples")
+    if report.get("picked"):
+        examples = f"{examples} ({report['picked']})"
+    rows = [("model", report.get("model")), ("examples", examples)]
     if report.get("weights") == "averaged":
         rows.append(("weights", "averaged (the run's --ema; --weights raw for the optimiser's)"))
     if "num_samples" in report:

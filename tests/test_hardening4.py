@@ -385,11 +385,51 @@ def test_what_a_resume_may_change_is_one_rule_for_the_command_line_and_the_api(t
     assert code == 2 and "--latent-dim cannot change when resuming" in err
 
 
-def test_evaluate_scores_the_first_n_examples_when_asked(tmp_path, capsys):
+def test_evaluate_scores_n_examples_at_random_by_seed_or_the_first_n_when_asked(tmp_path, capsys):
+    """Quadrature is exact and draws no noise, so each example's figure is the same in any evaluation: the
+    subsets' per-example figures are the whole split's at the examples :meth:`Dataset.subset` picks."""
+    from pyrovae import Dataset
+
     train(tiny(tmp_path, "n", epochs=1), progress=False)
-    code, out, err = cli(capsys, "evaluate", str(tmp_path / "n"), "--num-samples", "30", "--num-examples", "7",
-                         "--json", "-", "--quiet")
-    assert code == 0, err
-    assert json.loads(out[out.index("{"):])["num_examples"] == 7
+
+    def per_example(*flags):
+        code, out, err = cli(capsys, "evaluate", str(tmp_path / "n"), "--estimator", "quadrature",
+                             "--quadrature-resolution", "64", "--json", "-", "--quiet", *flags)
+        assert code == 0, err
+        report = json.loads(out[out.index("{"):])
+        return report, report["per_example"]["log_px"]
+
+    _, whole = per_example()
+    numbered = Dataset("d", "test", torch.zeros(len(whole), 1), torch.arange(len(whole)), (1, 1))
+    for seed in (0, 3):
+        report, got = per_example("--num-examples", "7", "--seed", str(seed))
+        picked = numbered.subset(7, seed=seed).labels.tolist()
+        assert picked != list(range(7)) and got == [whole[i] for i in picked]
+        assert report["num_examples"] == 7 and f"7 of {len(whole)} drawn at random (--seed {seed})" == report["picked"]
+    report, got = per_example("--num-examples", "7", "--pick", "first")
+    assert got == whole[:7] and report["picked"] == f"the first 7 of {len(whole)}"
+    report, got = per_example("--num-examples", str(10 * len(whole)))
+    assert got == whole and "picked" not in report
     code, _, err = cli(capsys, "evaluate", str(tmp_path / "n"), "--num-examples", "0", "--quiet")
     assert code == 2 and "--num-examples" in err
+    code, _, err = cli(capsys, "evaluate", str(tmp_path / "n"), "--pick", "first", "--quiet")
+    assert code == 2 and "--pick" in err and "--num-examples" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_random_subset_is_distinct_sorted_repeatable_and_a_fair_sample_of_an_ordered_split():
+    from pyrovae import Dataset
+
+    labels = torch.arange(10).repeat_interleave(100)  # ordered in blocks, as binarized MNIST's test file is
+    ds = Dataset("d", "test", labels[:, None].float(), labels, (1, 1))
+    first = ds.subset(100)
+    assert first.labels.unique().tolist() == [0]  # the first 100 are one class
+    index = torch.arange(len(ds))
+    a, b, c = (Dataset("d", "test", ds.images, index, (1, 1)).subset(100, seed=s).labels for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.unique().numel() == 100 and torch.equal(a, a.sort().values) and 0 <= a.min() and a.max() < len(ds)
+    assert torch.equal(ds.subset(100, seed=0).images[:, 0].long(), labels[a])  # images and labels stay paired
+    counts = torch.bincount(labels[a], minlength=10)
+    assert counts.min() >= 3 and counts.max() <= 20  # every class, near 10 each (binomial, p = 0.1: 3..20 is +-3.3 sd)
+    assert len(ds.subset(5000, seed=0)) == len(ds) and torch.equal(ds.subset(5000, seed=0).labels, labels)
+    with pytest.raises(ValueError, match="n must be"):
+        ds.subset(0, seed=0)

@@ -46,7 +46,7 @@ def test_benchmark_quick_trains_scores_and_reuses(tmp_path, capsys):
     assert len(head) == 4 and head[2].startswith("| vae | standard VAE")
     vae = result["test"]["rows"][0]["report"]  # the test split's figures, where it is present
     assert "(test)" in head[0] and f"| {vae['elbo']:.2f} | {vae['log_px']:.2f} ± {vae['log_px_se']:.2f} |" in head[2]
-    assert "10 test images" in head[2]  # AIS for the best two (chosen on validation) on test images
+    assert "10 random test images" in head[2]  # AIS for the best two (chosen on validation) on random test images
     assert f"{rows['vae']['ais']['log_px']:.2f} ± " in head[2] and head[2].endswith("| −89.9 |")
     with Image.open(out / "elbo_vs_minutes.png") as im:
         assert im.size[0] > 400

@@ -47,6 +47,10 @@ ROWS = [
     ("pseudo-inputs", "hardtanh from N(0.05, 0.01) -> sigmoid from training images",
      {"pseudo_inputs": "sigmoid", "prior_init": "data"}),
     ("warmup-unit", "warm-up weight per epoch -> per step", {"warmup_unit": "step"}),
+    ("first-version", "the code's final version -> its first: plain Adam, Xavier start, free log-variances, "
+     "unbounded pseudo-inputs from a Xavier start",
+     {"optimizer": "adam", "norm_grad_by": _DEFAULTS.norm_grad_by, "init": "xavier", "scale_head": "log-scale",
+      "pseudo_inputs": "none", "prior_init": "xavier"}),
     ("pyrovae", "all of the above at pyrovae's defaults",
      {"optimizer": "adam", "norm_grad_by": _DEFAULTS.norm_grad_by, "init": "torch", "scale_head": "log-scale",
       "pseudo_inputs": "sigmoid", "prior_init": "data", "warmup_unit": "step", "clip_norm": _DEFAULTS.clip_norm}),

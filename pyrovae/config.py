@@ -138,8 +138,9 @@ class TrainConfig:
         "unbounded) or clipped-log-var (log s^2 = hardtanh(r, -6, 2), the VampPrior paper's code)",
         ("log-scale", "clipped-log-var"))
     init: str = _setting(
-        "torch", "start of every linear map's weights: torch (PyTorch's uniform +-1/sqrt(fan-in)) or he "
-        "(N(0, 2/fan-in), the VampPrior paper's code); biases keep PyTorch's start", ("torch", "he"))
+        "torch", "start of every linear map's weights: torch (PyTorch's uniform +-1/sqrt(fan-in)), he "
+        "(N(0, 2/fan-in), the VampPrior paper's code) or xavier (N(0, 2/(fan-in + fan-out)), that code's first "
+        "version); biases keep PyTorch's start", ("torch", "he", "xavier"))
     likelihood: str = _setting("bernoulli", "p(x|z): bernoulli (logits) or gaussian", LIKELIHOODS)
     likelihood_scale: str = _setting(
         "shared", "gaussian likelihood: one learned scale (shared) or one per pixel", ("shared", "pixel")
@@ -150,12 +151,14 @@ class TrainConfig:
         "auto",
         "mog: kmeans (default: k-means on the encoder means after --prior-init-epochs, which keeps the "
         "components in use) or random; vamp: data (random training images, default), noise (uniform) or normal "
-        "(every pixel from N(0.05, 0.01^2) before --pseudo-inputs squashes it, the VampPrior paper's code)",
+        "(every pixel from N(0.05, 0.01^2) before --pseudo-inputs squashes it, the VampPrior paper's code) or "
+        "xavier (N(0, 2/(K + pixels)), that code's first version)",
     )
     pseudo_inputs: str = _setting(
-        "sigmoid", "vamp: how the pseudo-inputs' parameters a are kept in [0, 1]: sigmoid(a), or hardtanh "
-        "(min(1, max(0, a)), the VampPrior paper's code; a pixel pushed past 0 or 1 gets no gradient again)",
-        ("sigmoid", "hardtanh"))
+        "sigmoid", "vamp: how the pseudo-inputs' parameters a are kept in [0, 1]: sigmoid(a), hardtanh "
+        "(min(1, max(0, a)), the VampPrior paper's code; a pixel pushed past 0 or 1 gets no gradient again), or "
+        "none (a itself, unbounded: that code's first version)",
+        ("sigmoid", "hardtanh", "none"))
     prior_init_epochs: typing.Optional[int] = _setting(
         None, "with --prior-init kmeans: epochs under N(0, I) before k-means (default: 10, or a tenth of "
         "--epochs when that is less)")

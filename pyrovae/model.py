@@ -30,7 +30,7 @@ from .config import MODELS
 from .distributions import BernoulliImages
 from .flows import InverseAutoregressiveFlow
 from .likelihoods import BernoulliLikelihood, GaussianLikelihood, build_likelihood
-from .nets import Decoder, Encoder, JointNet, he_init_, log_scale_from, mark_fused
+from .nets import Decoder, Encoder, JointNet, init_weights_, log_scale_from, mark_fused
 from .priors import Prior, build_prior
 
 __all__ = ["ModelKind", "VAE", "linear_gaussian_marginal", "TwoLevelVAE", "Autoencoder", "PCAModel", "MixtureModel",
@@ -757,7 +757,6 @@ def build_model(config, *, data_dim: int, train_images: torch.Tensor | None = No
     if kind is VAE or issubclass(kind, VAE):
         model = kind.from_config(config, data_dim=data_dim, train_images=train_images,
                                  image_shape=tuple(image_shape) if image_shape else None)
-        if config.init == "he":
-            he_init_(model)
+        init_weights_(model, config.init)
         return model
     return kind.from_config(config, data_dim=data_dim, train_images=train_images)

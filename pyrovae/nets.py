@@ -22,7 +22,7 @@ from torch import nn
 
 from .distributions import softplus
 
-# set_autocast and he_init_, helpers of the trainer and the models, stay importable but are not public
+# set_autocast and init_weights_, helpers of the trainer and the models, stay importable but are not public
 __all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "log_scale_from", "mark_fused", "FUSED_PARTS", "NETS"]
 
 #: values of ``--net``
@@ -32,7 +32,7 @@ SCALE_HEADS = ("log-scale", "clipped-log-var")
 #: the VampPrior code's bounds on every log-variance (its ``Hardtanh(-6, 2)``)
 LOG_VAR_BOUNDS = (-6.0, 2.0)
 #: values of ``--init``: the start of every linear map's weights
-INITS = ("torch", "he")
+INITS = ("torch", "he", "xavier")
 #: channels of the two convolutions of ``--net conv``
 CONV_CHANNELS = (16, 32)
 #: the units of ``--net conv``, whatever ``--activation`` says: with softplus units the convolutional
@@ -57,13 +57,29 @@ def log_scale_from(raw: torch.Tensor, head: str = "log-scale") -> torch.Tensor:
 
 
 @torch.no_grad()
-def he_init_(module: nn.Module) -> None:
-    r"""He et al.'s start for every ``nn.Linear`` inside ``module``: weights
-    :math:`\sim \mathcal{N}(0, 2 / \text{fan-in})`, biases left at PyTorch's start (the VampPrior
-    code's ``he_init``, which it applies to every linear map, gates and heads included)."""
+def init_weights_(module: nn.Module, init: str) -> None:
+    r"""Start every ``nn.Linear`` inside ``module`` as ``--init`` says (biases keep PyTorch's start):
+
+    - ``"torch"``: PyTorch's own start, uniform on :math:`\pm 1/\sqrt{\text{fan-in}}` (left as it is);
+    - ``"he"``: weights :math:`\sim \mathcal{N}(0, 2 / \text{fan-in})`, the VampPrior code's ``he_init``,
+      which it applies to every linear map, gates and heads included;
+    - ``"xavier"``: weights :math:`\sim \mathcal{N}(0, 2 / (\text{fan-in} + \text{fan-out}))`, the
+      ``xavier_init`` of that code's first public version. A map that stacks several maps
+      (:func:`mark_fused`: a gated layer's value and gate, a head's mean and scale) takes each part's own
+      fan-out, as the reference code's separate layers do.
+    """
+    if init not in INITS:
+        raise ValueError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
+    if init == "torch":
+        return
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if not isinstance(m, nn.Linear):
+            continue
+        if init == "he":
             m.weight.normal_(0.0, math.sqrt(2.0 / m.in_features))
+            continue
+        for part in m.weight.split(list(getattr(m.weight, FUSED_PARTS, (m.out_features,))), dim=0):
+            part.normal_(0.0, math.sqrt(2.0 / (m.in_features + part.shape[0])))
 
 
 class Softplus(nn.Module):

@@ -43,6 +43,7 @@ the command line and the model pick it up from there:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import pyro.distributions as dist
@@ -244,18 +245,22 @@ class VampPrior(Prior):
     - ``"sigmoid"`` (default): :math:`u_k = \mathrm{sigmoid}(a_k)` with unconstrained :math:`a_k`;
     - ``"hardtanh"``: :math:`u_k = \mathrm{hardtanh}(a_k, 0, 1) = \min(1, \max(0, a_k))`, the paper's code
       (a bias-free linear layer from one-hot inputs, whose weights are the :math:`a_k`). Its gradient is
-      exactly zero outside (0, 1), so a pseudo-input pixel pushed past a bound never moves again.
+      exactly zero outside (0, 1), so a pseudo-input pixel pushed past a bound never moves again;
+    - ``"none"``: :math:`u_k = a_k`, unbounded: the bias-free linear layer alone, as in the first public
+      version of the paper's code (its pseudo-inputs may leave [0, 1], where no image lies).
 
     Starts (``--prior-init``): ``"data"``, K distinct random training images, pulled into
     [0.05, 0.95] (:data:`_MARGIN`) so that neither map is saturated; ``"noise"``, uniform noise pulled
     the same way; ``"normal"``, every :math:`a_k` pixel drawn from :math:`\mathcal{N}(0.05, 0.01^2)`
-    (:data:`NORMAL_START`, the paper's code for binary images: grey pseudo-inputs near black).
+    (:data:`NORMAL_START`, the paper's code for binary images: grey pseudo-inputs near black);
+    ``"xavier"``, every :math:`a_k` pixel from :math:`\mathcal{N}(0, 2 / (K + D))` for D pixels, the
+    Xavier start that the code's first version gave its pseudo-input layer (a map of K inputs and D outputs).
     The encoder is shared with the guide, not owned: it is not a submodule.
     """
 
-    inits = ("data", "noise", "normal")
+    inits = ("data", "noise", "normal", "xavier")
     #: values of ``--pseudo-inputs``
-    squashes = ("sigmoid", "hardtanh")
+    squashes = ("sigmoid", "hardtanh", "none")
     #: how far inside (0, 1) the data and noise starts are pulled
     _MARGIN = 0.05
     #: mean and standard deviation of ``--prior-init normal`` (the paper's code, binary datasets)
@@ -280,7 +285,9 @@ class VampPrior(Prior):
         """The pseudo-inputs :math:`u_k` in data space, ``(K, data_dim)``."""
         if self.squash == "sigmoid":
             return torch.sigmoid(self.pseudo_logits)
-        return torch.nn.functional.hardtanh(self.pseudo_params, 0.0, 1.0)
+        if self.squash == "hardtanh":
+            return torch.nn.functional.hardtanh(self.pseudo_params, 0.0, 1.0)
+        return self.pseudo_params
 
     def _mixture(self):
         loc, log_scale = self._encoder(self.pseudo_inputs)  # (K, D) each
@@ -308,6 +315,8 @@ class VampPrior(Prior):
         elif config.prior_init == "normal":
             mean, std = cls.NORMAL_START
             u, margin = mean + std * torch.randn(k, data_dim, generator=gen), 0.0
+        elif config.prior_init == "xavier":
+            u, margin = math.sqrt(2.0 / (k + data_dim)) * torch.randn(k, data_dim, generator=gen), 0.0
         else:
             u = torch.rand(k, data_dim, generator=gen)
         return cls(encoder, u, config.pseudo_inputs, margin)

@@ -120,6 +120,45 @@ def test_he_init_draws_every_linear_weight_from_n_0_2_over_fan_in():
     assert w.abs().max() <= 1 / math.sqrt(784)  # PyTorch's uniform start, for contrast
 
 
+def test_xavier_init_draws_each_maps_weights_from_n_0_2_over_its_fan_in_plus_fan_out():
+    """The first version's xavier_init on the gated nets: each of a fused map's parts (a gated layer's value
+    and gate, a head's mean and scale) takes its own fan-out, as the reference code's separate layers do."""
+    from pyrovae.nets import FUSED_PARTS
+
+    c = TrainConfig(dataset="digits", net="gated", hidden_dims=(300, 300), latent_dim=40, init="xavier").resolved()
+    torch.manual_seed(1)
+    vae = build_model(c, data_dim=784)
+    linears = [m for m in vae.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 6 and sum(hasattr(m.weight, FUSED_PARTS) for m in linears) >= 5
+    for m in linears:
+        parts = getattr(m.weight, FUSED_PARTS, (m.out_features,))
+        for w in m.weight.detach().split(list(parts), dim=0):
+            want = math.sqrt(2.0 / (m.in_features + w.shape[0]))
+            whole = math.sqrt(2.0 / (m.in_features + m.out_features))
+            assert abs(w.std().item() / want - 1) < 0.03 and abs(w.mean().item()) < 0.05 * want
+            if len(parts) > 1:  # the fused map's whole fan-out would have drawn them measurably narrower
+                assert abs(w.std().item() / whole - 1) > 0.04
+        assert m.bias.abs().max() <= 1 / math.sqrt(m.in_features)  # biases keep PyTorch's start
+
+
+def test_unbounded_pseudo_inputs_are_their_own_parameters_from_a_xavier_start():
+    """--pseudo-inputs none --prior-init xavier: the first version's bias-free linear layer of one-hot inputs,
+    u_k = a_k with a ~ N(0, 2/(K + D)); no bound, so every pixel keeps its gradient, outside [0, 1] too."""
+    c = TrainConfig(dataset="digits", prior="vamp", prior_components=400, pseudo_inputs="none",
+                    prior_init="xavier", latent_dim=4, hidden_dims=(16,)).resolved()
+    vae = build_model(c, data_dim=64, train_images=torch.rand(1000, 64))
+    u = vae.prior.pseudo_inputs
+    want = math.sqrt(2.0 / (400 + 64))
+    assert abs(u.std().item() / want - 1) < 0.03 and abs(u.mean().item()) < 0.05 * want
+    assert bool((u < 0).any())  # a start no squash would allow
+    a = vae.prior.pseudo_params
+    with torch.no_grad():
+        a.copy_(torch.linspace(-1, 2, 400 * 64).reshape(400, 64))
+    assert torch.equal(vae.prior.pseudo_inputs, a)
+    (vae.prior.pseudo_inputs * torch.randn(400, 64)).sum().backward()
+    assert bool((a.grad != 0).all())
+
+
 def dataclass_replace(c, **kw):
     import dataclasses
 

@@ -339,7 +339,7 @@ def _train(args) -> int:
         run_dir = Path(resume)
         config = resumed_config(TrainConfig.load(run_dir / "config.json"), given, run_dir)
     else:
-        config = dataclasses.replace(_base_config(preset, config_file), **given)
+        config = _without_unused_base(dataclasses.replace(_base_config(preset, config_file), **given), given)
     try:
         result = train(config, resume=resume, progress=not getattr(args, "quiet", False))
     except KeyboardInterrupt as e:
@@ -381,6 +381,17 @@ def _base_config(preset: str | None, config_file: str | None):
     if config_file is not None:
         settings.update(read_settings_file(config_file))
     return TrainConfig.from_dict(settings, source=config_file or f"preset {preset}")
+
+
+def _without_unused_base(config, given: dict):
+    """``config`` with every setting that came from the preset or the settings file, not from a flag, and that
+    the flags have made unused (``--optimizer adam`` over a preset's ``norm_grad_by``) put back to its default:
+    the user cannot drop what they did not give. A flag given and unused is still refused when the run starts."""
+    from .config import TrainConfig, unused_settings
+
+    defaults = TrainConfig()
+    back = {name: getattr(defaults, name) for name, _ in unused_settings(config) if name not in given}
+    return dataclasses.replace(config, **back) if back else config
 
 
 # --- commands on a trained run -----------------------------------------------------------

@@ -6,6 +6,7 @@ evaluate's estimate of its own time."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -298,6 +299,22 @@ def test_a_setting_the_model_does_not_use_is_refused_by_one_rule(tmp_path, capsy
     code, _, err = cli(capsys, "train", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path), *flags)
     assert code == 2 and len(err.strip().splitlines()) == 1 and f"{flag} " in err and "not used" in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_presets_setting_that_the_flags_make_unused_goes_back_to_its_default(tmp_path, capsys):
+    """--optimizer adam over the paper preset leaves its --norm-grad-by map unused: the user did not give it, so it
+    is dropped, not refused; given as a flag beside --optimizer adam it is still refused."""
+    from pyrovae.cli import _base_config, _without_unused_base
+
+    base = _base_config("hvae-vampprior-paper", None)
+    assert base.norm_grad_by == "map"
+    config = _without_unused_base(dataclasses.replace(base, optimizer="adam"), {"optimizer": "adam"})
+    assert config.norm_grad_by == TrainConfig().norm_grad_by and config.optimizer == "adam"
+    assert config.lower_latent_dims == base.lower_latent_dims  # what is still used stays
+    config.resolved()
+    code, _, err = cli(capsys, "train", "--preset", "hvae-vampprior-paper", "--data-dir", str(tmp_path / "none"),
+                       "--optimizer", "adam", "--norm-grad-by", "map", "--out", str(tmp_path / "runs"))
+    assert code == 2 and "--norm-grad-by " in err and "not used" in err, err
 
 
 def test_every_preset_is_used_whole():

@@ -6,7 +6,6 @@ evaluate's estimate of its own time."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -304,16 +303,20 @@ def test_a_setting_the_model_does_not_use_is_refused_by_one_rule(tmp_path, capsy
 def test_a_presets_setting_that_the_flags_make_unused_goes_back_to_its_default(tmp_path, capsys):
     """--optimizer adam over the paper preset leaves its --norm-grad-by map unused: the user did not give it, so it
     is dropped, not refused; given as a flag beside --optimizer adam it is still refused."""
-    from pyrovae.cli import _base_config, _without_unused_base
-
-    base = _base_config("hvae-vampprior-paper", None)
-    assert base.norm_grad_by == "map"
-    config = _without_unused_base(dataclasses.replace(base, optimizer="adam"), {"optimizer": "adam"})
-    assert config.norm_grad_by == TrainConfig().norm_grad_by and config.optimizer == "adam"
-    assert config.lower_latent_dims == base.lower_latent_dims  # what is still used stays
-    config.resolved()
-    code, _, err = cli(capsys, "train", "--preset", "hvae-vampprior-paper", "--data-dir", str(tmp_path / "none"),
-                       "--optimizer", "adam", "--norm-grad-by", "map", "--out", str(tmp_path / "runs"))
+    d = tmp_path / "bm"
+    d.mkdir()
+    for name, n in (("train", 40), ("valid", 12)):
+        write(d / f"binarized_mnist_{name}.amat", amat_text(images(n, seed=len(name))))
+    small = ["--data-dir", str(d), "--epochs", "1", "--batch-size", "20", "--hidden-dims", "8,8",
+             "--latent-dim", "3", "--lower-latent-dims", "3", "--prior-components", "5", "--quiet"]
+    code, _, err = cli(capsys, "train", "--preset", "hvae-vampprior-paper", "--optimizer", "adam", *small,
+                       "--out", str(tmp_path / "runs"), "--name", "adam")
+    assert code == 0, err
+    stored = json.loads((tmp_path / "runs" / "adam" / "config.json").read_text())
+    assert stored["optimizer"] == "adam" and stored["norm_grad_by"] == TrainConfig().norm_grad_by
+    assert stored["hierarchy"] == "two-level" and stored["init"] == "he"  # what is still used stays
+    code, _, err = cli(capsys, "train", "--preset", "hvae-vampprior-paper", "--optimizer", "adam",
+                       "--norm-grad-by", "map", *small, "--out", str(tmp_path / "runs2"))
     assert code == 2 and "--norm-grad-by " in err and "not used" in err, err
 
 

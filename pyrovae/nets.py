@@ -75,7 +75,7 @@ def init_weights_(module: nn.Module, init: str) -> None:
     for m in module.modules():
         if not isinstance(m, nn.Linear):
             continue
-        if init == "he":
+        if init == "he":  # fan-in only, so drawn whole: one draw keeps the shipped he runs' random stream
             m.weight.normal_(0.0, math.sqrt(2.0 / m.in_features))
             continue
         for part in m.weight.split(list(getattr(m.weight, FUSED_PARTS, (m.out_features,))), dim=0):

@@ -93,12 +93,9 @@ def _size_flag(p, flag: str, help: str, type=None) -> None:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig, setting_fields
-    from .model import MODEL_KINDS
-    from .priors import PRIORS
+    from .config import TrainConfig, setting_choices, setting_fields
 
     defaults = TrainConfig()
-    choices_from_registry = {"prior": tuple(PRIORS), "model": tuple(MODEL_KINDS)}
     for f, tp in setting_fields():
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -115,7 +112,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         else:
             kind = tp
         kind = _whole if kind is int else kind
-        choices = choices_from_registry.get(f.name, f.metadata.get("choices"))
+        choices = setting_choices(f.name)
         p.add_argument(flag, type=kind, choices=choices, help=help_text,
                        metavar=f.name.upper() if not choices else None)
 

@@ -29,6 +29,14 @@ def _setting(default, help: str, choices: tuple[str, ...] | None = None):
 
 
 MODELS = ("vae", "ae", "pca", "mixture")
+#: values of --net (the networks of pyrovae.nets)
+NETS = ("mlp", "gated", "conv")
+#: values of --scale-head (pyrovae.nets.log_scale_from)
+SCALE_HEADS = ("log-scale", "clipped-log-var")
+#: values of --init (pyrovae.nets.init_weights_)
+INITS = ("torch", "he", "xavier")
+#: values of --pseudo-inputs (pyrovae.priors.VampPrior)
+PSEUDO_INPUTS = ("sigmoid", "hardtanh", "none")
 LIKELIHOODS = ("bernoulli", "gaussian")
 ELBOS = ("trace", "meanfield", "iwae")
 GUIDES = ("gaussian", "iaf")
@@ -120,7 +128,7 @@ class TrainConfig:
         "mlp", "mlp (fully connected), gated (fully connected gated layers h = (W1 x + b1) * sigmoid(W2 x + b2), the "
         "VampPrior paper's MLP; --activation is unused), or conv (two stride-2 convolutions before the encoder's "
         "hidden layers and two transposed ones after the decoder's; images with height and width multiples of 4)",
-        ("mlp", "gated", "conv"))
+        NETS)
     latent_dim: int = _setting(50, "dimension of the code z (the top stochastic layer, drawn from the prior)")
     lower_latent_dims: typing.Tuple[int, ...] = _setting(
         (), "stochastic layers between x and z, nearest x first, comma separated ('' = none): "
@@ -136,11 +144,11 @@ class TrainConfig:
     scale_head: str = _setting(
         "log-scale", "how each Gaussian's scale s is read from its network's raw output r: log-scale (log s = r, "
         "unbounded) or clipped-log-var (log s^2 = hardtanh(r, -6, 2), the VampPrior paper's code)",
-        ("log-scale", "clipped-log-var"))
+        SCALE_HEADS)
     init: str = _setting(
         "torch", "start of every linear map's weights: torch (PyTorch's uniform +-1/sqrt(fan-in)), he "
         "(N(0, 2/fan-in), the VampPrior paper's code) or xavier (N(0, 2/(fan-in + fan-out)), that code's first "
-        "version); biases keep PyTorch's start", ("torch", "he", "xavier"))
+        "version); biases keep PyTorch's start", INITS)
     likelihood: str = _setting("bernoulli", "p(x|z): bernoulli (logits) or gaussian", LIKELIHOODS)
     likelihood_scale: str = _setting(
         "shared", "gaussian likelihood: one learned scale (shared) or one per pixel", ("shared", "pixel")
@@ -158,7 +166,7 @@ class TrainConfig:
         "sigmoid", "vamp: how the pseudo-inputs' parameters a are kept in [0, 1]: sigmoid(a), hardtanh "
         "(min(1, max(0, a)), the VampPrior paper's code; a pixel pushed past 0 or 1 gets no gradient again), or "
         "none (a itself, unbounded: that code's first version)",
-        ("sigmoid", "hardtanh", "none"))
+        PSEUDO_INPUTS)
     prior_init_epochs: typing.Optional[int] = _setting(
         None, "with --prior-init kmeans: epochs under N(0, I) before k-means (default: 10, or a tenth of "
         "--epochs when that is less)")

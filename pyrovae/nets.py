@@ -20,19 +20,14 @@ import math
 import torch
 from torch import nn
 
+from .config import INITS, NETS, SCALE_HEADS
 from .distributions import softplus
 
 # set_autocast and init_weights_, helpers of the trainer and the models, stay importable but are not public
-__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "log_scale_from", "mark_fused", "FUSED_PARTS", "NETS"]
+__all__ = ["Encoder", "Decoder", "JointNet", "GatedDense", "log_scale_from", "mark_fused", "FUSED_PARTS"]
 
-#: values of ``--net``
-NETS = ("mlp", "gated", "conv")
-#: values of ``--scale-head``: how a network's raw output r becomes the log standard deviation of a Gaussian
-SCALE_HEADS = ("log-scale", "clipped-log-var")
 #: the VampPrior code's bounds on every log-variance (its ``Hardtanh(-6, 2)``)
 LOG_VAR_BOUNDS = (-6.0, 2.0)
-#: values of ``--init``: the start of every linear map's weights
-INITS = ("torch", "he", "xavier")
 #: channels of the two convolutions of ``--net conv``
 CONV_CHANNELS = (16, 32)
 #: the units of ``--net conv``, whatever ``--activation`` says: with softplus units the convolutional

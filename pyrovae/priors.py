@@ -50,6 +50,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .config import PSEUDO_INPUTS
 from .distributions import DiagonalGaussianMixture
 
 __all__ = ["Prior", "StandardNormalPrior", "MixtureOfGaussiansPrior", "VampPrior", "PRIORS", "build_prior"]
@@ -260,7 +261,7 @@ class VampPrior(Prior):
 
     inits = ("data", "noise", "normal", "xavier")
     #: values of ``--pseudo-inputs``
-    squashes = ("sigmoid", "hardtanh", "none")
+    squashes = PSEUDO_INPUTS
     #: how far inside (0, 1) the data and noise starts are pulled
     _MARGIN = 0.05
     #: mean and standard deviation of ``--prior-init normal`` (the paper's code, binary datasets)

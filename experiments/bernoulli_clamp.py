@@ -74,11 +74,13 @@ def main(argv=None) -> int:
     p.add_argument("run", help="a run directory or checkpoint of a model of binary images")
     p.add_argument("--data-dir", required=True, help="folder holding the run's dataset files")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split to score (default: test)")
-    p.add_argument("--num-examples", type=int, default=2000, help="first N images of the split (default: 2000)")
+    p.add_argument("--num-examples", type=int, default=None,
+                   help="first N images of the split (default: all of them; the clamp acts on a few rare images, "
+                   "so a prefix of the split can miss it)")
     p.add_argument("--num-samples", type=int, default=200, help="importance samples K per image (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws shared by both scorings (default: 0)")
     args = p.parse_args(argv)
-    if args.num_examples < 1 or args.num_samples < 1:
+    if (args.num_examples is not None and args.num_examples < 1) or args.num_samples < 1:
         p.error("--num-examples and --num-samples must be at least 1")
     return exit_code_of("experiments/bernoulli_clamp.py", _main, args)
 

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .config import INITS, NETS, SCALE_HEADS
+from .config import INITS, SCALE_HEADS
 from .distributions import softplus
 
 # set_autocast and init_weights_, helpers of the trainer and the models, stay importable but are not public

@@ -404,7 +404,8 @@ def _main(args, argv) -> int:
     ])
     curves = {name: _curve(d) for name, d in zip(names, run_dirs)}
     out.mkdir(parents=True, exist_ok=True)
-    title = "binarized MNIST" if args.dataset == "binarized-mnist" else "Caltech 101 Silhouettes"
+    title, published_on = (("binarized MNIST", "statically binarized MNIST") if args.dataset == "binarized-mnist"
+                           else ("Caltech 101 Silhouettes",) * 2)
     _plot(curves, out / "elbo_vs_minutes.png", title)
     given = list(sys.argv[1:] if argv is None else argv)
     for i, a in enumerate(given):  # the data's folder is the user's own: the report names it DIR
@@ -430,8 +431,7 @@ def _main(args, argv) -> int:
              "- AIS: `pyrovae evaluate --estimator ais` defaults (T = 500, 4 chains, 5 leapfrog steps) for the two "
              "rows with the best validation log p(x), on images of the test split drawn at random (validation where "
              "there is no test file); importance sampling's figure on the same images beside it.",
-             f"- Published figures are on the test split of the same "
-             f"{'statically binarized MNIST' if args.dataset == 'binarized-mnist' else title}, after hundreds "
+             f"- Published figures are on the test split of the same {published_on}, after hundreds "
              "to thousands of GPU epochs.",
              "", "![validation ELBO against training minutes](elbo_vs_minutes.png)", "", f"Command: `{command}`", ""]
     text = "\n".join(lines)

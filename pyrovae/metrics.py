@@ -82,15 +82,24 @@ def responsibilities(model, images: torch.Tensor) -> torch.Tensor | None:
         return torch.cat([model.log_responsibilities(x).exp() for x in images.split(1024)])
 
 
-def component_usage(resp: torch.Tensor, threshold: float = 0.01) -> dict:
+#: a mixture component of K counts as in use while it holds at least this share of an even share
+#: (1/K) of the responsibility mass: a tenth, so 1% for K = 10 and 0.02% for K = 500. One rule for
+#: training's ``val_components_used`` and ``evaluate``'s report.
+COMPONENT_SHARE = 0.1
+
+
+def component_usage(resp: torch.Tensor, share: float = COMPONENT_SHARE) -> dict:
     r"""How the posterior responsibility mass :math:`\bar r_k = \frac1N \sum_x p(k|x)` spreads:
-    components holding more than ``threshold`` of it, and its entropy (nats; its exp is the
-    effective number of components)."""
+    ``components_used``, the components with :math:`\bar r_k \ge` ``share`` / K (``threshold``, a
+    tenth of an even share by default, so that K evenly used components all count whatever K is), and
+    the mass's entropy (nats; its exp, ``usage_perplexity``, is the effective number of components)."""
     mass = resp.double().mean(0)
     entropy = float(-(mass * mass.clamp_min(1e-300).log()).sum())
+    threshold = share / resp.shape[1]
     return {
         "num_components": int(resp.shape[1]),
-        "components_used": int((mass > threshold).sum()),
+        "components_used": int((mass >= threshold).sum()),
+        "threshold": threshold,
         "usage_entropy": entropy,
         "usage_perplexity": math.exp(entropy),
     }
@@ -401,7 +410,7 @@ def format_report(report: dict) -> str:
             rows.append((f"  in layer {site}", f"{n} of {d}"))
     if "components" in report:
         c = report["components"]
-        rows.append(("components used (>1% mass)", f"{c['components_used']} of {c['num_components']}"))
+        rows.append(("components used (mass >= 1/(10K))", f"{c['components_used']} of {c['num_components']}"))
         rows.append(("usage entropy (nats)", f"{c['usage_entropy']:.3f} (perplexity {c['usage_perplexity']:.1f})"))
         if "cluster_accuracy" in c:
             rows.append(("cluster accuracy", f"{c['cluster_accuracy']:.4f}"))

@@ -64,7 +64,7 @@ from .config import (
 from .data import Dataset, binarize, check_likelihood, load_dataset, static_binarized
 from .distributed import ProcessGroup, rank, resolve_device, world_size  # noqa: F401 (resolve_device: its old home)
 from .marginal import derive_seed, isolated_params
-from .metrics import component_usage, responsibilities, split_scores
+from .metrics import COMPONENT_SHARE, component_usage, responsibilities, split_scores
 from .model import build_model
 from .nets import set_autocast
 from .objectives import Optimizer, build_elbo
@@ -78,9 +78,6 @@ __all__ = ["train", "Trainer", "Hook", "hooked", "TrainResult", "TrainingDiverge
 TEST_NUM_SAMPLES = 10
 #: seed of the validation ELBO's noise: every epoch is scored with the same draws
 VAL_SEED = 97
-#: a mixture component of K counts as in use while it holds at least this share of 1/K of the
-#: validation codes' responsibility (a tenth of an even share: 1% for K = 10)
-COMPONENT_SHARE = 0.1
 
 
 class TrainingDiverged(RuntimeError):
@@ -881,7 +878,7 @@ def test_scores(config: TrainConfig, model, device) -> dict | None:
 
 
 def components_in_use(model, val: torch.Tensor) -> int | None:
-    """How many of a mixture prior's K components hold at least :data:`COMPONENT_SHARE` / K of the
+    """How many of a mixture prior's K components hold at least :data:`~pyrovae.metrics.COMPONENT_SHARE` / K of the
     validation codes' responsibility; ``None`` without a mixture prior in use (or before k-means has
     set it)."""
     prior = getattr(model, "prior", None)
@@ -890,7 +887,7 @@ def components_in_use(model, val: torch.Tensor) -> int | None:
     if not getattr(prior, "fitted", torch.tensor(True)):  # k-means has not run yet: N(0, I) for now
         return None
     resp = responsibilities(model, val)
-    return component_usage(resp, COMPONENT_SHARE / resp.shape[1])["components_used"]
+    return component_usage(resp)["components_used"]
 
 
 def _peak_rss_mb() -> float | None:

@@ -450,3 +450,32 @@ def test_a_prior_that_is_not_a_mixture_trains_and_is_scored_by_is_ais_and_quadra
     assert float((est.log_px - est.elbo).min()) > 0  # IS above the ELBO, per image
     assert abs(float((est.log_px.double() - exact).mean())) < 0.05
     assert abs(float((ais.log_px.double() - exact).mean())) < 0.2
+
+
+def test_components_used_counts_a_tenth_of_an_even_share_whatever_k():
+    """One rule for training's val_components_used and evaluate's report: component k is in use while
+    its mean responsibility is at least 1/(10K). K = 500 evenly used components all count (a fixed 1%
+    would count none), and a component below the line is left out."""
+    from pyrovae.metrics import COMPONENT_SHARE, component_usage
+
+    even = component_usage(torch.full((7, 500), 1 / 500))
+    assert even["components_used"] == 500 and even["threshold"] == pytest.approx(COMPONENT_SHARE / 500)
+    assert even["usage_perplexity"] == pytest.approx(500)
+    # K = 4: the line is 0.025; masses 0.70, 0.26, 0.03, 0.01 -> three in use
+    resp = torch.tensor([[0.70, 0.26, 0.03, 0.01]]).expand(3, 4)
+    assert component_usage(resp)["components_used"] == 3
+    assert component_usage(resp, share=0.5)["components_used"] == 2  # line 0.125
+
+
+def test_training_and_evaluate_count_the_same_components(tmp_path):
+    """The last epoch's val_components_used in metrics.jsonl equals evaluate's count on the same
+    validation images with the same weights (K = 300: an even share is 0.33%, so a fixed 1% line counts
+    none of them)."""
+    result = train(TrainConfig(dataset="digits", prior="vamp", prior_components=300, hidden_dims=(32,), latent_dim=4,
+                               epochs=2, out=str(tmp_path), name="v", no_tensorboard=True), progress=False)
+    run = load_run(result.run_dir, which="last")
+    val = training.prepare_data(run.config, "val", "cpu").images
+    counted = training.components_in_use(run.model, val)
+    reported = evaluate(run.model, val, num_samples=2, seed=0)["components"]["components_used"]
+    assert counted > 200
+    assert counted == reported == read_metrics(result.run_dir / "metrics.jsonl")[-1]["val_components_used"]

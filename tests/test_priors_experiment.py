@@ -31,7 +31,7 @@ def test_priors_experiment_quick_mode(tmp_path, capsys):
                     assert im.size[0] > 100
         if name != "standard":
             comp = rep["components"]
-            assert 0 <= comp["components_used"] <= comp["num_components"]  # 0: K=500 spread below 1% each
+            assert 1 <= comp["components_used"] <= comp["num_components"]
             assert 1 <= comp["usage_perplexity"] <= comp["num_components"] + 1e-6
             assert 0 <= comp["cluster_accuracy"] <= 1 and 0 <= comp["nmi"] <= 1
         with Image.open(out / r["samples_png"]) as im:

@@ -92,21 +92,16 @@ class TrainConfig:
     """
 
     # --- data ---
-    dataset: str = _setting(
-        "mnist5k",
-        "; ".join(f"{name} ({spec.summary}, {spec.splits})" for name, spec in DATASETS.items())
-        + "; or a path to your own .npy/.npz/.csv (one example per row, values 0-255 or 0-1)",
-    )
+    dataset: str = _setting("mnist5k", "; ".join(f"{n} ({spec.summary}, {spec.splits})" for n, spec in DATASETS.items())
+                            + "; or a path to your own .npy/.npz/.csv (one example per row, values 0-255 or 0-1)")
     data_dir: str = _setting("data", "folder holding IDX files, directly or as <dir>/<Name>/raw/")
     download: bool = _setting(False, "fetch the dataset's files into --data-dir first, from their published "
                               "location (needs internet; PYROVAE_<DATASET>_URL points elsewhere): "
                               + ", ".join(n for n, spec in DATASETS.items() if spec.source))
-    label_column: typing.Optional[int] = _setting(
-        None, "for a .csv dataset: index of the column holding labels (others are pixels)"
-    )
+    label_column: typing.Optional[int] = _setting(None, "for a .csv dataset: index of the column holding labels "
+                                                  "(others are pixels)")
     binarize: str = _setting(
-        "auto",
-        "dynamic (resampled every epoch), static (fixed seed), none (grey values); "
+        "auto", "dynamic (resampled every epoch), static (fixed seed), none (grey values); "
         "auto = dynamic for --likelihood bernoulli, none for gaussian. "
         "when training data is binarised (dynamic or static), validation and test data are binarised once with a "
         "fixed seed; with none they are scored as they are; "
@@ -115,15 +110,11 @@ class TrainConfig:
     )
     # --- model ---
     model: str = _setting(
-        "vae",
-        "vae (the variational autoencoder of docs/theory.md), ae (deterministic autoencoder: point-mass guide, "
+        "vae", "vae (the variational autoencoder of docs/theory.md), ae (deterministic autoencoder: point-mass guide, "
         "reconstruction loss only), pca (scikit-learn PCA), mixture (finite mixture of "
-        "--prior-components pixel distributions, component enumerated exactly)",
-        MODELS,
-    )
-    hidden_dims: typing.Tuple[int, ...] = _setting(
-        (400,), "hidden layer sizes of encoder and decoder, comma separated; '' = linear maps"
-    )
+        "--prior-components pixel distributions, component enumerated exactly)", MODELS)
+    hidden_dims: typing.Tuple[int, ...] = _setting((400,), "hidden layer sizes of encoder and decoder, comma "
+                                                   "separated; '' = linear maps")
     net: str = _setting(
         "mlp", "mlp (fully connected), gated (fully connected gated layers h = (W1 x + b1) * sigmoid(W2 x + b2), the "
         "VampPrior paper's MLP; --activation is unused), or conv (two stride-2 convolutions before the encoder's "
@@ -150,18 +141,15 @@ class TrainConfig:
         "(N(0, 2/fan-in), the VampPrior paper's code) or xavier (N(0, 2/(fan-in + fan-out)), that code's first "
         "version); biases keep PyTorch's start", INITS)
     likelihood: str = _setting("bernoulli", "p(x|z): bernoulli (logits) or gaussian", LIKELIHOODS)
-    likelihood_scale: str = _setting(
-        "shared", "gaussian likelihood: one learned scale (shared) or one per pixel", ("shared", "pixel")
-    )
+    likelihood_scale: str = _setting("shared", "gaussian likelihood: one learned scale (shared) or one per pixel",
+                                     ("shared", "pixel"))
     prior: str = _setting("standard", "p(z): standard N(0, I), mog (mixture of Gaussians), vamp (VampPrior)")
     prior_components: int = _setting(10, "components K of a mog/vamp prior, or of --model mixture")
     prior_init: str = _setting(
-        "auto",
-        "mog: kmeans (default: k-means on the encoder means after --prior-init-epochs, which keeps the "
+        "auto", "mog: kmeans (default: k-means on the encoder means after --prior-init-epochs, which keeps the "
         "components in use) or random; vamp: data (random training images, default), noise (uniform) or normal "
         "(every pixel from N(0.05, 0.01^2) before --pseudo-inputs squashes it, the VampPrior paper's code) or "
-        "xavier (N(0, 2/(K + pixels)), that code's first version)",
-    )
+        "xavier (N(0, 2/(K + pixels)), that code's first version)")
     pseudo_inputs: str = _setting(
         "sigmoid", "vamp: how the pseudo-inputs' parameters a are kept in [0, 1]: sigmoid(a), hardtanh "
         "(min(1, max(0, a)), the VampPrior paper's code; a pixel pushed past 0 or 1 gets no gradient again), or "
@@ -172,23 +160,16 @@ class TrainConfig:
         "--epochs when that is less)")
     # --- inference ---
     guide: str = _setting(
-        "gaussian",
-        "q(z|x): gaussian (diagonal Gaussian from the encoder), or iaf (that Gaussian pushed through "
-        "--flow-steps inverse autoregressive flow steps conditioned on the encoder, Kingma et al. 2016)",
-        GUIDES,
-    )
+        "gaussian", "q(z|x): gaussian (diagonal Gaussian from the encoder), or iaf (that Gaussian pushed through "
+        "--flow-steps inverse autoregressive flow steps conditioned on the encoder, Kingma et al. 2016)", GUIDES)
     flow_steps: int = _setting(2, "with --guide iaf: number of autoregressive steps (order reversed between steps)")
-    flow_hidden_dims: typing.Tuple[int, ...] = _setting(
-        (256,), "with --guide iaf: hidden sizes of each step's MADE network, comma separated (each >= --latent-dim)"
-    )
+    flow_hidden_dims: typing.Tuple[int, ...] = _setting((256,), "with --guide iaf: hidden sizes of each step's MADE "
+                                                        "network, comma separated (each >= --latent-dim)")
     flow_context_dim: int = _setting(50, "with --guide iaf: size of the context h(x) the encoder gives the flow")
     elbo: str = _setting(
-        "trace",
-        "trace (Trace_ELBO, sampled KL), meanfield (TraceMeanField_ELBO, closed-form KL where it exists), "
+        "trace", "trace (Trace_ELBO, sampled KL), meanfield (TraceMeanField_ELBO, closed-form KL where it exists), "
         "iwae (importance-weighted bound with --num-particles samples; the best epoch is then the one with the "
-        "best validation IWAE bound at the same k, val_iwae in metrics.jsonl)",
-        ELBOS,
-    )
+        "best validation IWAE bound at the same k, val_iwae in metrics.jsonl)", ELBOS)
     num_particles: int = _setting(1, "samples of z per example in the objective")
     epochs: typing.Optional[int] = _setting(
         None, f"maximum number of passes over the training split; default {DEFAULT_EPOCHS} (the default run: 134 s "
@@ -197,19 +178,14 @@ class TrainConfig:
         "given the run stops at whichever comes first")
     batch_size: int = _setting(128, "examples per gradient step (global, over all processes)")
     lr: typing.Optional[float] = _setting(
-        None,
-        "Adam learning rate (at the start, with --lr-schedule cosine); default 2e-3 for the networks, "
+        None, "Adam learning rate (at the start, with --lr-schedule cosine); default 2e-3 for the networks, "
         "0.05 for --model mixture, whose per-pixel logits must move far from their start, 0.03 for a linear-Gaussian "
-        "VAE (--hidden-dims '' --likelihood gaussian: probabilistic PCA), whose weak directions converge slowly",
-    )
-    lr_schedule: str = _setting(
-        "cosine", "constant, or cosine: decay from --lr to --lr-min over --epochs", ("constant", "cosine")
-    )
+        "VAE (--hidden-dims '' --likelihood gaussian: probabilistic PCA), whose weak directions converge slowly")
+    lr_schedule: str = _setting("cosine", "constant, or cosine: decay from --lr to --lr-min over --epochs",
+                                ("constant", "cosine"))
     lr_min: float = _setting(1e-4, "with --lr-schedule cosine: the learning rate of the last epoch")
-    clip_norm: float = _setting(
-        100.0, "clip the global gradient norm to this value per example of the batch (0 = off); "
-        "typical norms are 20-50, so only early steps and spikes are clipped"
-    )
+    clip_norm: float = _setting(100.0, "clip the global gradient norm to this value per example of the batch (0 = "
+                                "off); typical norms are 20-50, so only early steps and spikes are clipped")
     warmup_epochs: int = _setting(0, "KL warm-up: scale log p(z) - log q(z|x) from 0 to 1 over this many epochs")
     warmup_unit: str = _setting(
         "step", "how the warm-up grows: step (after every step: (step + 1) / (warm-up epochs x steps per epoch)) or "

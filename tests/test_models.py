@@ -228,7 +228,7 @@ def test_a_mixture_that_loses_components_says_so(tmp_path, capsys, monkeypatch):
     # a VampPrior has no k-means start: its line does not advise one (its components made to starve here)
     import pyrovae.training as training
 
-    monkeypatch.setattr(training, "component_usage", lambda resp, share: {"components_used": 1})
+    monkeypatch.setattr(training, "component_usage", lambda resp, share=None: {"components_used": 1})
     code, out, err = cli(capsys, "train", "--dataset", "digits", "--hidden-dims", "16", "--latent-dim", "2",
                          "--prior", "vamp", "--prior-components", "20", "--epochs", "2",
                          "--out", str(tmp_path), "--name", "v", "--quiet")

@@ -410,7 +410,8 @@ def format_report(report: dict) -> str:
             rows.append((f"  in layer {site}", f"{n} of {d}"))
     if "components" in report:
         c = report["components"]
-        rows.append(("components used (mass >= 1/(10K))", f"{c['components_used']} of {c['num_components']}"))
+        rows.append((f"components used (mass >= {COMPONENT_SHARE:g}/K)",
+                     f"{c['components_used']} of {c['num_components']}"))
         rows.append(("usage entropy (nats)", f"{c['usage_entropy']:.3f} (perplexity {c['usage_perplexity']:.1f})"))
         if "cluster_accuracy" in c:
             rows.append(("cluster accuracy", f"{c['cluster_accuracy']:.4f}"))

@@ -467,6 +467,16 @@ def test_components_used_counts_a_tenth_of_an_even_share_whatever_k():
     assert component_usage(resp, share=0.5)["components_used"] == 2  # line 0.125
 
 
+def test_the_report_names_the_line_the_count_uses(monkeypatch):
+    """evaluate's printed label is made from COMPONENT_SHARE, so it cannot drift from the rule."""
+    from pyrovae import metrics
+
+    report = {"components": {**metrics.component_usage(torch.full((2, 4), 0.25)), "num_components": 4}}
+    assert "components used (mass >= 0.1/K)" in metrics.format_report(report)
+    monkeypatch.setattr(metrics, "COMPONENT_SHARE", 0.5)
+    assert "components used (mass >= 0.5/K)" in metrics.format_report(report)
+
+
 def test_training_and_evaluate_count_the_same_components(tmp_path):
     """The last epoch's val_components_used in metrics.jsonl equals evaluate's count on the same
     validation images with the same weights (K = 300: an even share is 0.33%, so a fixed 1% line counts

@@ -45,7 +45,7 @@ ESTIMATORS = ("is", "ais", "quadrature")
 HIERARCHIES = ("stack", "two-level")
 #: settings that may change when a run is resumed (the others are the run's own)
 RESUMABLE = ("epochs", "patience", "time_limit", "device", "no_tensorboard", "tensorboard_images_every", "data_dir",
-             "download")
+             "download", "no_test_score")
 #: of those, the ones that make a finished run train on when changed (the others change only where and how it runs;
 #: a moved --data-dir must hold the same data, which the checkpoint's fingerprint of the training split checks)
 CONTINUES = ("epochs", "patience", "time_limit")
@@ -229,6 +229,8 @@ class TrainConfig:
                                     "'pyrovae[tensorboard]')")
     tensorboard_images_every: int = _setting(10, "with TensorBoard: grids of samples and reconstructions every this "
                                              "many epochs (0 = none)")
+    no_test_score: bool = _setting(False, "at the end, do not score the test split (its ELBO with the best weights): "
+                                   "test stays unseen until you evaluate the finished model, as the literature asks")
     out: str = _setting("runs", "parent folder of run directories")
     name: typing.Optional[str] = _setting(None, "run directory name (default: <dataset>-<model>-<time>)")
 

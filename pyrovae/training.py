@@ -693,7 +693,7 @@ class Trainer:
         test = None
         if self.processes.main:
             self.recorder.restore_best(self.model, self.device)
-            test = test_scores(self.config, self.model, self.device)
+            test = None if self.config.no_test_score else test_scores(self.config, self.model, self.device)
         p, seconds = self.progress, time.perf_counter() - t_start
         summary = {"epochs_done": p.epoch, "best_epoch": p.best_epoch, "best_val_elbo": p.best_val, "test": test,
                    "selected_by": selection_key(self.config), "stopped_by": stopped_by, "seconds": seconds,

@@ -200,3 +200,31 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match="already exists: continue it with --resume"):
         train(tiny(tmp_path, epochs=1), progress=False)
     assert (result.run_dir / "last.pt").read_bytes() == before
+
+
+def test_no_test_score_leaves_the_test_split_unread_until_evaluate(tmp_path, capsys, monkeypatch):
+    """The literature's protocol scores test once, on the finished model: with --no-test-score training
+    never reads the test split (not at the end, not at the end of a resumed stretch), and says nothing of it;
+    the flag may be given on resume. Without it the test ELBO is scored and printed as before."""
+    from conftest import cli
+
+    read = []
+    real = training.prepare_data
+    monkeypatch.setattr(training, "prepare_data", lambda config, split, *a, **k: read.append(split) or
+                        real(config, split, *a, **k))
+    run = tmp_path / "run"
+    code, out, err = cli(capsys, "train", "--dataset", "digits", "--hidden-dims", "16", "--latent-dim", "2",
+                         "--epochs", "1", "--out", str(tmp_path), "--name", "run", "--no-tensorboard", "--quiet",
+                         "--no-test-score")
+    assert code == 0, err
+    assert "test" not in read and "test ELBO" not in out
+    assert json.loads((run / "summary.json").read_text())["test"] is None
+    assert json.loads((run / "config.json").read_text())["no_test_score"] is True
+    code, out, err = cli(capsys, "train", "--resume", str(run), "--epochs", "2", "--quiet")
+    assert code == 0, err
+    assert "test" not in read and "test ELBO" not in out  # the stored setting holds on resume
+    code, out, err = cli(capsys, "train", "--dataset", "digits", "--hidden-dims", "16", "--latent-dim", "2",
+                         "--epochs", "1", "--out", str(tmp_path), "--name", "scored", "--no-tensorboard", "--quiet")
+    assert code == 0, err
+    assert read.count("test") == 1 and "test ELBO:" in out
+    assert json.loads((tmp_path / "scored" / "summary.json").read_text())["test"]["num_examples"] > 0

@@ -139,7 +139,7 @@ class TrainConfig:
     init: str = _setting(
         "torch", "start of every linear map's weights: torch (PyTorch's uniform +-1/sqrt(fan-in)), he "
         "(N(0, 2/fan-in), the VampPrior paper's code) or xavier (N(0, 2/(fan-in + fan-out)), that code's first "
-        "version); biases keep PyTorch's start", INITS)
+        "version); biases keep PyTorch's start, and --guide iaf flows their own (the identity)", INITS)
     likelihood: str = _setting("bernoulli", "p(x|z): bernoulli (logits) or gaussian", LIKELIHOODS)
     likelihood_scale: str = _setting("shared", "gaussian likelihood: one learned scale (shared) or one per pixel",
                                      ("shared", "pixel"))
@@ -381,8 +381,6 @@ def validate_settings(config: TrainConfig) -> None:
     if config.hierarchy == "two-level":
         need(len(config.lower_latent_dims) == 1, "--hierarchy two-level has two stochastic layers: give one "
              f"--lower-latent-dims size for z1 (got {','.join(map(str, config.lower_latent_dims)) or 'none'})")
-        need(config.guide == "gaussian", "--hierarchy two-level has Gaussian conditionals only: use --guide gaussian "
-             "(or --hierarchy stack for flows)")
         need(config.net != "conv", "--hierarchy two-level uses fully connected networks: use --net mlp or gated")
     if config.time_limit is not None:
         parse_duration(config.time_limit)

@@ -60,6 +60,9 @@ class InverseAutoregressiveFlow(nn.Module):
     identity exactly.
     """
 
+    #: ``--init`` leaves the MADE networks at Pyro's start and their zero last layers (the identity)
+    keeps_its_start = True
+
     def __init__(self, latent_dim: int, context_dim: int, steps: int, hidden_dims: tuple[int, ...]):
         super().__init__()
         if steps < 1:

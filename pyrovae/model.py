@@ -287,6 +287,11 @@ class VAE(ModelKind, nn.Module):
         return cls(*vae_parts(config, data_dim, train_images, image_shape))
 
 
+def build_flow(config, latent_dim: int) -> InverseAutoregressiveFlow:
+    """The ``--guide iaf`` flow over one latent layer of ``latent_dim`` dimensions, from ``config``'s flow settings."""
+    return InverseAutoregressiveFlow(latent_dim, config.flow_context_dim, config.flow_steps, config.flow_hidden_dims)
+
+
 def vae_parts(config, data_dim: int, train_images: torch.Tensor | None, image_shape: tuple[int, int] | None) -> tuple:
     """The arguments of :class:`VAE` for ``config``: encoder, decoder, prior, likelihood, the bottom flow, and the
     upper layers' encoders, decoders and flows (``--lower-latent-dims``)."""
@@ -297,7 +302,7 @@ def vae_parts(config, data_dim: int, train_images: torch.Tensor | None, image_sh
     dropout = config.encoder_dropout
 
     def flow(dim):
-        return InverseAutoregressiveFlow(dim, context_dim, config.flow_steps, config.flow_hidden_dims)
+        return build_flow(config, dim)
 
     head = config.scale_head
     encoder = Encoder(data_dim, config.hidden_dims, dims[0], config.activation, context_dim, net, image_shape,
@@ -366,12 +371,18 @@ class TwoLevelVAE(VAE):
     :math:`q(z_1|x, z)` are :class:`~pyrovae.nets.JointNet` networks; every conditional is a
     diagonal Gaussian whose log-scale a network outputs, read as ``--scale-head`` says (free by
     default; ``clipped-log-var``, the paper's log-variances through hardtanh(-6, 2), in its presets).
+
+    With ``--guide iaf`` each of the guide's two Gaussians is the base of its own inverse
+    autoregressive flow (``flow`` for z, ``z1_flow`` for z1), conditioned on a context that
+    its network outputs beside the mean and log-scale, as in the one-level model. The
+    VampPrior's components stay the Gaussians :math:`q_0(z \mid u_k)` of the top layer's base.
     """
 
     def __init__(self, encoder: Encoder, z1_encoder: JointNet, z1_prior: Encoder, decoder: JointNet, prior: Prior,
-                 likelihood: nn.Module):
-        super().__init__(encoder, decoder, prior, likelihood)
-        self.z1_encoder, self.z1_prior = z1_encoder, z1_prior
+                 likelihood: nn.Module, flow: InverseAutoregressiveFlow | None = None,
+                 z1_flow: InverseAutoregressiveFlow | None = None):
+        super().__init__(encoder, decoder, prior, likelihood, flow)
+        self.z1_encoder, self.z1_prior, self.z1_flow = z1_encoder, z1_prior, z1_flow
         self.scale_head = encoder.scale_head  # (how z1_encoder's raw log-scales are read, as the Encoders read theirs)
         self.sites = ["z1", "z"]
 
@@ -385,8 +396,9 @@ class TwoLevelVAE(VAE):
             pyro.sample("x", self.likelihood(self.decoder(z1, z)), obs=x)
 
     def guide(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
-        for name in ("encoder", "z1_encoder"):
-            pyro.module(name, getattr(self, name))
+        for name in ("encoder", "z1_encoder", "flow", "z1_flow"):
+            if getattr(self, name) is not None:
+                pyro.module(name, getattr(self, name))
         with pyro.plate("data", x.shape[0], dim=-1):
             with self._latent_weight(kl_scale):
                 z = pyro.sample("z", self.posterior(x))
@@ -398,13 +410,23 @@ class TwoLevelVAE(VAE):
         return dist.Normal(loc, log_scale.exp()).to_event(1)
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        r""":math:`q(z|x)`, the top layer's Gaussian, event shape ``(D,)``."""
-        return self._gaussian(self.encoder(x))
+        r""":math:`q(z|x)`, the top layer's Gaussian, event shape ``(D,)``, or with a flow that
+        Gaussian pushed through it."""
+        loc, log_scale, context = self.encoder.with_context(x)
+        base = self._gaussian((loc, log_scale))
+        return base if self.flow is None else self.flow.distribution(base, context)
+
+    def _z1_heads(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d1 = self.z1_prior.latent_dim
+        loc, raw, context = self.z1_encoder(x, z).split([d1, d1, self.z1_encoder.out_dim - 2 * d1], dim=-1)
+        return loc, log_scale_from(raw, self.scale_head), context
 
     def z1_posterior(self, x: torch.Tensor, z: torch.Tensor) -> dist.TorchDistribution:
-        r""":math:`q(z_1|x, z)`, a diagonal Gaussian; x ``(B, D)`` broadcasts against z ``(..., B, d)``."""
-        loc, raw = self.z1_encoder(x, z).chunk(2, dim=-1)
-        return self._gaussian((loc, log_scale_from(raw, self.scale_head)))
+        r""":math:`q(z_1|x, z)`, a diagonal Gaussian (or with ``z1_flow`` that Gaussian pushed
+        through it); x ``(B, D)`` broadcasts against z ``(..., B, d)``."""
+        loc, log_scale, context = self._z1_heads(x, z)
+        base = self._gaussian((loc, log_scale))
+        return base if self.z1_flow is None else self.z1_flow.distribution(base, context)
 
     @property
     def latent_dim(self) -> int:
@@ -415,9 +437,12 @@ class TwoLevelVAE(VAE):
         return {"z1": self.z1_prior.latent_dim, "z": self.encoder.latent_dim}
 
     def encode_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The guide's means, bottom up: z1's given x and the mean of z."""
-        z = self.encoder(x)[0]
-        return {"z1": self.z1_posterior(x, z).mean, "z": z}
+        """The codes of x, bottom up: the mean of q(z|x) (with a flow, the flow's image of its base
+        mean), then z1's, given x and that z, the same way."""
+        loc, _, context = self.encoder.with_context(x)
+        z = loc if self.flow is None else self.flow(loc, context)
+        loc1, _, context1 = self._z1_heads(x, z)
+        return {"z1": loc1 if self.z1_flow is None else self.z1_flow(loc1, context1), "z": z}
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Pixel means of p(x|z1, z) at z1 = the mean of p(z1|z)."""
@@ -431,14 +456,17 @@ class TwoLevelVAE(VAE):
                     image_shape: tuple[int, int] | None = None) -> "TwoLevelVAE":
         (d1,), d = config.lower_latent_dims, config.latent_dim
         h, act, net = tuple(config.hidden_dims), config.activation, config.net
-        encoder = Encoder(data_dim, h, d, act, 0, net, image_shape, config.encoder_dropout, config.scale_head)
-        z1_encoder = JointNet([data_dim, d], h, 2 * d1, act, net)
-        mark_fused(z1_encoder.linear_maps[-1], (d1, d1))  # its mean and log-scale maps
+        iaf = config.guide == "iaf"
+        c = config.flow_context_dim if iaf else 0
+        encoder = Encoder(data_dim, h, d, act, c, net, image_shape, config.encoder_dropout, config.scale_head)
+        z1_encoder = JointNet([data_dim, d], h, 2 * d1 + c, act, net)
+        mark_fused(z1_encoder.linear_maps[-1], (d1, d1) + ((c,) if c else ()))  # its mean, log-scale, context maps
         z1_prior = Encoder(d, h, d1, act, net=net, scale_head=config.scale_head)
         decoder = JointNet([d1, d], h, data_dim, act, net)
         prior = build_prior(config, latent_dim=d, encoder=encoder, train_images=train_images)
         likelihood = build_likelihood(config.likelihood, data_dim, config.likelihood_scale)
-        return cls(encoder, z1_encoder, z1_prior, decoder, prior, likelihood)
+        flows = (build_flow(config, d), build_flow(config, d1)) if iaf else (None, None)
+        return cls(encoder, z1_encoder, z1_prior, decoder, prior, likelihood, *flows)
 
 
 class Autoencoder(VAE):

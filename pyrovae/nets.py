@@ -62,13 +62,17 @@ def init_weights_(module: nn.Module, init: str) -> None:
       ``xavier_init`` of that code's first public version. A map that stacks several maps
       (:func:`mark_fused`: a gated layer's value and gate, a head's mean and scale) takes each part's own
       fan-out, as the reference code's separate layers do.
+
+    A module with ``keeps_its_start = True`` (a ``--guide iaf`` flow, which starts as the identity)
+    is left as it is, with everything inside it.
     """
     if init not in INITS:
         raise ValueError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
     if init == "torch":
         return
+    kept = {id(m) for owner in module.modules() if getattr(owner, "keeps_its_start", False) for m in owner.modules()}
     for m in module.modules():
-        if not isinstance(m, nn.Linear):
+        if not isinstance(m, nn.Linear) or id(m) in kept:
             continue
         if init == "he":  # fan-in only, so drawn whole: one draw keeps the shipped he runs' random stream
             m.weight.normal_(0.0, math.sqrt(2.0 / m.in_features))

@@ -76,6 +76,26 @@ def _gaussian_twin(iaf):
     return g
 
 
+@pytest.mark.parametrize("init", ["he", "xavier"])
+@pytest.mark.parametrize("hierarchy", ["stack", "two-level"])
+def test_init_starts_the_networks_but_leaves_every_flow_at_the_identity(init, hierarchy):
+    settings = dict(guide="iaf", hidden_dims=(16,), latent_dim=3, lower_latent_dims=(4,), hierarchy=hierarchy,
+                    flow_hidden_dims=(12,), flow_context_dim=4)
+    torch.manual_seed(0)
+    plain = build_model(TrainConfig(**settings).resolved(), data_dim=10)
+    torch.manual_seed(0)
+    started = build_model(TrainConfig(init=init, **settings).resolved(), data_dim=10)
+    flows = [m for m in started.modules() if type(m).__name__ == "InverseAutoregressiveFlow"]
+    assert len(flows) == 2
+    for flow in flows:
+        for step in flow.steps:
+            assert not step.nn.layers[-1].weight.any() and not step.nn.layers[-1].bias.any()
+    ours, theirs = plain.state_dict(), started.state_dict()
+    flow_keys = [k for k in ours if "flow" in k]
+    assert flow_keys and all(torch.equal(ours[k], theirs[k]) for k in flow_keys)  # the flows are untouched
+    assert not torch.equal(ours["encoder.net.0.weight"], theirs["encoder.net.0.weight"])  # the rest is started
+
+
 def test_a_flow_started_at_the_identity_gives_the_gaussian_guides_elbo_under_one_seed():
     torch.manual_seed(0)
     cfg = TrainConfig(guide="iaf", hidden_dims=(16,), latent_dim=3, flow_hidden_dims=(12,), flow_context_dim=4)

@@ -37,6 +37,19 @@ __all__ = ["ModelKind", "VAE", "linear_gaussian_marginal", "TwoLevelVAE", "Autoe
            "MODEL_KINDS", "build_model"]
 
 
+def _layer_q(loc: torch.Tensor, log_scale: torch.Tensor, context: torch.Tensor,
+             flow: InverseAutoregressiveFlow | None) -> dist.TorchDistribution:
+    """One guide layer: the diagonal Gaussian N(loc, diag exp(log_scale)^2), event shape ``(d,)``, or
+    with a flow that Gaussian pushed through it, conditioned on ``context``."""
+    base = dist.Normal(loc, log_scale.exp()).to_event(1)
+    return base if flow is None else flow.distribution(base, context)
+
+
+def _layer_code(loc: torch.Tensor, context: torch.Tensor, flow: InverseAutoregressiveFlow | None) -> torch.Tensor:
+    """One guide layer's code: its Gaussian's mean, or with a flow the flow's image of that mean."""
+    return loc if flow is None else flow(loc, context)
+
+
 class _MeanPath(nn.Module):
     """u -> (loc, log_scale) of the top layer's Gaussian (base) in the guide, every layer below at
     its code (its mean, or a flow's image of it): the VampPrior's components q(z|u_k) for a
@@ -54,7 +67,7 @@ class _MeanPath(nn.Module):
         h = u
         for encoder, flow in self._layers[:-1]:
             loc, _, context = encoder.with_context(h)
-            h = loc if flow is None else flow(loc, context)
+            h = _layer_code(loc, context, flow)
         return self._layers[-1][0](h)
 
 
@@ -209,9 +222,7 @@ class VAE(ModelKind, nn.Module):
 
     def _layer_posterior(self, i: int, h: torch.Tensor) -> dist.TorchDistribution:
         encoder, flow = self._layers()[i]
-        loc, log_scale, context = encoder.with_context(h)
-        base = dist.Normal(loc, log_scale.exp()).to_event(1)
-        return base if flow is None else flow.distribution(base, context)
+        return _layer_q(*encoder.with_context(h), flow)
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         r""":math:`q(z|x) = \mathcal{N}(m, \mathrm{diag}\, s^2)`, event shape ``(D,)``, or with a flow
@@ -239,7 +250,7 @@ class VAE(ModelKind, nn.Module):
         out, h = {}, x
         for site, (encoder, flow) in zip(self.sites, self._layers()):
             loc, _, context = encoder.with_context(h)
-            h = out[site] = loc if flow is None else flow(loc, context)
+            h = out[site] = _layer_code(loc, context, flow)
         return out
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,9 +312,6 @@ def vae_parts(config, data_dim: int, train_images: torch.Tensor | None, image_sh
     net = config.net
     dropout = config.encoder_dropout
 
-    def flow(dim):
-        return build_flow(config, dim)
-
     head = config.scale_head
     encoder = Encoder(data_dim, config.hidden_dims, dims[0], config.activation, context_dim, net, image_shape,
                       dropout, head)
@@ -314,8 +322,8 @@ def vae_parts(config, data_dim: int, train_images: torch.Tensor | None, image_sh
                                             dropout=dropout, scale_head=head) for a, b in zip(dims[:-1], dims[1:])])
     upper_decoders = nn.ModuleList([Encoder(b, hidden, a, config.activation, net=upper_net, scale_head=head)
                                     for a, b in zip(dims[:-1], dims[1:])])
-    upper_flows = nn.ModuleList([flow(b) for b in dims[1:]]) if iaf and len(dims) > 1 else None
-    bottom_flow = flow(dims[0]) if iaf else None
+    upper_flows = nn.ModuleList([build_flow(config, b) for b in dims[1:]]) if iaf and len(dims) > 1 else None
+    bottom_flow = build_flow(config, dims[0]) if iaf else None
     top = encoder if len(dims) == 1 else _MeanPath(
         [(encoder, bottom_flow)] + [(e, upper_flows[i] if upper_flows is not None else None)
                                     for i, e in enumerate(upper_encoders)])
@@ -412,9 +420,7 @@ class TwoLevelVAE(VAE):
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         r""":math:`q(z|x)`, the top layer's Gaussian, event shape ``(D,)``, or with a flow that
         Gaussian pushed through it."""
-        loc, log_scale, context = self.encoder.with_context(x)
-        base = self._gaussian((loc, log_scale))
-        return base if self.flow is None else self.flow.distribution(base, context)
+        return _layer_q(*self.encoder.with_context(x), self.flow)
 
     def _z1_heads(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d1 = self.z1_prior.latent_dim
@@ -424,9 +430,7 @@ class TwoLevelVAE(VAE):
     def z1_posterior(self, x: torch.Tensor, z: torch.Tensor) -> dist.TorchDistribution:
         r""":math:`q(z_1|x, z)`, a diagonal Gaussian (or with ``z1_flow`` that Gaussian pushed
         through it); x ``(B, D)`` broadcasts against z ``(..., B, d)``."""
-        loc, log_scale, context = self._z1_heads(x, z)
-        base = self._gaussian((loc, log_scale))
-        return base if self.z1_flow is None else self.z1_flow.distribution(base, context)
+        return _layer_q(*self._z1_heads(x, z), self.z1_flow)
 
     @property
     def latent_dim(self) -> int:
@@ -440,9 +444,9 @@ class TwoLevelVAE(VAE):
         """The codes of x, bottom up: the mean of q(z|x) (with a flow, the flow's image of its base
         mean), then z1's, given x and that z, the same way."""
         loc, _, context = self.encoder.with_context(x)
-        z = loc if self.flow is None else self.flow(loc, context)
+        z = _layer_code(loc, context, self.flow)
         loc1, _, context1 = self._z1_heads(x, z)
-        return {"z1": loc1 if self.z1_flow is None else self.z1_flow(loc1, context1), "z": z}
+        return {"z1": _layer_code(loc1, context1, self.z1_flow), "z": z}
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Pixel means of p(x|z1, z) at z1 = the mean of p(z1|z)."""

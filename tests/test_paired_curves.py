@@ -1,0 +1,71 @@
+"""experiments/paired_curves.py: epoch-by-epoch differences of two runs' recorded figures, and its refusals."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import paired_curves  # noqa: E402
+
+
+def _run(path: Path, rows: list[dict]) -> Path:
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(iwae, elbo, train, lr):
+    return [{"epoch": e, "val_iwae": a, "val_elbo": b, "train_elbo": t, "lr": r}
+            for e, (a, b, t, r) in enumerate(zip(iwae, elbo, train, lr), 1)]
+
+
+def test_differences_are_candidate_minus_baseline_at_each_shared_epoch(tmp_path):
+    base = _rows([-90.0, -88.5, -88.0, -88.25], [-95.0, -93.0, -92.5, -92.75], [-96.0, -92.0, -91.0, -90.0],
+                 [1e-3, 8e-4, 5e-4, 2e-4])
+    cand = _rows([-89.5, -88.0, -87.25], [-94.0, -92.5, -92.0], [-95.5, -93.0, -92.5], [1e-3, 1e-3, 4e-4])
+    rows = paired_curves.differences(base, cand, [1, 3, 4])
+    assert [r["epoch"] for r in rows] == [1, 3]  # the candidate never reached epoch 4
+    assert rows[1]["d_val_iwae"] == pytest.approx(0.75)
+    assert rows[1]["d_val_elbo"] == pytest.approx(0.5)
+    assert rows[1]["gap_base"] == pytest.approx(1.5)  # -91.0 - (-92.5)
+    assert rows[1]["gap_cand"] == pytest.approx(-0.5)
+    assert rows[1]["lr_ratio"] == pytest.approx(0.8)
+    assert paired_curves.best_epoch(base) == 3
+
+
+def test_a_run_without_iwae_is_ranked_by_its_elbo_and_its_iwae_differences_say_na(tmp_path):
+    base = [{"epoch": 1, "val_elbo": -95.0}, {"epoch": 2, "val_elbo": -94.0}, {"epoch": 3, "val_elbo": -94.5}]
+    cand = [{"epoch": 2, "val_elbo": -93.0, "val_iwae": -90.0}]
+    assert paired_curves.best_epoch(base) == 2
+    (row,) = paired_curves.differences(base, cand, [2])
+    assert row["d_val_iwae"] is None and row["d_val_elbo"] == pytest.approx(1.0)
+    assert "n/a" in "\n".join(paired_curves.table("c", "b", [row]))
+
+
+def test_the_script_writes_the_table_and_the_curves(tmp_path, capsys):
+    base = _run(tmp_path / "base", _rows([-90.0, -88.0], [-95.0, -93.0], [-96.0, -92.0], [1e-3, 5e-4]))
+    cand = _run(tmp_path / "cand", _rows([-89.0, -87.5], [-94.0, -92.0], [-95.0, -91.0], [1e-3, 5e-4]))
+    out = tmp_path / "fig" / "curves.png"
+    assert paired_curves.main([str(base), str(cand / "metrics.jsonl"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = out.with_suffix(".md").read_text()
+    assert "| 2 | -88.00 | +0.50 | +1.00 | 1.00 | 1.00 | 1.000 |" in text
+    assert "base: best epoch 2 of 2." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, args, words", [
+    (lambda p: p, ["--out", "x.png"], "no metrics.jsonl there"),
+    (lambda p: _run(p, []), [], "holds no epoch yet"),
+    (lambda p: _run(p, [{"epoch": 9, "val_elbo": -90.0}]), [], "share none of the epochs"),
+    (lambda p: _run(p, [{"epoch": 1, "val_elbo": -90.0}]), ["--names", "a"], "give 2 non-empty labels"),
+    (lambda p: _run(p, [{"epoch": 1, "val_elbo": -90.0}]), ["--epochs", "1,x"], "whole epoch numbers"),
+    (lambda p: _run(p, [{"epoch": 1, "val_elbo": -90.0}]), ["--out", "c.pdf"], "must end in .png"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, args, words):
+    base = _run(tmp_path / "base", [{"epoch": 1, "val_elbo": -91.0}, {"epoch": 2, "val_elbo": -90.0}])
+    other = make(tmp_path / "other")
+    assert paired_curves.main([str(base), str(other), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err and err.startswith("experiments/paired_curves.py: error:")

@@ -87,6 +87,18 @@ def test_the_paper_rows_train_on_the_papers_schedule_and_run_only_when_named(tmp
             "weight_decay": 0.1}
 
 
+def test_each_shipped_run_is_the_finished_run_of_exactly_one_row(tmp_path):
+    """--reuse-from docs/results/benchmark/runs scores the shipped runs in place: each matches its own row's
+    settings (its own schedule, whatever budgets its stretches had) and no other row's."""
+    study = load_experiment("benchmark")
+    shipped = study.ROOT / "docs" / "results" / "benchmark" / "runs"
+    args = study._parser().parse_args(["--data-dir", str(tmp_path), "--reuse-from", str(shipped)])
+    found = {name: study.reusable_run(name, args) for name, *_ in study.ROWS}
+    assert {name: p.name for name, p in found.items() if p is not None} == {
+        "vamp-paper": "vampprior-paper", "hvae-vamp-paper": "hvae-vampprior-paper", "recipe-3h": "bmnist-3h",
+        "recipe-3h-iaf": "bmnist-3h-iaf"}
+
+
 def test_the_caltech_benchmark_runs_its_three_rows_on_validation_when_the_file_has_no_test_part(tmp_path, capsys):
     from test_caltech import write_mat
 

@@ -37,11 +37,16 @@ __all__ = ["ModelKind", "VAE", "linear_gaussian_marginal", "TwoLevelVAE", "Autoe
            "MODEL_KINDS", "build_model"]
 
 
+def _diagonal_gaussian(loc: torch.Tensor, log_scale: torch.Tensor) -> dist.TorchDistribution:
+    """N(loc, diag exp(log_scale)^2), event shape ``(d,)``: every layer's Gaussian, in the model and the guide."""
+    return dist.Normal(loc, log_scale.exp()).to_event(1)
+
+
 def _layer_q(loc: torch.Tensor, log_scale: torch.Tensor, context: torch.Tensor,
              flow: InverseAutoregressiveFlow | None) -> dist.TorchDistribution:
-    """One guide layer: the diagonal Gaussian N(loc, diag exp(log_scale)^2), event shape ``(d,)``, or
-    with a flow that Gaussian pushed through it, conditioned on ``context``."""
-    base = dist.Normal(loc, log_scale.exp()).to_event(1)
+    """One guide layer: its diagonal Gaussian, or with a flow that Gaussian pushed through it,
+    conditioned on ``context``."""
+    base = _diagonal_gaussian(loc, log_scale)
     return base if flow is None else flow.distribution(base, context)
 
 
@@ -205,8 +210,7 @@ class VAE(ModelKind, nn.Module):
             with self._latent_weight(kl_scale):
                 z = pyro.sample("z", self.prior.dist())
                 for i in reversed(range(len(self.sites) - 1)):  # down to the layer nearest x
-                    loc, log_scale = self.upper_decoders[i](z)
-                    z = pyro.sample(self.sites[i], dist.Normal(loc, log_scale.exp()).to_event(1))
+                    z = pyro.sample(self.sites[i], _diagonal_gaussian(*self.upper_decoders[i](z)))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
@@ -400,7 +404,7 @@ class TwoLevelVAE(VAE):
         with pyro.plate("data", x.shape[0], dim=-1):
             with self._latent_weight(kl_scale):
                 z = pyro.sample("z", self.prior.dist())
-                z1 = pyro.sample("z1", self._gaussian(self.z1_prior(z)))
+                z1 = pyro.sample("z1", _diagonal_gaussian(*self.z1_prior(z)))
             pyro.sample("x", self.likelihood(self.decoder(z1, z)), obs=x)
 
     def guide(self, x: torch.Tensor, kl_scale: float = 1.0) -> None:
@@ -411,11 +415,6 @@ class TwoLevelVAE(VAE):
             with self._latent_weight(kl_scale):
                 z = pyro.sample("z", self.posterior(x))
                 pyro.sample("z1", self.z1_posterior(x, z))
-
-    @staticmethod
-    def _gaussian(loc_log_scale) -> dist.TorchDistribution:
-        loc, log_scale = loc_log_scale
-        return dist.Normal(loc, log_scale.exp()).to_event(1)
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         r""":math:`q(z|x)`, the top layer's Gaussian, event shape ``(D,)``, or with a flow that

@@ -1,13 +1,12 @@
 """experiments/paired_curves.py: epoch-by-epoch differences of two runs' recorded figures, and its refusals."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_experiment
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import paired_curves  # noqa: E402
+paired_curves = load_experiment("paired_curves")
 
 
 def _run(path: Path, rows: list[dict]) -> Path:

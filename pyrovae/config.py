@@ -39,6 +39,8 @@ INITS = ("torch", "he", "xavier")
 PSEUDO_INPUTS = ("sigmoid", "hardtanh", "none")
 LIKELIHOODS = ("bernoulli", "gaussian")
 ELBOS = ("trace", "meanfield", "iwae")
+#: values of --iwae-gradient (pyrovae.objectives): the guide's gradient estimator for --elbo iwae
+IWAE_GRADIENTS = ("reparam", "dreg")
 GUIDES = ("gaussian", "iaf")
 #: values of --estimator (evaluate, compare): importance sampling, annealed importance sampling, quadrature
 ESTIMATORS = ("is", "ais", "quadrature")
@@ -171,6 +173,11 @@ class TrainConfig:
         "iwae (importance-weighted bound with --num-particles samples; the best epoch is then the one with the "
         "best validation IWAE bound at the same k, val_iwae in metrics.jsonl)", ELBOS)
     num_particles: int = _setting(1, "samples of z per example in the objective")
+    iwae_gradient: str = _setting(
+        "reparam", "with --elbo iwae: how the guide's gradient is estimated; reparam (Pyro's RenyiELBO, the "
+        "reparameterised gradient of the bound) or dreg (the doubly reparameterised estimator of Tucker et al. "
+        "2019: the same expected gradient with far less noise for q(z|x) at large k; the model's gradient is "
+        "unchanged; --guide gaussian only)", IWAE_GRADIENTS)
     epochs: typing.Optional[int] = _setting(
         None, f"maximum number of passes over the training split; default {DEFAULT_EPOCHS} (the default run: 134 s "
         f"of training on 2 CPU cores, 2 min 19 s in all), or with --time-limit as many as fit in it (at most "
@@ -321,7 +328,7 @@ def resolve_settings(config: TrainConfig) -> TrainConfig:
     """Return a copy with every ``auto`` replaced by what it means, and validated."""
     for name in ("model", "likelihood", "elbo", "guide", "net", "binarize", "device", "amp", "lr_schedule",
                  "activation", "likelihood_scale", "prior", "hierarchy", "scale_head", "init", "optimizer",
-                 "warmup_unit", "pseudo_inputs"):
+                 "warmup_unit", "pseudo_inputs", "iwae_gradient"):
         choices = setting_choices(name)
         if choices and getattr(config, name) not in choices:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
@@ -425,6 +432,9 @@ def validate_settings(config: TrainConfig) -> None:
         config.binarize in ("dynamic", "static", "none"),
         f"--binarize must be dynamic, static, none or auto (got {config.binarize!r})",
     )
+    need(config.iwae_gradient != "dreg" or config.guide == "gaussian",
+         f"--iwae-gradient dreg needs log q(z|x) at any z, which --guide {config.guide} gives only by inverting its "
+         "flow: use --guide gaussian or --iwae-gradient reparam")
     if config.guide != "gaussian":
         need(config.model == "vae", f"--guide {config.guide} applies to --model vae only (got --model {config.model})")
         need(config.elbo != "meanfield", f"--elbo meanfield needs the closed-form KL of a Gaussian q(z|x); "
@@ -479,6 +489,7 @@ USED_BY: dict[str, tuple] = {
     "flow_context_dim": (lambda c: _vae(c) and c.guide == "iaf", "--guide iaf"),
     "elbo": (_vae, "--model vae"),
     "num_particles": (_vae, "--model vae"),
+    "iwae_gradient": (lambda c: _vae(c) and c.elbo == "iwae", "--elbo iwae"),
     "lower_latent_dims": (_vae, "--model vae"),
     "hierarchy": (lambda c: _vae(c) and bool(c.lower_latent_dims), "--model vae with --lower-latent-dims"),
     "layer_hidden_dims": (lambda c: _vae(c) and bool(c.lower_latent_dims) and c.hierarchy == "stack",

@@ -41,6 +41,10 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 ELBOS = ("trace", "meanfield", "iwae")
 #: values of --iwae-gradient (pyrovae.objectives): the guide's gradient estimator for --elbo iwae
 IWAE_GRADIENTS = ("reparam", "dreg")
+IWAE_GRADIENT_HELP = ("with --elbo iwae: how the guide's gradient is estimated; reparam (Pyro's RenyiELBO, the "
+                      "reparameterised gradient of the bound) or dreg (the doubly reparameterised estimator of Tucker "
+                      "et al. 2019: the same expected gradient with less noise for q(z|x) at large k; the model's "
+                      "gradient is unchanged; --guide gaussian only)")
 GUIDES = ("gaussian", "iaf")
 #: values of --estimator (evaluate, compare): importance sampling, annealed importance sampling, quadrature
 ESTIMATORS = ("is", "ais", "quadrature")
@@ -157,9 +161,8 @@ class TrainConfig:
         "(min(1, max(0, a)), the VampPrior paper's code; a pixel pushed past 0 or 1 gets no gradient again), or "
         "none (a itself, unbounded: that code's first version)",
         PSEUDO_INPUTS)
-    prior_init_epochs: typing.Optional[int] = _setting(
-        None, "with --prior-init kmeans: epochs under N(0, I) before k-means (default: 10, or a tenth of "
-        "--epochs when that is less)")
+    prior_init_epochs: typing.Optional[int] = _setting(None, "with --prior-init kmeans: epochs under N(0, I) before "
+                                                       "k-means (default: 10, or a tenth of --epochs if less)")
     # --- inference ---
     guide: str = _setting(
         "gaussian", "q(z|x): gaussian (diagonal Gaussian from the encoder), or iaf (that Gaussian pushed through "
@@ -173,11 +176,7 @@ class TrainConfig:
         "iwae (importance-weighted bound with --num-particles samples; the best epoch is then the one with the "
         "best validation IWAE bound at the same k, val_iwae in metrics.jsonl)", ELBOS)
     num_particles: int = _setting(1, "samples of z per example in the objective")
-    iwae_gradient: str = _setting(
-        "reparam", "with --elbo iwae: how the guide's gradient is estimated; reparam (Pyro's RenyiELBO, the "
-        "reparameterised gradient of the bound) or dreg (the doubly reparameterised estimator of Tucker et al. "
-        "2019: the same expected gradient with far less noise for q(z|x) at large k; the model's gradient is "
-        "unchanged; --guide gaussian only)", IWAE_GRADIENTS)
+    iwae_gradient: str = _setting("reparam", IWAE_GRADIENT_HELP, IWAE_GRADIENTS)
     epochs: typing.Optional[int] = _setting(
         None, f"maximum number of passes over the training split; default {DEFAULT_EPOCHS} (the default run: 134 s "
         f"of training on 2 CPU cores, 2 min 19 s in all), or with --time-limit as many as fit in it (at most "

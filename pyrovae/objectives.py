@@ -213,6 +213,12 @@ class RecordedIWAEDReG(RecordedIWAE):
         weight :math:`\tilde w_i` into the DReG coefficient :math:`(1-\beta)\tilde w_i + \beta \tilde w_i^2`."""
         return (1.0 - beta) + beta * weights
 
+    def __init__(self, num_particles: int, **kwargs):
+        super().__init__(num_particles, **kwargs)
+        if num_particles > 1 and not self.vectorize_particles:
+            raise ValueError("RecordedIWAEDReG draws its particles in one vectorised pass: pass "
+                             "vectorize_particles=True (build_elbo does)")
+
     def loss_and_grads(self, model, guide, *args, **kwargs):
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
@@ -220,7 +226,7 @@ class RecordedIWAEDReG(RecordedIWAE):
         draws = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))  # z(eps, phi), on their path
         holder: dict = {}
         at_draws = draws.copy()
-        latent, params, scales = [], set(), set()
+        has_latent, params, scales = False, set(), set()
         for name, site in draws.nodes.items():
             if site["type"] == "param":
                 params.add(site["value"].unconstrained())
@@ -229,7 +235,7 @@ class RecordedIWAEDReG(RecordedIWAE):
                 if not (fn.has_rsample and _diagonal_normal(fn)):
                     raise ValueError(f"--iwae-gradient dreg needs a diagonal-Gaussian guide; site {name!r} is "
                                      f"{type(fn).__name__}: use --guide gaussian or --iwae-gradient reparam")
-                latent.append(name)
+                has_latent = True
                 scales.add(float(site["scale"]))
                 at_draws.nodes[name] = {**site, "value": _Reweight.apply(site["value"], holder, fn.event_dim)}
         if len(scales) > 1:
@@ -256,13 +262,13 @@ class RecordedIWAEDReG(RecordedIWAE):
             for site in trace.nodes.values():
                 if site["type"] == "sample":
                     log_w = log_w + sign * torch_sum(site["log_prob"], sum_dims)
-        if self.num_particles == 1 or not self.vectorize_particles:
+        if self.num_particles == 1:
             log_w = log_w.unsqueeze(0)
         with torch.no_grad():
             log_norm = torch.logsumexp(log_w, dim=0, keepdim=True)
             weights = (log_w - log_norm).exp()
             holder["ratio"] = self.ratio(weights, scales.pop() if scales else 1.0)
-        if latent or any(p.requires_grad for p in params):
+        if has_latent or any(p.requires_grad for p in params):
             (-(weights * log_w).sum()).backward()
         loss = -(log_norm.sum().item() - log_norm.numel() * math.log(log_w.shape[0]))
         warn_if_nan(loss, "loss")

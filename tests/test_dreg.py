@@ -130,6 +130,18 @@ def test_a_flow_guide_is_refused_in_words():
         _step(RecordedIWAEDReG, vae, torch.ones(2, 6), k=4, seed=0)
 
 
+def test_particles_drawn_one_at_a_time_are_refused():
+    """The step draws all k particles in one vectorised pass; a loop of k passes would silently train on one."""
+    with pytest.raises(ValueError, match="vectorize_particles=True"):
+        RecordedIWAEDReG(num_particles=4, vectorize_particles=False, max_plate_nesting=1)
+    vae, x = _two_level_vamp()
+    plain, _ = _step(RecordedIWAEDReG, vae, x, k=1, seed=0)
+    elbo = RecordedIWAEDReG(num_particles=1, vectorize_particles=False, max_plate_nesting=1)
+    torch.manual_seed(0)
+    with isolated_params():
+        assert elbo.loss_and_grads(vae.model, vae.guide, x) == pytest.approx(plain)
+
+
 def test_it_is_built_for_iwae_and_trains(tmp_path):
     cfg = TrainConfig(dataset="digits", hidden_dims=(16,), latent_dim=3, elbo="iwae", num_particles=4,
                       iwae_gradient="dreg", epochs=2, out=str(tmp_path), name="dreg").resolved()

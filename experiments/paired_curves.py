@@ -136,10 +136,13 @@ def table(name: str, base_name: str, rows: list[dict]) -> list[str]:
     return lines
 
 
-def plot(runs: dict[str, list[dict]], path: Path) -> Path:
-    """Each validation figure against epochs, one line per run, zoomed past the first epochs."""
-    fig = figure(10, 3.8)
-    for ax, (key, label) in zip(fig.subplots(1, 2), FIGURES):
+def curves(runs: dict[str, list[dict]]):
+    """Each validation figure that some run recorded against epochs, one panel each and one line per run,
+    zoomed past the first epochs: runs trained by the ELBO alone have no IWAE panel."""
+    shown = [(key, label) for key, label in FIGURES
+             if any(_value(r, key) is not None for rows in runs.values() for r in rows)]
+    fig = figure(5 * len(shown), 3.8)
+    for ax, (key, label) in zip(fig.subplots(1, len(shown), squeeze=False)[0], shown):
         values = []
         for name, rows in runs.items():
             pts = [(r["epoch"], v) for r in rows if (v := _value(r, key)) is not None]
@@ -148,12 +151,17 @@ def plot(runs: dict[str, list[dict]], path: Path) -> Path:
                 values += [v for _, v in pts]
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{label} (nats per image)")
-        if values:
-            top = max(values)
-            ax.set_ylim(top - 4.0, top + 0.3)  # the last nats are where runs differ
-            ax.legend()
+        top = max(values)
+        ax.set_ylim(top - 4.0, top + 0.3)  # the last nats are where runs differ
+        ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot(runs: dict[str, list[dict]], path: Path) -> Path:
+    """:func:`curves` written to ``path`` as a PNG."""
+    fig = curves(runs)
     return write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 

@@ -54,6 +54,15 @@ def test_the_script_writes_the_table_and_the_curves(tmp_path, capsys):
     assert "base: best epoch 2 of 2." in capsys.readouterr().out
 
 
+def test_the_curves_draw_only_the_figures_some_run_recorded():
+    elbo_only = {"a": [{"epoch": 1, "val_elbo": -95.0}], "b": [{"epoch": 1, "val_elbo": -94.0}]}
+    (ax,) = paired_curves.curves(elbo_only).axes
+    assert ax.get_ylabel().startswith("validation ELBO") and len(ax.lines) == 2
+    mixed = {**elbo_only, "c": [{"epoch": 1, "val_elbo": -93.0, "val_iwae": -90.0}]}
+    iwae, elbo = paired_curves.curves(mixed).axes
+    assert iwae.get_ylabel().startswith("validation IWAE") and len(iwae.lines) == 1 and len(elbo.lines) == 3
+
+
 @pytest.mark.parametrize("make, args, words", [
     (lambda p: p, ["--out", "x.png"], "no metrics.jsonl there"),
     (lambda p: _run(p, []), [], "holds no epoch yet"),

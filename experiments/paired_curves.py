@@ -139,19 +139,19 @@ def table(name: str, base_name: str, rows: list[dict]) -> list[str]:
 def curves(runs: dict[str, list[dict]]):
     """Each validation figure that some run recorded against epochs, one panel each and one line per run,
     zoomed past the first epochs: runs trained by the ELBO alone have no IWAE panel."""
-    shown = [(key, label) for key, label in FIGURES
-             if any(_value(r, key) is not None for rows in runs.values() for r in rows)]
-    fig = figure(5 * len(shown), 3.8)
-    for ax, (key, label) in zip(fig.subplots(1, len(shown), squeeze=False)[0], shown):
-        values = []
-        for name, rows in runs.items():
-            pts = [(r["epoch"], v) for r in rows if (v := _value(r, key)) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=name)
-                values += [v for _, v in pts]
+    panels = []
+    for key, label in FIGURES:
+        lines = {name: pts for name, rows in runs.items()
+                 if (pts := [(r["epoch"], v) for r in rows if (v := _value(r, key)) is not None])}
+        if lines:
+            panels.append((label, lines))
+    fig = figure(5 * len(panels), 3.8)
+    for ax, (label, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for name, pts in lines.items():
+            ax.plot(*zip(*pts), label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{label} (nats per image)")
-        top = max(values)
+        top = max(v for pts in lines.values() for _, v in pts)
         ax.set_ylim(top - 4.0, top + 0.3)  # the last nats are where runs differ
         ax.legend()
         ax.grid(alpha=0.3)

@@ -16,6 +16,10 @@ scored: the differences are those of the figures the runs recorded, on the whole
 draw per image for the ELBO and ``k`` draws for the IWAE bound. A paired ``pyrovae compare`` at large K on
 the finished runs is the measurement of log p(x); this is the view of the way there.
 
+Each run's IWAE bound is at its own ``--num-particles`` k, read from the ``config.json`` beside its metrics.
+For the same model, E log (1/k) Σ w_i rises with k towards log p(x), so between runs of different k the
+difference of the bounds is not that of one figure: the table names each k and says so.
+
 Usage::
 
     python experiments/paired_curves.py RUNS/bmnist-3h RUNS/bmnist-3h-iaf --out curves.png
@@ -37,9 +41,11 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
     sys.path.insert(0, str(ROOT))
 
 from pyrovae.cli import exit_code_of  # noqa: E402
+from pyrovae.config import TrainConfig  # noqa: E402
 from pyrovae.files import write_atomic, write_text_atomic  # noqa: E402
 from pyrovae.plots import figure  # noqa: E402
 from pyrovae.runs import read_metrics  # noqa: E402
+from pyrovae.training import validation_samples  # noqa: E402
 
 #: the validation figures compared, with their labels
 FIGURES = (("val_iwae", "validation IWAE bound"), ("val_elbo", "validation ELBO"))
@@ -71,6 +77,17 @@ def load_rows(run: str | Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: holds no epoch yet; train the run for at least one epoch")
     return rows
+
+
+def iwae_particles(run: str | Path) -> int | None:
+    """The k of the IWAE bound a run records as ``val_iwae`` (its ``--num-particles``), read from the
+    ``config.json`` beside its metrics; ``None`` where there is no such file or the run records no bound."""
+    path = Path(run)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.is_file():
+        return None
+    k = validation_samples(TrainConfig.load(config))
+    return k if k > 1 else None
 
 
 def _by_epoch(rows: list[dict]) -> dict[int, dict]:
@@ -124,11 +141,19 @@ def _fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def table(name: str, base_name: str, rows: list[dict]) -> list[str]:
+def table(name: str, base_name: str, rows: list[dict], k_base: int | None = None,
+          k_cand: int | None = None) -> list[str]:
+    """The differences as a markdown table; ``k_base`` and ``k_cand``, where known, are the particles of
+    the two runs' IWAE bounds, named in the header, with a warning when they differ."""
+    kb = "" if k_base is None else f" (k = {k_base})"
     lines = [f"{name} against {base_name} (candidate minus baseline, nats per image; gap = train ELBO minus "
-             "validation ELBO):", "",
-             f"| epoch | {base_name} val IWAE | Δ val IWAE | Δ val ELBO | gap {base_name} | gap {name} | lr ratio |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "validation ELBO):", ""]
+    if k_base is not None and k_cand is not None and k_base != k_cand:
+        lines += [f"The IWAE bounds are at k = {k_cand} ({name}) and k = {k_base} ({base_name}): the larger k "
+                  "gives a tighter bound of the same log p(x), so Δ val IWAE does not rank the runs; compare "
+                  "them with `pyrovae compare` at one K.", ""]
+    lines += [f"| epoch | {base_name} val IWAE{kb} | Δ val IWAE | Δ val ELBO | gap {base_name} | gap {name} "
+              "| lr ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['epoch']} | {_fmt(r['val_iwae'], '.2f')} | {_fmt(r['d_val_iwae'], '+.2f')} | "
                      f"{_fmt(r['d_val_elbo'], '+.2f')} | {_fmt(r['gap_base'], '.2f')} | "
@@ -136,12 +161,15 @@ def table(name: str, base_name: str, rows: list[dict]) -> list[str]:
     return lines
 
 
-def curves(runs: dict[str, list[dict]]):
+def curves(runs: dict[str, list[dict]], particles: dict[str, int | None] | None = None):
     """Each validation figure that some run recorded against epochs, one panel each and one line per run,
-    zoomed past the first epochs: runs trained by the ELBO alone have no IWAE panel."""
+    zoomed past the first epochs: runs trained by the ELBO alone have no IWAE panel. ``particles`` gives a
+    run's k, shown in the IWAE panel's legend."""
+    particles = particles or {}
     panels = []
     for key, label in FIGURES:
-        lines = {name: pts for name, rows in runs.items()
+        lines = {(f"{name} (k = {particles[name]})" if key == "val_iwae" and particles.get(name) else name): pts
+                 for name, rows in runs.items()
                  if (pts := [(r["epoch"], v) for r in rows if (v := _value(r, key)) is not None])}
         if lines:
             panels.append((label, lines))
@@ -159,9 +187,9 @@ def curves(runs: dict[str, list[dict]]):
     return fig
 
 
-def plot(runs: dict[str, list[dict]], path: Path) -> Path:
+def plot(runs: dict[str, list[dict]], path: Path, particles: dict[str, int | None] | None = None) -> Path:
     """:func:`curves` written to ``path`` as a PNG."""
-    fig = curves(runs)
+    fig = curves(runs, particles)
     return write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
@@ -183,6 +211,7 @@ def _main(args) -> int:
     if args.out is not None and Path(args.out).suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: the file name must end in .png")
     runs = {n: load_rows(p) for n, p in zip(names, paths)}
+    particles = {n: iwae_particles(p) for n, p in zip(names, paths)}
     base_name, base = names[0], runs[names[0]]
     if args.epochs is None:
         epochs = _default_epochs(base, list(runs.values())[1:])
@@ -196,12 +225,12 @@ def _main(args) -> int:
         rows = differences(base, runs[name], epochs)
         if not rows:
             raise ValueError(f"{name} and {base_name} share none of the epochs {epochs}; choose others with --epochs")
-        lines += table(name, base_name, rows) + [""]
+        lines += table(name, base_name, rows, particles[base_name], particles[name]) + [""]
     print("\n".join(lines))
     if args.out is not None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        plot(runs, out)
+        plot(runs, out, particles)
         write_text_atomic(out.with_suffix(".md"), "\n".join(lines))
         print(f"curves: {out}")
     return 0

@@ -77,3 +77,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, args, words):
     assert paired_curves.main([str(base), str(other), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err and err.startswith("experiments/paired_curves.py: error:")
+
+
+def test_each_runs_k_is_named_and_a_difference_in_k_is_flagged(tmp_path, capsys):
+    from pyrovae.config import TrainConfig
+
+    rows = _rows([-90.0, -88.0], [-95.0, -93.0], [-96.0, -92.0], [1e-3, 5e-4])
+    runs = {}
+    for name, elbo, k in (("k20", "iwae", 20), ("k50", "iwae", 50), ("also20", "iwae", 20), ("elbo", "trace", 1)):
+        runs[name] = _run(tmp_path / name, rows)
+        TrainConfig(elbo=elbo, num_particles=k).save(runs[name] / "config.json")
+    assert [paired_curves.iwae_particles(runs[n]) for n in ("k20", "k50", "elbo")] == [20, 50, None]
+    assert paired_curves.iwae_particles(runs["k50"] / "metrics.jsonl") == 50
+    assert paired_curves.iwae_particles(_run(tmp_path / "bare", rows)) is None  # no config.json: unknown
+    assert paired_curves.main([str(runs["k20"]), str(runs["k50"]), str(runs["also20"])]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| epoch | k20 val IWAE (k = 20) |") == 2
+    assert out.count("does not rank the runs") == 1 and "at k = 50 (k50) and k = 20 (k20)" in out  # k50 only
+    fig = paired_curves.curves({n: rows for n in ("k20", "k50")}, {"k20": 20, "k50": 50})
+    assert [line.get_label() for line in fig.axes[0].lines] == ["k20 (k = 20)", "k50 (k = 50)"]
+    assert [line.get_label() for line in fig.axes[1].lines] == ["k20", "k50"]

@@ -45,6 +45,7 @@ from pyrovae.config import TrainConfig  # noqa: E402
 from pyrovae.files import write_atomic, write_text_atomic  # noqa: E402
 from pyrovae.plots import figure  # noqa: E402
 from pyrovae.runs import read_metrics  # noqa: E402
+from pyrovae.training import validation_samples  # noqa: E402
 
 #: the validation figures compared, with their labels
 FIGURES = (("val_iwae", "validation IWAE bound"), ("val_elbo", "validation ELBO"))
@@ -85,8 +86,8 @@ def iwae_particles(run: str | Path) -> int | None:
     config = (path if path.is_dir() else path.parent) / "config.json"
     if not config.is_file():
         return None
-    settings = TrainConfig.load(config)  # the trainer scores val_iwae at k = --num-particles for --elbo iwae
-    return settings.num_particles if settings.elbo == "iwae" and settings.num_particles > 1 else None
+    k = validation_samples(TrainConfig.load(config))
+    return k if k > 1 else None
 
 
 def _by_epoch(rows: list[dict]) -> dict[int, dict]:

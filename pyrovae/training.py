@@ -72,7 +72,8 @@ from .rundir import EXPORT_MARK, RunDirectory, default_run_dir, is_run_file
 from .runs import CHECKPOINT_FORMAT, load_checkpoint, load_state
 
 __all__ = ["train", "Trainer", "Hook", "hooked", "TrainResult", "TrainingDiverged", "TrainingData", "Progress",
-           "load_training_data", "prepare_data", "train_or_reuse", "find_finished_run", "finished_run"]
+           "load_training_data", "prepare_data", "train_or_reuse", "find_finished_run", "finished_run",
+           "validation_samples"]
 
 #: importance samples per example for the test-split ELBO printed at the end of training
 TEST_NUM_SAMPLES = 10

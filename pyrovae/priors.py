@@ -282,6 +282,12 @@ class VampPrior(Prior):
             self.pseudo_params = nn.Parameter(u.clone())  # (K, data_dim)
 
     @property
+    def encoder(self) -> nn.Module:
+        r"""The encoder :math:`q_\phi` whose outputs at the pseudo-inputs are the components (the guide's,
+        shared: moving it moves the prior)."""
+        return self._encoder
+
+    @property
     def pseudo_inputs(self) -> torch.Tensor:
         """The pseudo-inputs :math:`u_k` in data space, ``(K, data_dim)``."""
         if self.squash == "sigmoid":

@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:  # run as a script from a clone
 
 from pyrovae import estimate_log_px, load_run  # noqa: E402
 from pyrovae.cli import exit_code_of  # noqa: E402
+from pyrovae.files import write_json  # noqa: E402
 from pyrovae.priors import VampPrior  # noqa: E402
 from pyrovae.training import prepare_data  # noqa: E402
 
@@ -164,9 +165,7 @@ def _main(args) -> int:
                          "trained with --prior vamp")
     config = dataclasses.replace(run.config, data_dir=args.data_dir)  # binarised as the run scores data
     train = prepare_data(config, "train", "cpu").images
-    held = prepare_data(config, args.split, "cpu").images
-    pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))[: args.num_examples]
-    held = held[pick.sort().values]
+    held = prepare_data(config, args.split, "cpu").subset(args.num_examples, seed=args.seed).images
     loc, scale = posterior_params(learned.encoder, train)
 
     priors = {"learned": learned}
@@ -197,20 +196,20 @@ def _main(args) -> int:
                    vs_learned=diff.mean().item(), vs_learned_se=(diff.std() / math.sqrt(len(diff))).item(),
                    minutes=(time.time() - t0) / 60)
         out["priors"][name] = row
-        print(f"{name:>20}: E log p(z) train {_fmt(row['train_log_pz'], 8.3)}, {args.split} "
-              f"{row['held_out_log_pz']:8.3f}; components used {_fmt(row['components_used'], 6.1)}; {args.split} "
+        print(f"{name:>20}: E log p(z) train {_fmt(row['train_log_pz'], '8.3f')}, {args.split} "
+              f"{row['held_out_log_pz']:8.3f}; components used {_fmt(row['components_used'], '6.1f')}; {args.split} "
               f"log p(x) {row['log_px']:.3f} ± {row['se']:.3f}, vs learned {row['vs_learned']:+.3f} ± "
               f"{row['vs_learned_se']:.3f} ({row['minutes']:.1f} min)", flush=True)
     model.prior = learned
     print("pseudo-inputs:", json.dumps(out["pseudo_inputs"]))
     if args.json is not None:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
     return 0
 
 
-def _fmt(value, spec: float) -> str:
-    width, digits = str(spec).split(".")
-    return f"{'—':>{width}}" if value is None else f"{value:{width}.{digits}f}"
+def _fmt(value: float | None, spec: str) -> str:
+    """``value`` in format ``spec`` (such as ``"8.3f"``), or a dash as wide for a figure that does not apply."""
+    return f"{'—':>{spec.split('.')[0]}}" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

@@ -212,11 +212,9 @@ class TrainConfig:
         "and log-scale maps) or map (each of those maps on its own, as in the VampPrior paper's code, which keeps "
         "them in separate layers)", ("tensor", "map"))
     ema: float = _setting(
-        0.0, "keep an exponential moving average of the weights, w_avg <- d_t w_avg + (1 - d_t) w after step t, "
-        "with d_t = min(d, (1 + t)/(10 + t)) and this decay d in [0, 1) (such as 0.999; 0 = off). d itself acts "
-        "only after (10d - 1)/(1 - d) steps (8,990 for 0.999, 44,990 for 0.9998); before that the average lags "
-        "the weights by about a tenth of the steps so far. Validation, the best checkpoint, evaluate and every "
-        "picture use the averaged weights (the raw ones stay in the checkpoint)")
+        0.0, "average the weights after each step t: w_avg <- d_t w_avg + (1 - d_t) w, d_t = min(d, (1 + t)/(10 + t)), "
+        "for d in [0, 1) (0.999, 0 = off), so d acts from step (10d - 1)/(1 - d): 8,990 for 0.999. Validation, the "
+        "best checkpoint, evaluate and every picture use the averaged weights (the raw ones stay in the checkpoint)")
     encoder_dropout: float = _setting(
         0.0, "dropout after every hidden layer of the encoder, during training only: at small data the encoder "
         "overfits first (Zhang, Hayes & Barber 2022)")

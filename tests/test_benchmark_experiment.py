@@ -97,7 +97,7 @@ def test_each_shipped_run_is_the_finished_run_of_exactly_one_row(tmp_path):
     assert {name: p.name for name, p in found.items() if p is not None} == {
         "vamp-paper": "vampprior-paper", "hvae-vamp-paper": "hvae-vampprior-paper", "recipe-3h": "bmnist-3h",
         "recipe-3h-iaf": "bmnist-3h-iaf", "recipe-3h-dreg": "bmnist-3h-dreg",
-        "recipe-3h-dreg-lr2e-3": "bmnist-3h-dreg-lr2e-3"}
+        "recipe-3h-dreg-lr2e-3": "bmnist-3h-dreg-lr2e-3", "recipe-3h-dreg-lr3e-3": "bmnist-3h-dreg-lr3e-3"}
 
 
 def test_the_caltech_benchmark_runs_its_three_rows_on_validation_when_the_file_has_no_test_part(tmp_path, capsys):

@@ -99,13 +99,13 @@ def _value(row: dict | None, key: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def best_epoch(rows: list[dict]) -> int:
+def best_epoch(rows: list[dict], name: str = "the run") -> int:
     """The epoch with the best validation IWAE bound, or the best validation ELBO where no row has one
-    (what the trainer keeps as ``best.pt``)."""
+    (what the trainer keeps as ``best.pt``); ``name`` says whose rows they are in the refusal."""
     key = "val_iwae" if any(_value(r, "val_iwae") is not None for r in rows) else "val_elbo"
     scored = [(v, r["epoch"]) for r in rows if (v := _value(r, key)) is not None]
     if not scored:
-        raise ValueError("the baseline records neither val_iwae nor val_elbo; nothing to compare")
+        raise ValueError(f"{name}: its metrics record neither val_iwae nor val_elbo; nothing to compare")
     return max(scored)[1]
 
 
@@ -220,7 +220,8 @@ def _main(args) -> int:
             epochs = sorted({int(e) for e in args.epochs.split(",")})
         except ValueError:
             raise ValueError(f"--epochs {args.epochs!r}: give whole epoch numbers, comma separated") from None
-    lines = [f"{base_name}: best epoch {best_epoch(base)} of {max(r['epoch'] for r in base)}.", ""]
+    lines = [" ".join(f"{name}: best epoch {best_epoch(rows, name)} of {max(r['epoch'] for r in rows)}."
+                      for name, rows in runs.items()), ""]
     for name in names[1:]:
         rows = differences(base, runs[name], epochs)
         if not rows:

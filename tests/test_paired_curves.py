@@ -51,7 +51,7 @@ def test_the_script_writes_the_table_and_the_curves(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = out.with_suffix(".md").read_text()
     assert "| 2 | -88.00 | +0.50 | +1.00 | 1.00 | 1.00 | 1.000 |" in text
-    assert "base: best epoch 2 of 2." in capsys.readouterr().out
+    assert "base: best epoch 2 of 2. cand: best epoch 2 of 2." in capsys.readouterr().out
 
 
 def test_the_curves_draw_only_the_figures_some_run_recorded():
@@ -67,6 +67,7 @@ def test_the_curves_draw_only_the_figures_some_run_recorded():
     (lambda p: p, ["--out", "x.png"], "no metrics.jsonl there"),
     (lambda p: _run(p, []), [], "holds no epoch yet"),
     (lambda p: _run(p, [{"epoch": 9, "val_elbo": -90.0}]), [], "share none of the epochs"),
+    (lambda p: _run(p, [{"epoch": 1, "train_elbo": -90.0}]), [], "other: its metrics record neither val_iwae"),
     (lambda p: _run(p, [{"epoch": 1, "val_elbo": -90.0}]), ["--names", "a"], "give 2 non-empty labels"),
     (lambda p: _run(p, [{"epoch": 1, "val_elbo": -90.0}]), ["--epochs", "1,x"], "whole epoch numbers"),
     (lambda p: _run(p, [{"epoch": 1, "val_elbo": -90.0}]), ["--out", "c.pdf"], "must end in .png"),

@@ -131,9 +131,9 @@ def differences(base: list[dict], cand: list[dict], epochs: list[int]) -> list[d
     return out
 
 
-def _default_epochs(base: list[dict], runs: list[list[dict]]) -> list[int]:
-    shared = min(max(r["epoch"] for r in rows) for rows in [base, *runs])
-    picks = {1, 5, best_epoch(base), shared} | set(range(10, shared + 1, 10))
+def _default_epochs(base_best: int, runs: list[list[dict]]) -> list[int]:
+    shared = min(max(r["epoch"] for r in rows) for rows in runs)
+    picks = {1, 5, base_best, shared} | set(range(10, shared + 1, 10))
     return sorted(e for e in picks if e <= shared)
 
 
@@ -213,14 +213,15 @@ def _main(args) -> int:
     runs = {n: load_rows(p) for n, p in zip(names, paths)}
     particles = {n: iwae_particles(p) for n, p in zip(names, paths)}
     base_name, base = names[0], runs[names[0]]
+    best = {name: best_epoch(rows, name) for name, rows in runs.items()}
     if args.epochs is None:
-        epochs = _default_epochs(base, list(runs.values())[1:])
+        epochs = _default_epochs(best[base_name], list(runs.values()))
     else:
         try:
             epochs = sorted({int(e) for e in args.epochs.split(",")})
         except ValueError:
             raise ValueError(f"--epochs {args.epochs!r}: give whole epoch numbers, comma separated") from None
-    lines = [" ".join(f"{name}: best epoch {best_epoch(rows, name)} of {max(r['epoch'] for r in rows)}."
+    lines = [" ".join(f"{name}: best epoch {best[name]} of {max(r['epoch'] for r in rows)}."
                       for name, rows in runs.items()), ""]
     for name in names[1:]:
         rows = differences(base, runs[name], epochs)

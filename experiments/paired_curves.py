@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--names", default=None,
                    help="comma-separated labels, baseline first (default: the run directories' names)")
     p.add_argument("--epochs", default=None,
-                   help="comma-separated epochs for the table (default: 1, 5, every tenth, the baseline's best "
+                   help="comma-separated epochs for the table (default: 1, 5, every tenth, every run's best "
                         "epoch and the last epoch the runs share)")
     p.add_argument("--out", default=None, help="write the curves to this PNG, and the table beside it as .md")
     return p
@@ -131,9 +131,9 @@ def differences(base: list[dict], cand: list[dict], epochs: list[int]) -> list[d
     return out
 
 
-def _default_epochs(base_best: int, runs: list[list[dict]]) -> list[int]:
+def _default_epochs(bests: list[int], runs: list[list[dict]]) -> list[int]:
     shared = min(max(r["epoch"] for r in rows) for rows in runs)
-    picks = {1, 5, base_best, shared} | set(range(10, shared + 1, 10))
+    picks = {1, 5, shared, *bests} | set(range(10, shared + 1, 10))
     return sorted(e for e in picks if e <= shared)
 
 
@@ -215,7 +215,7 @@ def _main(args) -> int:
     base_name, base = names[0], runs[names[0]]
     best = {name: best_epoch(rows, name) for name, rows in runs.items()}
     if args.epochs is None:
-        epochs = _default_epochs(best[base_name], list(runs.values()))
+        epochs = _default_epochs(list(best.values()), list(runs.values()))
     else:
         try:
             epochs = sorted({int(e) for e in args.epochs.split(",")})

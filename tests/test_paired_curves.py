@@ -54,6 +54,14 @@ def test_the_script_writes_the_table_and_the_curves(tmp_path, capsys):
     assert "base: best epoch 2 of 2. cand: best epoch 2 of 2." in capsys.readouterr().out
 
 
+def test_the_default_table_holds_every_runs_best_epoch_within_the_shared_epochs():
+    def run(best, last):  # validation IWAE rises to the best epoch, then falls
+        return [{"epoch": e, "val_iwae": -90.0 - abs(e - best)} for e in range(1, last + 1)]
+
+    epochs = paired_curves._default_epochs([13, 27, 40], [run(13, 35), run(27, 40), run(40, 40)])
+    assert epochs == [1, 5, 10, 13, 20, 27, 30, 35]  # 40 lies past the 35 epochs all three share
+
+
 def test_the_curves_draw_only_the_figures_some_run_recorded():
     elbo_only = {"a": [{"epoch": 1, "val_elbo": -95.0}], "b": [{"epoch": 1, "val_elbo": -94.0}]}
     (ax,) = paired_curves.curves(elbo_only).axes

@@ -54,12 +54,18 @@ def test_the_script_writes_the_table_and_the_curves(tmp_path, capsys):
     assert "base: best epoch 2 of 2. cand: best epoch 2 of 2." in capsys.readouterr().out
 
 
-def test_the_default_table_holds_every_runs_best_epoch_within_the_shared_epochs():
-    def run(best, last):  # validation IWAE rises to the best epoch, then falls
-        return [{"epoch": e, "val_iwae": -90.0 - abs(e - best)} for e in range(1, last + 1)]
+def test_the_default_table_holds_every_runs_best_epoch_within_the_shared_epochs(tmp_path):
+    def run(name, best, last):  # validation IWAE rises to the best epoch, then falls
+        return _run(tmp_path / name, [{"epoch": e, "val_iwae": -90.0 - abs(e - best), "val_elbo": -95.0}
+                                      for e in range(1, last + 1)])
 
-    epochs = paired_curves._default_epochs([13, 27, 40], [run(13, 35), run(27, 40), run(40, 40)])
-    assert epochs == [1, 5, 10, 13, 20, 27, 30, 35]  # 40 lies past the 35 epochs all three share
+    out = tmp_path / "curves.png"
+    paths = [run("base", 13, 35), run("a", 27, 40), run("b", 40, 40)]
+    assert paired_curves.main([*map(str, paths), "--out", str(out)]) == 0
+    epochs = [int(line.split("|")[1]) for line in out.with_suffix(".md").read_text().splitlines()
+              if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    shared = [1, 5, 10, 13, 20, 27, 30, 35]  # every run's best but 40, which lies past the 35 epochs all share
+    assert epochs == shared * 2  # one table for each candidate, on the same epochs
 
 
 def test_the_curves_draw_only_the_figures_some_run_recorded():

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the shipped finished runs (settings, metrics and best weights)
+SHIPPED = ROOT / "docs" / "results" / "benchmark" / "runs"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # the suite runs in one worker per core (pytest -n 2): one thread each, and each command a test

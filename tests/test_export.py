@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from conftest import SHIPPED, cli
 from test_hardening import one_line, snapshot
 
 from pyrovae import TrainConfig, train
 from pyrovae.runs import load_checkpoint, read_metrics
 from pyrovae.training import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "docs" / "results" / "benchmark" / "runs"
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:

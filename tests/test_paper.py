@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pyro
 import pytest
 import torch
-from conftest import cli
+from conftest import SHIPPED, cli
 from torch import nn
 
 from pyrovae import TrainConfig, build_model, load_run
@@ -61,9 +60,6 @@ def test_the_paper_presets_resolve_to_the_reference_codes_defaults(preset, two_l
     assert c.dataset == "binarized-mnist"
     assert (c.hierarchy, c.lower_latent_dims) == (("two-level", (40,)) if two_level else ("stack", ()))
 
-
-#: the shipped runs (settings, metrics and best weights)
-SHIPPED = Path(__file__).resolve().parents[1] / "docs" / "results" / "benchmark" / "runs"
 
 #: the 3-hour recipe: --preset bmnist-best with these flags
 RECIPE_FLAGS = {"elbo": "iwae", "num_particles": 20, "ema": 0.999, "scale_head": "clipped-log-var", "epochs": 100,
